@@ -1,0 +1,143 @@
+"""A thin wrapper of orbax's CheckpointManager: the latest and the best checkpoint of a run.
+
+Layout of a workdir::
+
+    <workdir>/checkpoints/latest/<epoch>/   the last two epochs (orbax writes each atomically)
+    <workdir>/checkpoints/best/<epoch>/     the epoch with the best test accuracy
+
+Each checkpoint holds the training state as a plain state dict (``state``) and a JSON
+``meta`` with the epoch, the run's config and the best test accuracy so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from flax import serialization
+import jax
+import orbax.checkpoint as ocp
+
+from brjax.config import Config
+
+# Flags that may differ between a run and the run it resumes.
+RESUMABLE_CHANGES = frozenset({"pretrained", "data_dir"})
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, unreadable, or from an incompatible run."""
+
+
+def _manager(directory: str, max_to_keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                         read_only=read_only,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+class RunCheckpoints:
+  """The latest (two kept) and best (one kept) checkpoints of one workdir."""
+
+  def __init__(self, workdir: str):
+    root = os.path.join(workdir, "checkpoints")
+    self.latest = _manager(os.path.join(root, "latest"), max_to_keep=2)
+    self.best = _manager(os.path.join(root, "best"), max_to_keep=1)
+
+  def latest_epoch(self) -> int | None:
+    return self.latest.latest_step()
+
+  def save(self, epoch: int, state: Any, meta: dict, *, is_best: bool) -> None:
+    """Saves ``state`` (any Flax-serializable pytree) as the latest, and as best if so."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+                              meta=ocp.args.JsonSave(meta))
+    self.latest.save(epoch, args=args)
+    if is_best:
+      self.best.save(epoch, args=args)
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def restore_latest(self, target: Any, config: Config) -> tuple[Any, dict]:
+    """Restores the latest checkpoint into the structure of ``target``.
+
+    Raises:
+      CheckpointError: if it cannot be read, or was written by an incompatible config.
+    """
+    epoch = self.latest.latest_step()
+    if epoch is None:
+      raise CheckpointError(f"no checkpoint to resume in {self.latest.directory}")
+    return _restore(self.latest, epoch, target, config)
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()
+
+
+def _describe(manager: ocp.CheckpointManager, epoch: int) -> str:
+  return os.path.join(str(manager.directory), str(epoch))
+
+
+def _restore(manager: ocp.CheckpointManager, epoch: int, target: Any | None,
+             config: Config | None) -> tuple[Any, dict]:
+  path = _describe(manager, epoch)
+  try:
+    meta = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # orbax raises many types for unreadable files
+    raise CheckpointError(_unreadable(manager, epoch, e)) from e
+  if config is not None:
+    check_compatible(meta.get("config", {}), config, path)
+  state_dict = None if target is None else serialization.to_state_dict(target)
+  abstract = None if state_dict is None else jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                                                          state_dict)
+  try:
+    restored = manager.restore(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+  except Exception as e:
+    raise CheckpointError(_unreadable(manager, epoch, e)) from e
+  if target is None:
+    return restored, meta
+  return serialization.from_state_dict(target, restored), meta
+
+
+def _unreadable(manager: ocp.CheckpointManager, epoch: int, error: Exception) -> str:
+  others = [s for s in manager.all_steps() if s != epoch]
+  hint = (f"; the other checkpoints (epochs {others}) are kept: move the broken one away "
+          "to resume from them") if others else ""
+  reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+  return (f"checkpoint {_describe(manager, epoch)} could not be read "
+          f"({type(error).__name__}: {reason[:200]}){hint}")
+
+
+def check_compatible(saved: dict, config: Config, path: str) -> None:
+  """Raises CheckpointError if ``config`` differs from the saved one (beyond data paths)."""
+  current = dataclasses.asdict(config)
+  diffs = [f"--{k}={saved.get(k)!r} there, --{k}={v!r} here" for k, v in current.items()
+           if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+  if diffs:
+    raise CheckpointError(f"checkpoint {path} is from an incompatible run ({'; '.join(diffs)}): "
+                          "resume with the same flags, or choose another --workdir")
+
+
+def restore_pretrained(path: str) -> tuple[dict, dict]:
+  """Reads the params and batch_stats of a finished run's best (else latest) checkpoint.
+
+  Args:
+    path: the ``--workdir`` of a run.
+
+  Returns:
+    ``(variables, meta)`` with ``variables = {"params": ..., "batch_stats": ...}`` as
+    numpy arrays, and the run's meta (its config and epoch).
+  """
+  root = os.path.join(path, "checkpoints")
+  for kind in ("best", "latest"):
+    directory = os.path.join(root, kind)
+    if not os.path.isdir(directory):
+      continue
+    manager = _manager(directory, max_to_keep=1, read_only=True)
+    epoch = manager.latest_step()
+    if epoch is not None:
+      state, meta = _restore(manager, epoch, None, None)
+      manager.close()
+      return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}, meta
+  raise CheckpointError(f"--pretrained={path} holds no checkpoint: use the --workdir of a "
+                        "finished run (it has checkpoints/best or checkpoints/latest)")

@@ -1,0 +1,108 @@
+"""The training configuration: a frozen dataclass, validated once when it is built.
+
+Field names are the command-line flag names of ``scripts/train.py``, so every error names
+the flag as the user typed it: ``--bits_w=3 is not accepted: ...``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+FLOAT_BITS = 32
+MODELS = ("resnet18", "resnet20")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything a training run depends on. Building one validates it (ValueError)."""
+  # Model and quantization.
+  model: str = "resnet20"
+  bits_w: int = 2
+  bits_a: int = 2
+  clip: float | None = None
+  # Bin Regularization and step-size control.
+  lambda_w: float = 1.0
+  lambda_a: float = 1.0
+  warmup_epochs: int = 30
+  freeze_alpha_w: bool = False
+  freeze_alpha_a: bool = False
+  br_alpha_grad_a: bool = False
+  # Optimization.
+  epochs: int = 100
+  batch_size: int = 128
+  lr: float = 0.1
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  seed: int = 42
+  # Data.
+  dataset: str = "cifar10"
+  data_dir: str | None = None
+  train_examples: int = 0
+  test_examples: int = 0
+  # Initialization.
+  pretrained: str | None = None
+
+  def __post_init__(self):
+    _check(self.model in MODELS, "model", self.model, f"use one of {', '.join(MODELS)}")
+    for name in ("bits_w", "bits_a"):
+      bits = getattr(self, name)
+      _check(_is_int(bits) and (2 <= bits <= 8 or bits == FLOAT_BITS), name, bits,
+             f"use an integer in 2..8, or {FLOAT_BITS} for float")
+    if self.clip is not None:
+      _check(_is_finite(self.clip) and self.clip > 0, "clip", self.clip,
+             "use a positive number, or leave it unset for a plain ReLU")
+    for name in ("lambda_w", "lambda_a", "weight_decay"):
+      value = getattr(self, name)
+      _check(_is_finite(value) and value >= 0, name, value, "use a finite number >= 0")
+    _check(_is_finite(self.lr) and self.lr > 0, "lr", self.lr, "use a number > 0")
+    _check(_is_finite(self.momentum) and 0 <= self.momentum < 1, "momentum", self.momentum,
+           "use a number in [0, 1)")
+    _check(_is_int(self.epochs) and self.epochs >= 1, "epochs", self.epochs,
+           "use an integer >= 1")
+    _check(_is_int(self.warmup_epochs) and 0 <= self.warmup_epochs <= self.epochs,
+           "warmup_epochs", self.warmup_epochs,
+           f"use an integer in 0..{self.epochs} (--epochs={self.epochs})")
+    _check(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", self.batch_size,
+           "use an integer >= 1")
+    for name in ("train_examples", "test_examples"):
+      value = getattr(self, name)
+      _check(_is_int(value) and value >= 0, name, value, "use an integer >= 0 (0 = all)")
+    _check(_is_int(self.seed), "seed", self.seed, "use an integer")
+    if self.data_dir is not None:
+      _check(os.path.exists(self.data_dir), "data_dir", self.data_dir,
+             "use an existing folder with train/<class>/ and test/<class>/, or a .tar.gz of one")
+    if self.pretrained is not None:
+      _check(os.path.isdir(os.path.join(self.pretrained, "checkpoints")), "pretrained",
+             self.pretrained, "use the --workdir of a float run (a folder holding its "
+             "checkpoints/ folder)")
+
+  @property
+  def quantized(self) -> bool:
+    """Whether anything is quantized (otherwise the run is plain float training)."""
+    return self.bits_w != FLOAT_BITS or self.bits_a != FLOAT_BITS
+
+  @property
+  def name(self) -> str:
+    """A short run name, e.g. ``resnet20_W2A2_lw1_la1_s42``."""
+    bits = "float" if not self.quantized else f"W{_bits_tag(self.bits_w)}A{_bits_tag(self.bits_a)}"
+    br = f"_lw{self.lambda_w:g}_la{self.lambda_a:g}" if self.quantized else ""
+    return f"{self.model}_{bits}{br}_s{self.seed}"
+
+
+def _bits_tag(bits: int) -> str:
+  return "32" if bits == FLOAT_BITS else str(bits)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(ok: bool, name: str, value, accepted: str) -> None:
+  if not ok:
+    raise ValueError(f"--{name}={value} is not accepted: {accepted}")

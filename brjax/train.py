@@ -1,0 +1,365 @@
+"""Two-stage QAT+BR training: TrainState, the jitted steps, the phases, and the loop.
+
+Phase 1 (``WARMUP``, ``warmup_epochs``): cross-entropy only; LSQ learns the grids.
+Phase 2 (``BR``): ``CE + lambda_w * BR_W + lambda_a * BR_A``; at the switch the weight
+and/or activation step sizes may be frozen (``optax.set_to_zero`` on their labels).
+A float run (32-bit weights and activations) is one plain phase (``FLOAT``).
+
+Each phase's step is one ``jax.jit`` function, compiled once; evaluation is always
+quantized and compiled once. Data parallelism: the batch is sharded over a 1-D mesh of
+all devices (axis ``"data"``), the state is replicated, and BatchNorm statistics are over
+the global batch because the step is written on global arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import flax
+from flax import struct
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import tqdm
+
+from brjax import checkpoint
+from brjax import input_pipeline
+from brjax import models
+from brjax import optim
+from brjax import quant
+from brjax import regularizer
+from brjax.config import Config
+
+WARMUP, BR, FLOAT = "WARMUP", "BR", "FLOAT"
+RULE = "=" * 80
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimizer state and step (from Flax), plus BatchNorm statistics and an rng."""
+  batch_stats: Any = None
+  rng: jax.Array = None
+
+
+@struct.dataclass
+class BRSettings:
+  """What the loss adds to cross-entropy: static, so each setting compiles its own step."""
+  lambda_w: float = struct.field(pytree_node=False, default=0.0)
+  lambda_a: float = struct.field(pytree_node=False, default=0.0)
+  bits_w: int = struct.field(pytree_node=False, default=quant.FLOAT_BITS)
+  bits_a: int = struct.field(pytree_node=False, default=quant.FLOAT_BITS)
+  alpha_grad_a: bool = struct.field(pytree_node=False, default=False)
+
+
+def phase_of(config: Config, epoch: int) -> str:
+  """The phase of a 1-based epoch."""
+  if not config.quantized:
+    return FLOAT
+  return WARMUP if epoch <= config.warmup_epochs else BR
+
+
+def br_settings(config: Config, phase: str) -> BRSettings:
+  """The loss terms of a phase: none outside BR; a zero lambda drops its term entirely."""
+  if phase != BR:
+    return BRSettings()
+  return BRSettings(
+      lambda_w=config.lambda_w if config.bits_w != quant.FLOAT_BITS else 0.0,
+      lambda_a=config.lambda_a if config.bits_a != quant.FLOAT_BITS else 0.0,
+      bits_w=config.bits_w, bits_a=config.bits_a, alpha_grad_a=config.br_alpha_grad_a)
+
+
+def train_step(state: TrainState, batch: dict, br: BRSettings) -> tuple[TrainState, dict]:
+  """One SGD step on ``CE + br.lambda_w * BR_W + br.lambda_a * BR_A``.
+
+  Args:
+    state: the replicated training state.
+    batch: ``{"image": float (B, H, W, C), "label": int32 (B,)}``, sharded on the batch.
+    br: the BR terms (static).
+
+  Returns:
+    The new state and per-step sums: ``loss``, ``ce``, ``br_w``, ``br_a`` (each times B, so
+    that epoch sums divided by ``count`` are means), ``correct`` and ``count``.
+  """
+  # Only sow activations when A-BR uses them: otherwise no A-BR work at all.
+  mutable = ["batch_stats"] + (["intermediates"] if br.lambda_a > 0 else [])
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+                                     batch["image"], train=True, mutable=mutable)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    zero = jnp.zeros((), jnp.float32)
+    br_w = regularizer.weight_br(params, br.bits_w) if br.lambda_w > 0 else zero
+    br_a = (regularizer.activation_br(updates["intermediates"], br.bits_a,
+                                      alpha_grad=br.alpha_grad_a) if br.lambda_a > 0 else zero)
+    loss = ce + br.lambda_w * br_w + br.lambda_a * br_a
+    return loss, (logits, updates["batch_stats"], ce, br_w, br_a)
+
+  (loss, (logits, batch_stats, ce, br_w, br_a)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  n = batch["label"].shape[0]
+  metrics = {"loss": loss * n, "ce": ce * n, "br_w": br_w * n, "br_a": br_a * n,
+             "correct": jnp.sum(jnp.argmax(logits, -1) == batch["label"]),
+             "count": jnp.asarray(n, jnp.int32)}
+  return state, metrics
+
+
+def eval_step(state: TrainState, batch: dict) -> dict:
+  """Quantized evaluation of one padded batch: sums of ``loss``, ``correct``, ``count``.
+
+  ``batch`` is ``{"image", "label", "mask": bool (B,)}``; padded examples don't count.
+  """
+  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                          batch["image"], train=False)
+  mask = batch["mask"]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  return {"loss": jnp.sum(jnp.where(mask, ce, 0.0)),
+          "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) & mask),
+          "count": jnp.sum(mask.astype(jnp.int32))}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """The device mesh and the shardings of the batch and of replicated values."""
+  mesh: Mesh
+
+  @property
+  def batch(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P("data"))
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @classmethod
+  def create(cls, devices=None) -> "Topology":
+    return cls(Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",)))
+
+
+def jit_train_step(topology: Topology, br: BRSettings) -> Callable:
+  """``train_step`` for one phase, jitted with the state donated and replicated."""
+  return jax.jit(functools.partial(train_step, br=br),
+                 in_shardings=(topology.replicated, topology.batch),
+                 out_shardings=(topology.replicated, topology.replicated),
+                 donate_argnums=0)
+
+
+def jit_eval_step(topology: Topology) -> Callable:
+  return jax.jit(eval_step, in_shardings=(topology.replicated, topology.batch),
+                 out_shardings=topology.replicated)
+
+
+def _first_batch(ds: input_pipeline.Dataset, batch_size: int) -> jax.Array:
+  """The first ``batch_size`` training images, normalized, unaugmented: for LSQ init."""
+  images = ds.train_images[:batch_size].astype(np.float32) / 255.0
+  return jnp.asarray((images - ds.mean) / ds.std)
+
+
+def create_train_state(config: Config, model: flax.linen.Module, ds: input_pipeline.Dataset,
+                       steps_per_epoch: int, frozen=()) -> TrainState:
+  """A fresh state; every step size initialized the LSQ way from weights and one batch.
+
+  With ``config.pretrained`` the float weights and BatchNorm statistics of that run are
+  loaded first, and the step sizes are initialized from them.
+  """
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, state_rng = jax.random.split(rng)
+  batch = _first_batch(ds, config.batch_size)
+  variables = model.init(init_rng, batch, train=True)
+  if config.pretrained is not None:
+    variables = _load_pretrained(config.pretrained, variables)
+    variables = quant.init_alphas(model, variables, batch, rng=init_rng, train=False)
+  tx = optim.create_optimizer(config, steps_per_epoch, frozen)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                           batch_stats=variables["batch_stats"], rng=state_rng)
+
+
+def _load_pretrained(path: str, variables: dict) -> dict:
+  """``variables`` with every non-alpha parameter and BatchNorm statistic from ``path``."""
+  loaded, _ = checkpoint.restore_pretrained(path)
+  flat_new = {c: flax.traverse_util.flatten_dict(variables[c]) for c in variables}
+  flat_old = {c: flax.traverse_util.flatten_dict(loaded.get(c, {})) for c in loaded}
+  merged = {}
+  for collection, flat in flat_new.items():
+    out = {}
+    for p, value in flat.items():
+      if quant.is_alpha_path(p):
+        out[p] = value
+        continue
+      old = flat_old.get(collection, {}).get(p)
+      if old is None or np.shape(old) != np.shape(value):
+        found = "missing" if old is None else f"shape {np.shape(old)}, expected {value.shape}"
+        raise checkpoint.CheckpointError(
+            f"--pretrained={path} does not fit this model: {collection}/{'/'.join(p)} is "
+            f"{found} (train the float baseline with the same --model)")
+      out[p] = jnp.asarray(old, value.dtype)
+    merged[collection] = flax.traverse_util.unflatten_dict(out)
+  return merged
+
+
+def _banner(config: Config, topology: Topology, ds: input_pipeline.Dataset) -> str:
+  devices = topology.mesh.devices.ravel()
+  lines = [RULE]
+  if not config.quantized:
+    lines.append(f"Float training: {config.model}, epochs 1-{config.epochs}")
+  else:
+    lines.append(f"2-stage QAT+BR training: {config.model}, W{config.bits_w}A{config.bits_a}")
+    lines.append(f"Stage 1 (Warmup): epochs 1-{config.warmup_epochs} (LSQ only)"
+                 if config.warmup_epochs else "Stage 1 (Warmup): none")
+    lines.append(f"Stage 2 (BR): epochs {config.warmup_epochs + 1}-{config.epochs}"
+                 if config.warmup_epochs < config.epochs else "Stage 2 (BR): none")
+    on = lambda lam: "ENABLED" if lam > 0 else "DISABLED"
+    lines += [
+        "BR configuration:",
+        f"  - W-BR (weights): lambda={config.lambda_w:g} [{on(config.lambda_w)}]",
+        "    └─> gradients to alpha: always (paper-faithful)",
+        f"  - A-BR (activations): lambda={config.lambda_a:g} [{on(config.lambda_a)}]",
+        f"    └─> gradients to alpha: {config.br_alpha_grad_a} (--br_alpha_grad_a)",
+        "Alpha control (after warmup):",
+        f"  - freeze weight alphas: {config.freeze_alpha_w}",
+        f"  - freeze activation alphas: {config.freeze_alpha_a}",
+        "    └─> frozen: no update from CE or BR; not frozen: CE (and BR where enabled) "
+        "update alpha",
+    ]
+  lines += [
+      f"Data: {len(ds.train_labels)} train / {len(ds.test_labels)} test images, "
+      f"{ds.num_classes} classes; batch {config.batch_size}, lr {config.lr:g} (cosine), "
+      f"weight decay {config.weight_decay:g}, seed {config.seed}",
+      f"Devices: {len(devices)} x {devices[0].platform}",
+      RULE,
+  ]
+  return "\n".join(lines)
+
+
+def _freeze_banner(config: Config) -> str:
+  parts = [name for name, on in (("weights", config.freeze_alpha_w),
+                                 ("activations", config.freeze_alpha_a)) if on]
+  title = (f"FREEZING ALPHA ({' and '.join(parts)})" if parts else
+           "BR PHASE: alphas keep learning (not frozen)")
+  return f"\n{RULE}\n{title}\n{RULE}\n"
+
+
+def format_epoch_line(m: dict, epochs: int) -> str:
+  """``Epoch 31/100 [BR] (LR=0.004987): Train Acc=92.34%, Test Acc=90.45%, BR_W=..., BR_A=...``"""
+  line = (f"Epoch {m['epoch']}/{epochs} [{m['phase']}] (LR={m['lr']:.6f}): "
+          f"Train Acc={m['train_acc']:.2f}%, Test Acc={m['test_acc']:.2f}%")
+  if m["phase"] == BR:
+    line += f", BR_W={m['br_w']:.6f}, BR_A={m['br_a']:.6f}"
+  return line
+
+
+def evaluate(eval_fn: Callable, state: TrainState, ds: input_pipeline.Dataset,
+             batch_size: int, topology: Topology) -> dict:
+  """Quantized test accuracy (%) and mean loss over the whole test split."""
+  sums = [eval_fn(state, b) for b in input_pipeline.prefetch(
+      input_pipeline.eval_batches(ds, batch_size), sharding=topology.batch)]
+  total = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
+  return {"test_acc": 100.0 * total["correct"] / total["count"],
+          "test_loss": total["loss"] / total["count"]}
+
+
+def _truncate_metrics(path: str, last_epoch: int) -> None:
+  """Drops metric lines past ``last_epoch`` (written by a run killed before its save)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    keep = [line for line in f if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+
+
+def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
+                       devices=None, log: Callable[[str], None] = print) -> dict:
+  """Runs (or resumes) a whole training run; returns the last epoch's metrics.
+
+  Writes ``<workdir>/metrics.jsonl`` (one JSON object per epoch) and the checkpoints of
+  ``brjax.checkpoint``. Without ``resume``, a workdir that already holds checkpoints is an
+  error (nothing is overwritten).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  ckpts = checkpoint.RunCheckpoints(workdir)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if not resume and ckpts.latest_epoch() is not None:
+    raise checkpoint.CheckpointError(
+        f"--workdir={workdir} already holds checkpoints (epoch {ckpts.latest_epoch()}): "
+        "pass --resume to continue that run, or choose another --workdir")
+
+  ds = input_pipeline.load_dataset(config.dataset, config.data_dir, config.train_examples,
+                                   config.test_examples)
+  steps_per_epoch = input_pipeline.num_train_steps(ds, config.batch_size)
+  if steps_per_epoch < 1:
+    raise ValueError(f"--batch_size={config.batch_size} is not accepted: the training set "
+                     f"has only {len(ds.train_labels)} images")
+  topology = Topology.create(devices)
+  if config.batch_size % topology.mesh.size:
+    raise ValueError(f"--batch_size={config.batch_size} is not accepted: use a multiple of "
+                     f"the {topology.mesh.size} devices")
+  model = models.create_model(config.model, bits_w=config.bits_w, bits_a=config.bits_a,
+                              clip=config.clip, num_classes=ds.num_classes)
+
+  start_epoch, best_acc, meta = 0, 0.0, {}
+  frozen_br = optim.frozen_labels(config)
+  state = create_train_state(config, model, ds, steps_per_epoch)
+  if resume and ckpts.latest_epoch() is not None:
+    state, meta = ckpts.restore_latest(state, config)
+    start_epoch, best_acc = meta["epoch"], meta["best_test_acc"]
+    _truncate_metrics(metrics_path, start_epoch)
+    log(f"Resumed from {workdir} at epoch {start_epoch} (best test acc {best_acc:.2f}%)")
+  elif os.path.exists(metrics_path):
+    os.remove(metrics_path)  # metrics of a run that never saved a checkpoint
+  state = jax.device_put(state, topology.replicated)
+
+  log(_banner(config, topology, ds))
+  eval_fn = jit_eval_step(topology)
+  step_fns = {}
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch)
+  last = {}
+  for epoch in range(start_epoch + 1, config.epochs + 1):
+    phase = phase_of(config, epoch)
+    if phase == BR and phase not in step_fns:
+      if epoch == config.warmup_epochs + 1:
+        log(_freeze_banner(config))
+      state = state.replace(tx=optim.create_optimizer(config, steps_per_epoch, frozen_br))
+    step_fn = step_fns.setdefault(phase, jit_train_step(topology, br_settings(config, phase)))
+
+    start = time.time()
+    lr = float(schedule(int(state.step)))
+    sums = []
+    batches = input_pipeline.prefetch(
+        input_pipeline.train_batches(ds, config.batch_size, seed=config.seed, epoch=epoch),
+        sharding=topology.batch)
+    for batch in tqdm.tqdm(batches, total=steps_per_epoch, desc=f"Epoch {epoch}/{config.epochs}",
+                           leave=False, file=sys.stderr, mininterval=2.0):
+      state, step_metrics = step_fn(state, batch)
+      sums.append(step_metrics)
+    total = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
+    count = total["count"]
+    m = {"epoch": epoch, "phase": phase, "step": int(state.step), "lr": lr,
+         "train_acc": 100.0 * total["correct"] / count, "train_loss": total["loss"] / count,
+         "ce": total["ce"] / count, "br_w": total["br_w"] / count, "br_a": total["br_a"] / count}
+    m.update(evaluate(eval_fn, state, ds, config.batch_size, topology))
+    is_best = m["test_acc"] > best_acc
+    best_acc = max(best_acc, m["test_acc"])
+    m["best_test_acc"] = best_acc
+    m["epoch_time_s"] = time.time() - start
+    with open(metrics_path, "a") as f:
+      f.write(json.dumps(m) + "\n")
+    ckpts.save(epoch, jax.device_get(state),
+               {"epoch": epoch, "phase": phase, "best_test_acc": best_acc,
+                "config": dataclasses.asdict(config)}, is_best=is_best)
+    log(format_epoch_line(m, config.epochs))
+    last = m
+  ckpts.close()
+  if last:
+    log(f"Best Test Acc={best_acc:.2f}%; checkpoints in {os.path.join(workdir, 'checkpoints')}")
+  return last

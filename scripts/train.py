@@ -1,0 +1,107 @@
+"""Trains a CIFAR ResNet with LSQ quantization and Bin Regularization.
+
+    python scripts/train.py --bits=2 --lambda_a=1.0 --data_dir=../shared/datasets/cifar10-jpeg.tar.gz
+
+Flags are validated before any work; a bad value stops with a one-line error (exit 2).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from brjax.config import Config  # pylint: disable=g-import-not-at-top
+
+_D = Config()
+FLAGS = flags.FlagValues()
+flags.DEFINE_enum("model", _D.model, ["resnet20", "resnet18"], "CIFAR ResNet.", flag_values=FLAGS)
+flags.DEFINE_integer("bits", _D.bits_w, "Bit width of weights and activations: 2..8, or 32 "
+                     "(float).", flag_values=FLAGS)
+flags.DEFINE_integer("bits_w", None, "Weight bit width (default: --bits).", flag_values=FLAGS)
+flags.DEFINE_integer("bits_a", None, "Activation bit width (default: --bits).",
+                     flag_values=FLAGS)
+flags.DEFINE_float("clip", None, "Clip ReLU at this value (6 = ReLU6); unset: plain ReLU.",
+                   flag_values=FLAGS)
+flags.DEFINE_float("lambda_w", _D.lambda_w, "W-BR weight (0 disables).", flag_values=FLAGS)
+flags.DEFINE_float("lambda_a", _D.lambda_a, "A-BR weight (0 disables, and nothing is sown).",
+                   flag_values=FLAGS)
+flags.DEFINE_integer("warmup_epochs", _D.warmup_epochs, "Epochs of LSQ-only warmup.",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("epochs", _D.epochs, "Total epochs (warmup included).", flag_values=FLAGS)
+flags.DEFINE_bool("freeze_alpha", False, "Freeze weight and activation alphas after warmup.",
+                  flag_values=FLAGS)
+flags.DEFINE_bool("freeze_alpha_w", False, "Freeze weight alphas after warmup.",
+                  flag_values=FLAGS)
+flags.DEFINE_bool("freeze_alpha_a", False, "Freeze activation alphas after warmup.",
+                  flag_values=FLAGS)
+flags.DEFINE_bool("br_alpha_grad_a", _D.br_alpha_grad_a,
+                  "Let A-BR gradients reach activation alphas (W-BR's always do).",
+                  flag_values=FLAGS)
+flags.DEFINE_float("lr", _D.lr, "Peak learning rate (cosine decay to 0).", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.", flag_values=FLAGS)
+flags.DEFINE_float("weight_decay", _D.weight_decay, "Weight decay (not on alphas).",
+                   flag_values=FLAGS)
+flags.DEFINE_float("momentum", _D.momentum, "SGD momentum.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", _D.seed, "Random seed (init, shuffling, augmentation).",
+                     flag_values=FLAGS)
+flags.DEFINE_string("dataset", _D.dataset, "tensorflow-datasets name, used without "
+                    "--data_dir.", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "Local images: a folder with train/<class>/ and "
+                    "test/<class>/, or a .tar.gz of one.", flag_values=FLAGS)
+flags.DEFINE_integer("train_examples", 0, "Use the first N training images (0 = all).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("test_examples", 0, "Use the first N test images (0 = all).",
+                     flag_values=FLAGS)
+flags.DEFINE_string("pretrained", None, "Workdir of a float run to start from.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("workdir", None, "Output folder (default: checkpoints/<run name>).",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its latest "
+                  "checkpoint.", flag_values=FLAGS)
+
+
+def config_from_flags(values: flags.FlagValues) -> Config:
+  """Builds (and so validates) the Config from parsed flags."""
+  bits_w = values.bits if values.bits_w is None else values.bits_w
+  bits_a = values.bits if values.bits_a is None else values.bits_a
+  if not (2 <= values.bits <= 8 or values.bits == 32):
+    raise ValueError(f"--bits={values.bits} is not accepted: use an integer in 2..8, or 32 "
+                     "for float")
+  return Config(
+      model=values.model, bits_w=bits_w, bits_a=bits_a, clip=values.clip,
+      lambda_w=values.lambda_w, lambda_a=values.lambda_a,
+      warmup_epochs=values.warmup_epochs, epochs=values.epochs,
+      freeze_alpha_w=values.freeze_alpha or values.freeze_alpha_w,
+      freeze_alpha_a=values.freeze_alpha or values.freeze_alpha_a,
+      br_alpha_grad_a=values.br_alpha_grad_a, lr=values.lr, batch_size=values.batch_size,
+      weight_decay=values.weight_decay, momentum=values.momentum, seed=values.seed,
+      dataset=values.dataset, data_dir=values.data_dir,
+      train_examples=values.train_examples, test_examples=values.test_examples,
+      pretrained=values.pretrained)
+
+
+def main(argv: list[str]) -> int:
+  try:
+    rest = FLAGS(argv)
+    if len(rest) > 1:
+      raise ValueError(f"unexpected arguments {rest[1:]}: flags take the form --name=value")
+    config = config_from_flags(FLAGS)
+  except (flags.Error, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  workdir = FLAGS.workdir or os.path.join("checkpoints", config.name)
+
+  from brjax import checkpoint, train  # pylint: disable=g-import-not-at-top
+  try:
+    train.train_and_evaluate(config, workdir, resume=FLAGS.resume)
+  except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
