@@ -57,16 +57,32 @@ class RunCheckpoints:
     self.latest.wait_until_finished()
     self.best.wait_until_finished()
 
+  def latest_meta(self, config: Config) -> dict:
+    """The latest checkpoint's meta, after checking it was written with ``config``.
+
+    Cheap (reads JSON only): call it before any work to refuse a bad resume early.
+
+    Raises:
+      CheckpointError: if there is none, it cannot be read, or the config differs.
+    """
+    epoch = self._latest_epoch()
+    meta = _read_meta(self.latest, epoch)
+    check_compatible(meta.get("config", {}), config, _describe(self.latest, epoch))
+    return meta
+
   def restore_latest(self, target: Any, config: Config) -> tuple[Any, dict]:
     """Restores the latest checkpoint into the structure of ``target``.
 
     Raises:
       CheckpointError: if it cannot be read, or was written by an incompatible config.
     """
+    return _restore(self.latest, self._latest_epoch(), target, config)
+
+  def _latest_epoch(self) -> int:
     epoch = self.latest.latest_step()
     if epoch is None:
       raise CheckpointError(f"no checkpoint to resume in {self.latest.directory}")
-    return _restore(self.latest, epoch, target, config)
+    return epoch
 
   def close(self) -> None:
     self.latest.close()
@@ -79,13 +95,9 @@ def _describe(manager: ocp.CheckpointManager, epoch: int) -> str:
 
 def _restore(manager: ocp.CheckpointManager, epoch: int, target: Any | None,
              config: Config | None) -> tuple[Any, dict]:
-  path = _describe(manager, epoch)
-  try:
-    meta = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  except Exception as e:  # orbax raises many types for unreadable files
-    raise CheckpointError(_unreadable(manager, epoch, e)) from e
+  meta = _read_meta(manager, epoch)
   if config is not None:
-    check_compatible(meta.get("config", {}), config, path)
+    check_compatible(meta.get("config", {}), config, _describe(manager, epoch))
   state_dict = None if target is None else serialization.to_state_dict(target)
   abstract = None if state_dict is None else jax.tree.map(ocp.utils.to_shape_dtype_struct,
                                                           state_dict)
@@ -97,6 +109,13 @@ def _restore(manager: ocp.CheckpointManager, epoch: int, target: Any | None,
   if target is None:
     return restored, meta
   return serialization.from_state_dict(target, restored), meta
+
+
+def _read_meta(manager: ocp.CheckpointManager, epoch: int) -> dict:
+  try:
+    return manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # orbax raises many types for unreadable files
+    raise CheckpointError(_unreadable(manager, epoch, e)) from e
 
 
 def _unreadable(manager: ocp.CheckpointManager, epoch: int, error: Exception) -> str:

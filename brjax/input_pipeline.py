@@ -125,7 +125,7 @@ def train_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int) -> Ite
   for step in range(steps):
     idx = perm[step * batch_size:(step + 1) * batch_size]
     rng = np.random.default_rng([seed, epoch, 1, step])
-    image = _normalize(_random_crop_flip(ds.train_images[idx], rng), ds.mean, ds.std)
+    image = normalize(_random_crop_flip(ds.train_images[idx], rng), ds.mean, ds.std)
     yield {"image": image, "label": ds.train_labels[idx]}
 
 
@@ -144,7 +144,7 @@ def eval_batches(ds: Dataset, batch_size: int) -> Iterator[dict]:
   for start in range(0, n, batch_size):
     real = min(batch_size, n - start)
     image = np.zeros((batch_size, *ds.test_images.shape[1:]), np.float32)
-    image[:real] = _normalize(ds.test_images[start:start + real], ds.mean, ds.std)
+    image[:real] = normalize(ds.test_images[start:start + real], ds.mean, ds.std)
     label = np.zeros((batch_size,), np.int32)
     label[:real] = ds.test_labels[start:start + real]
     yield {"image": image, "label": label, "mask": np.arange(batch_size) < real}
@@ -239,7 +239,7 @@ def _random_crop_flip(images: np.ndarray, rng: np.random.Generator,
   return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
-def _normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
   """uint8 (..., 3) -> float32 ``(x / 255 - mean) / std``."""
   return ((images.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
 

@@ -112,13 +112,14 @@ def train_step(state: TrainState, batch: dict, br: BRSettings) -> tuple[TrainSta
   return state, metrics
 
 
-def eval_step(state: TrainState, batch: dict) -> dict:
+def eval_step(apply_fn: Callable, variables: dict, batch: dict) -> dict:
   """Quantized evaluation of one padded batch: sums of ``loss``, ``correct``, ``count``.
 
+  ``variables`` is ``{"params", "batch_stats"}`` (not the TrainState, whose optimizer
+  changes at the phase switch: the eval step compiles once for the whole run).
   ``batch`` is ``{"image", "label", "mask": bool (B,)}``; padded examples don't count.
   """
-  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                          batch["image"], train=False)
+  logits = apply_fn(variables, batch["image"], train=False)
   mask = batch["mask"]
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   return {"loss": jnp.sum(jnp.where(mask, ce, 0.0)),
@@ -152,15 +153,16 @@ def jit_train_step(topology: Topology, br: BRSettings) -> Callable:
                  donate_argnums=0)
 
 
-def jit_eval_step(topology: Topology) -> Callable:
-  return jax.jit(eval_step, in_shardings=(topology.replicated, topology.batch),
+def jit_eval_step(topology: Topology, apply_fn: Callable) -> Callable:
+  """``eval_step(variables, batch)`` of a model, jitted."""
+  return jax.jit(functools.partial(eval_step, apply_fn),
+                 in_shardings=(topology.replicated, topology.batch),
                  out_shardings=topology.replicated)
 
 
 def _first_batch(ds: input_pipeline.Dataset, batch_size: int) -> jax.Array:
   """The first ``batch_size`` training images, normalized, unaugmented: for LSQ init."""
-  images = ds.train_images[:batch_size].astype(np.float32) / 255.0
-  return jnp.asarray((images - ds.mean) / ds.std)
+  return jnp.asarray(input_pipeline.normalize(ds.train_images[:batch_size], ds.mean, ds.std))
 
 
 def create_train_state(config: Config, model: flax.linen.Module, ds: input_pipeline.Dataset,
@@ -173,10 +175,11 @@ def create_train_state(config: Config, model: flax.linen.Module, ds: input_pipel
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
   batch = _first_batch(ds, config.batch_size)
-  variables = model.init(init_rng, batch, train=True)
+  variables = jax.jit(functools.partial(model.init, train=True))(init_rng, batch)
   if config.pretrained is not None:
     variables = _load_pretrained(config.pretrained, variables)
-    variables = quant.init_alphas(model, variables, batch, rng=init_rng, train=False)
+    variables = jax.jit(functools.partial(quant.init_alphas, model, train=False))(
+        variables, batch, rng=init_rng)
   tx = optim.create_optimizer(config, steps_per_epoch, frozen)
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables["batch_stats"], rng=state_rng)
@@ -259,7 +262,8 @@ def format_epoch_line(m: dict, epochs: int) -> str:
 def evaluate(eval_fn: Callable, state: TrainState, ds: input_pipeline.Dataset,
              batch_size: int, topology: Topology) -> dict:
   """Quantized test accuracy (%) and mean loss over the whole test split."""
-  sums = [eval_fn(state, b) for b in input_pipeline.prefetch(
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  sums = [eval_fn(variables, b) for b in input_pipeline.prefetch(
       input_pipeline.eval_batches(ds, batch_size), sharding=topology.batch)]
   total = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
   return {"test_acc": 100.0 * total["correct"] / total["count"],
@@ -289,7 +293,10 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   os.makedirs(workdir, exist_ok=True)
   ckpts = checkpoint.RunCheckpoints(workdir)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if not resume and ckpts.latest_epoch() is not None:
+  resuming = resume and ckpts.latest_epoch() is not None
+  if resuming:
+    ckpts.latest_meta(config)  # refuse an incompatible run before any work
+  elif ckpts.latest_epoch() is not None:
     raise checkpoint.CheckpointError(
         f"--workdir={workdir} already holds checkpoints (epoch {ckpts.latest_epoch()}): "
         "pass --resume to continue that run, or choose another --workdir")
@@ -310,7 +317,7 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   start_epoch, best_acc, meta = 0, 0.0, {}
   frozen_br = optim.frozen_labels(config)
   state = create_train_state(config, model, ds, steps_per_epoch)
-  if resume and ckpts.latest_epoch() is not None:
+  if resuming:
     state, meta = ckpts.restore_latest(state, config)
     start_epoch, best_acc = meta["epoch"], meta["best_test_acc"]
     _truncate_metrics(metrics_path, start_epoch)
@@ -320,7 +327,7 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   state = jax.device_put(state, topology.replicated)
 
   log(_banner(config, topology, ds))
-  eval_fn = jit_eval_step(topology)
+  eval_fn = jit_eval_step(topology, model.apply)
   step_fns = {}
   schedule = optim.learning_rate_schedule(config, steps_per_epoch)
   last = {}

@@ -84,6 +84,7 @@ def config_from_flags(values: flags.FlagValues) -> Config:
 
 
 def main(argv: list[str]) -> int:
+  FLAGS.unparse_flags()  # main() may be called more than once in one process (tests)
   try:
     rest = FLAGS(argv)
     if len(rest) > 1:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import logging
 import pathlib
+import re
 
+import jax
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -28,13 +33,47 @@ def tiny_config(data_dir: str, **overrides):
   return Config(**settings)
 
 
-@pytest.fixture(scope="session")
-def tiny_run(cifar_tar, tmp_path_factory) -> tuple[str, dict]:
-  """``(workdir, final metrics)`` of one tiny W2A2 run with checkpoints, shared by tests.
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+  """What one in-process training run left: its workdir, metrics, log, compilations."""
+  workdir: str
+  metrics: dict
+  log: list[str]
+  compiles: collections.Counter  # jitted function name -> number of XLA compilations
 
-  Read-only for its users: copy the workdir before changing anything in it.
-  """
+
+def run_and_record(config, workdir: str, **kwargs) -> RunRecord:
+  """Runs ``train.train_and_evaluate`` and counts the XLA compilations of each function."""
   from brjax import train  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp("tiny_run"))
-  metrics = train.train_and_evaluate(tiny_config(cifar_tar), workdir, log=lambda _: None)
-  return workdir, metrics
+  compiles = collections.Counter()
+
+  class Handler(logging.Handler):
+    def emit(self, record):
+      match = re.search(r"Finished XLA compilation of (?:jit\()?([\w.<>]+)", record.getMessage())
+      if match:
+        compiles[match.group(1)] += 1
+
+  handler = Handler(level=logging.DEBUG)
+  loggers = [logging.getLogger(n) for n in ("jax._src.dispatch", "jax._src.interpreters.pxla")]
+  for logger in loggers:
+    logger.addHandler(handler)
+  lines = []
+  try:
+    with jax.log_compiles(True):
+      metrics = train.train_and_evaluate(config, workdir, log=lines.append, **kwargs)
+  finally:
+    for logger in loggers:
+      logger.removeHandler(handler)
+  return RunRecord(workdir, metrics, lines, compiles)
+
+
+@pytest.fixture(scope="session")
+def tiny_record(cifar_tar, tmp_path_factory) -> RunRecord:
+  """One tiny W2A2 run with checkpoints, shared by tests. Read-only: copy to change it."""
+  return run_and_record(tiny_config(cifar_tar), str(tmp_path_factory.mktemp("tiny_run")))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_record) -> tuple[str, dict]:
+  """``(workdir, final metrics)`` of the tiny run (see ``tiny_record``)."""
+  return tiny_record.workdir, tiny_record.metrics

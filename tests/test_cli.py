@@ -1,0 +1,103 @@
+"""Tests of scripts/train.py: bad flags stop before any work; a killed run resumes."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+
+
+def _load_cli():
+  spec = importlib.util.spec_from_file_location("train_cli", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+cli = _load_cli()
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--bits=1"], "--bits=1"),
+    (["--bits=9"], "--bits=9"),
+    (["--bits=16"], "--bits=16"),
+    (["--bits_w=0"], "--bits_w=0"),
+    (["--bits_a=12"], "--bits_a=12"),
+    (["--bits=abc"], "--bits"),
+    (["--lambda_w=-1"], "--lambda_w=-1.0"),
+    (["--lambda_a=-0.5"], "--lambda_a=-0.5"),
+    (["--epochs=3", "--warmup_epochs=5"], "--warmup_epochs=5"),
+    (["--batch_size=0"], "--batch_size=0"),
+    (["--batch_size=-4"], "--batch_size=-4"),
+    (["--lr=0"], "--lr=0.0"),
+    (["--model=vgg16"], "--model"),
+    (["--clip=-1"], "--clip=-1.0"),
+    (["--train_examples=-1"], "--train_examples=-1"),
+    (["--pretrained=/no/such/run"], "--pretrained=/no/such/run"),
+    (["--data_dir=/no/such/data"], "--data_dir=/no/such/data"),
+    (["--no_such_flag=1"], "no_such_flag"),
+    (["extra_positional"], "extra_positional"),
+])
+def test_bad_flag_is_one_line_error_before_any_work(argv, flag, capsys, tmp_path):
+  workdir = tmp_path / "run"
+  code = cli.main(["train.py", f"--workdir={workdir}", *argv])
+  err = capsys.readouterr().err.strip()
+  assert code == 2
+  assert len(err.splitlines()) == 1 and err.startswith("error: ") and flag in err, err
+  assert not workdir.exists()
+
+
+def test_bad_flag_exit_code_in_a_real_process(tmp_path):
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--bits=3", "--bits_a=40",
+                         f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip() == ("error: --bits_a=40 is not accepted: use an integer in 2..8, "
+                                 "or 32 for float")
+  assert proc.stdout == ""
+
+
+def _tiny_flags(cifar_tar, workdir):
+  # The same run as tests/conftest.py's tiny_config, through the CLI.
+  return [sys.executable, str(SCRIPT), "--bits=2", "--epochs=2", "--warmup_epochs=1",
+          "--train_examples=256", "--test_examples=128", "--batch_size=64", "--lr=0.05",
+          f"--data_dir={cifar_tar}", f"--workdir={workdir}"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_metrics(cifar_tar, tiny_run, tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(_tiny_flags(cifar_tar, workdir), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+  first = workdir / "checkpoints" / "latest" / "1"
+  deadline = time.time() + 300
+  while not first.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert first.exists(), proc.stdout.read().decode()[-2000:]
+  assert not (workdir / "checkpoints" / "latest" / "2").exists(), "killed too late"
+
+  # Without --resume the run refuses to overwrite the killed one.
+  refused = subprocess.run(_tiny_flags(cifar_tar, workdir), capture_output=True, text=True,
+                           timeout=300)
+  assert refused.returncode == 2 and "--resume" in refused.stderr
+
+  resumed = subprocess.run(_tiny_flags(cifar_tar, workdir) + ["--resume"],
+                           capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "Resumed from" in resumed.stdout and "Epoch 2/2 [BR]" in resumed.stdout
+  with open(workdir / "metrics.jsonl") as f:
+    lines = [json.loads(line) for line in f]
+  assert [m["epoch"] for m in lines] == [1, 2]
+  expected = tiny_run[1]
+  for key in ("train_acc", "test_acc", "train_loss", "ce", "br_w", "br_a", "test_loss", "lr",
+              "step"):
+    assert lines[-1][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key

@@ -1,0 +1,55 @@
+"""Tests of brjax.config: every flag value out of range is one clear ValueError."""
+
+import dataclasses
+
+import pytest
+
+from brjax.config import Config
+
+
+def test_defaults_are_valid_and_named():
+  config = Config()
+  assert config.quantized
+  assert config.name == "resnet20_W2A2_lw1_la1_s42"
+  assert Config(bits_w=32, bits_a=32).name == "resnet20_float_s42"
+  assert not Config(bits_w=32, bits_a=32).quantized
+  assert Config(bits_w=4, bits_a=8).name.startswith("resnet20_W4A8")
+
+
+@pytest.mark.parametrize("field,value,accepted", [
+    ("bits_w", 1, "2..8, or 32"),
+    ("bits_w", 16, "2..8, or 32"),
+    ("bits_a", 9, "2..8, or 32"),
+    ("bits_a", 2.0, "2..8, or 32"),
+    ("lambda_w", -0.1, ">= 0"),
+    ("lambda_a", -1.0, ">= 0"),
+    ("lambda_a", float("nan"), ">= 0"),
+    ("weight_decay", -1e-4, ">= 0"),
+    ("lr", 0.0, "> 0"),
+    ("momentum", 1.0, r"\[0, 1\)"),
+    ("epochs", 0, ">= 1"),
+    ("warmup_epochs", -1, "0..100"),
+    ("warmup_epochs", 101, "0..100"),
+    ("batch_size", 0, ">= 1"),
+    ("train_examples", -5, ">= 0"),
+    ("test_examples", -1, ">= 0"),
+    ("model", "vgg16", "resnet18, resnet20"),
+    ("clip", -6.0, "positive"),
+    ("data_dir", "/no/such/folder", "train/<class>/"),
+    ("pretrained", "/no/such/run", "checkpoints/"),
+])
+def test_bad_values(field, value, accepted):
+  with pytest.raises(ValueError, match=rf"^--{field}={value} is not accepted: .*{accepted}"):
+    Config(**{field: value})
+
+
+def test_pretrained_needs_checkpoints_folder(tmp_path):
+  with pytest.raises(ValueError, match="--pretrained="):
+    Config(pretrained=str(tmp_path))
+  (tmp_path / "checkpoints").mkdir()
+  assert Config(pretrained=str(tmp_path)).pretrained == str(tmp_path)
+
+
+def test_frozen():
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    Config().bits_w = 4  # type: ignore[misc]

@@ -1,0 +1,215 @@
+"""Tests of brjax.train and brjax.checkpoint: steps, phases, checkpoints, resume."""
+
+import json
+import os
+import re
+import shutil
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from brjax import checkpoint
+from brjax import input_pipeline
+from brjax import models
+from brjax import optim
+from brjax import quant
+from brjax import regularizer
+from brjax import train
+from brjax.config import Config
+
+from conftest import tiny_config
+
+EPOCH_LINE = re.compile(
+    r"^Epoch (\d+)/(\d+) \[(WARMUP|BR|FLOAT)\] \(LR=\d+\.\d{6}\): Train Acc=\d+\.\d{2}%, "
+    r"Test Acc=\d+\.\d{2}%(, BR_W=\d+\.\d{6}, BR_A=\d+\.\d{6})?$")
+
+
+def _synthetic_dataset(n=64, classes=10, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+  labels = (np.arange(n) % classes).astype(np.int32)
+  return input_pipeline.Dataset(images, labels, images[:16], labels[:16],
+                                tuple(str(i) for i in range(classes)),
+                                np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32))
+
+
+@pytest.fixture(scope="module")
+def small_setup():
+  config = Config(batch_size=16, epochs=2, warmup_epochs=1, freeze_alpha_w=True,
+                  freeze_alpha_a=True, weight_decay=0.0)
+  ds = _synthetic_dataset()
+  model = models.create_model("resnet20", bits_w=2, bits_a=2)
+  state = train.create_train_state(config, model, ds, steps_per_epoch=4)
+  batch = next(input_pipeline.train_batches(ds, 16, seed=0, epoch=1))
+  return config, model, state, batch
+
+
+def test_phases():
+  config = Config(epochs=5, warmup_epochs=2)
+  assert [train.phase_of(config, e) for e in range(1, 6)] == ["WARMUP"] * 2 + ["BR"] * 3
+  assert train.phase_of(Config(bits_w=32, bits_a=32), 1) == "FLOAT"
+  assert train.br_settings(config, "WARMUP") == train.BRSettings()
+  assert train.br_settings(Config(bits_w=32, bits_a=4), "BR").lambda_w == 0.0
+
+
+def _scatter_count(fn, *args):
+  jaxpr = jax.make_jaxpr(fn)(*args)
+  return str(jaxpr).count("scatter-add")
+
+
+def test_loss_terms_and_no_abr_work_without_lambda_a(small_setup):
+  config, model, state, batch = small_setup
+  settings = dict(bits_w=2, bits_a=2)
+  plain = train.BRSettings(**settings)
+  both = train.BRSettings(lambda_w=0.5, lambda_a=2.0, **settings)
+  w_only = train.BRSettings(lambda_w=0.5, lambda_a=0.0, **settings)
+  _, m0 = train.train_step(state, batch, plain)
+  _, m2 = train.train_step(state, batch, both)
+  n = batch["label"].shape[0]
+  _, inter = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                         batch["image"], train=True, mutable=["intermediates", "batch_stats"])
+  br_w = regularizer.weight_br(state.params, 2)
+  br_a = regularizer.activation_br(inter["intermediates"], 2)
+  np.testing.assert_allclose(m2["br_w"] / n, br_w, rtol=1e-5)
+  np.testing.assert_allclose(m2["br_a"] / n, br_a, rtol=1e-5)
+  np.testing.assert_allclose(m2["loss"] / n, m0["ce"] / n + 0.5 * br_w + 2.0 * br_a, rtol=1e-5)
+  assert float(m0["br_w"]) == 0 and float(m0["br_a"]) == 0
+  # lambda_a = 0: nothing is sown and no A-BR histogram is built (one scatter per kernel).
+  counts = {name: _scatter_count(lambda st, b, s=s: train.train_step(st, b, s), state, batch)
+            for name, s in [("plain", plain), ("w_only", w_only), ("both", both)]}
+  assert counts["w_only"] - counts["plain"] == 22, counts
+  assert counts["both"] - counts["w_only"] == 19, counts
+
+
+def test_frozen_alphas_stay_put_in_the_br_phase(small_setup):
+  config, _, state, batch = small_setup
+  state = state.replace(tx=optim.create_optimizer(config, 4, optim.frozen_labels(config)))
+  topology = train.Topology.create()
+  step = train.jit_train_step(topology, train.br_settings(config, "BR"))
+  before = jax.device_get(state.params)
+  new_state, _ = step(jax.device_put(state, topology.replicated), batch)
+  after = jax.device_get(new_state.params)
+  labels = optim.param_labels(before)
+  for label, b, a in zip(jax.tree.leaves(labels), jax.tree.leaves(before),
+                         jax.tree.leaves(after)):
+    if label == "weights":
+      continue
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(after["conv_init"]["kernel"], before["conv_init"]["kernel"])
+
+
+def test_tiny_run_log_metrics_checkpoints_and_compiles(tiny_record):
+  epoch_lines = [l for l in tiny_record.log if l.startswith("Epoch ")]
+  assert len(epoch_lines) == 2
+  assert all(EPOCH_LINE.match(l) for l in epoch_lines), epoch_lines
+  assert "[WARMUP]" in epoch_lines[0] and "BR_W" not in epoch_lines[0]
+  assert "[BR]" in epoch_lines[1] and "BR_A=" in epoch_lines[1]
+  assert any("BR PHASE" in l or "FREEZING ALPHA" in l for l in tiny_record.log)
+  banner = "\n".join(tiny_record.log[:2])
+  assert "W-BR (weights): lambda=1 [ENABLED]" in banner
+  with open(os.path.join(tiny_record.workdir, "metrics.jsonl")) as f:
+    lines = [json.loads(l) for l in f]
+  assert [m["epoch"] for m in lines] == [1, 2]
+  assert [m["phase"] for m in lines] == ["WARMUP", "BR"]
+  assert lines[1]["br_w"] > 0 and lines[1]["br_a"] > 0 and lines[0]["br_w"] == 0
+  assert lines[-1] == tiny_record.metrics
+  ckpt = os.path.join(tiny_record.workdir, "checkpoints")
+  assert sorted(os.listdir(os.path.join(ckpt, "latest"))) == ["1", "2"]
+  assert len(os.listdir(os.path.join(ckpt, "best"))) == 1
+  # Each phase's step compiles once, the eval step once, for the whole run.
+  assert tiny_record.compiles["train_step"] == 2, tiny_record.compiles
+  assert tiny_record.compiles["eval_step"] == 1, tiny_record.compiles
+
+
+def _copy_run(tiny_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(tiny_run[0], workdir)
+  return workdir
+
+
+def test_existing_workdir_needs_resume(tiny_run, tmp_path, cifar_tar):
+  workdir = _copy_run(tiny_run, tmp_path)
+  with pytest.raises(checkpoint.CheckpointError, match="already holds checkpoints.*--resume"):
+    train.train_and_evaluate(tiny_config(cifar_tar), workdir, log=lambda _: None)
+
+
+def test_incompatible_resume_is_refused_before_work(tiny_run, tmp_path, cifar_tar):
+  workdir = _copy_run(tiny_run, tmp_path)
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest")))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"incompatible run \(--bits_w=2 there, --bits_w=4 here\)"):
+    train.train_and_evaluate(tiny_config(cifar_tar, bits_w=4), workdir, resume=True,
+                             log=lambda _: None)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest"))) == before
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_the_good_ones_stay(tiny_run, tmp_path,
+                                                                    cifar_tar):
+  workdir = _copy_run(tiny_run, tmp_path)
+  broken = os.path.join(workdir, "checkpoints", "latest", "2", "state")
+  for root, _, files in os.walk(broken):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"latest/2 could not be read .*epochs \[1\]\) are kept"):
+    train.train_and_evaluate(tiny_config(cifar_tar), workdir, resume=True, log=lambda _: None)
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "latest", "1"))
+  # Moving the broken one away resumes from the good one.
+  shutil.move(os.path.join(workdir, "checkpoints", "latest", "2"), str(tmp_path / "broken"))
+  metrics = train.train_and_evaluate(tiny_config(cifar_tar), workdir, resume=True,
+                                     log=lambda _: None)
+  assert metrics["epoch"] == 2
+  for key in ("train_acc", "test_acc", "br_w", "br_a", "train_loss", "lr"):
+    assert metrics[key] == pytest.approx(tiny_run[1][key], rel=1e-5, abs=1e-6), key
+
+
+def test_pretrained_float_weights_and_lsq_alpha_init(tmp_path):
+  ds = _synthetic_dataset()
+  float_config = Config(bits_w=32, bits_a=32, batch_size=16)
+  float_model = models.create_model("resnet20")
+  float_state = train.create_train_state(float_config, float_model, ds, 4)
+  # Make the float weights and BatchNorm statistics distinctive.
+  float_state = float_state.replace(
+      params=jax.tree.map(lambda p: p * 1.5 + 0.01, float_state.params),
+      batch_stats=jax.tree.map(lambda s: s + 0.2, float_state.batch_stats))
+  ckpts = checkpoint.RunCheckpoints(str(tmp_path))
+  ckpts.save(1, float_state, {"epoch": 1, "config": {}}, is_best=True)
+  ckpts.close()
+
+  config = Config(batch_size=16, pretrained=str(tmp_path))
+  model = models.create_model("resnet20", bits_w=4, bits_a=4)
+  state = train.create_train_state(config, model, ds, 4)
+  flat = flax.traverse_util.flatten_dict(state.params)
+  flat_float = flax.traverse_util.flatten_dict(float_state.params)
+  for path, value in flat_float.items():
+    np.testing.assert_array_equal(flat[path], value)
+  chex.assert_trees_all_close(state.batch_stats, float_state.batch_stats)
+  _, qp = quant.qrange(4, signed=True)
+  for path, value in flat.items():
+    if path[-1] == "alpha" and path[:-1] + ("kernel",) in flat:
+      np.testing.assert_allclose(value, quant.init_alpha(flat[path[:-1] + ("kernel",)], qp),
+                                 rtol=1e-6)
+
+  wrong = Config(batch_size=16, pretrained=str(tmp_path), model="resnet18")
+  with pytest.raises(checkpoint.CheckpointError, match="does not fit this model"):
+    train.create_train_state(wrong, models.create_model("resnet18", bits_w=4, bits_a=4), ds, 4)
+
+
+@pytest.mark.slow
+def test_w2a2_resnet20_learns_on_a_cifar_subset(cifar_tar, tmp_path):
+  """A real learning test: W2A2 from scratch, 3 warmup + 1 BR epochs on 4,000 images.
+
+  Measured here (2-core CPU): best test accuracy 26.3% after the warmup epochs and 19-21%
+  after BR epochs, on 1,000 test images (chance: 10%, one standard error: ~1.3 points).
+  """
+  config = tiny_config(cifar_tar, epochs=4, warmup_epochs=3, train_examples=4000,
+                       test_examples=1000, batch_size=100, lr=0.1)
+  metrics = train.train_and_evaluate(config, str(tmp_path), log=lambda _: None)
+  assert metrics["best_test_acc"] >= 18.0, metrics
+  assert metrics["test_acc"] >= 14.0, metrics
+  assert metrics["ce"] < 2.3  # cross-entropy below log(10): it has learned something
