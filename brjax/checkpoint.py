@@ -158,5 +158,5 @@ def restore_pretrained(path: str) -> tuple[dict, dict]:
       state, meta = _restore(manager, epoch, None, None)
       manager.close()
       return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}, meta
-  raise CheckpointError(f"--pretrained={path} holds no checkpoint: use the --workdir of a "
-                        "finished run (it has checkpoints/best or checkpoints/latest)")
+  raise CheckpointError(f"{path} holds no checkpoint: expected the --workdir of a "
+                        "scripts/train.py run (with checkpoints/best or checkpoints/latest)")

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from brjax import quant
 
 ModuleDef = Any
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
 
 
 class BasicBlock(nn.Module):
@@ -58,8 +60,8 @@ class CifarResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype, padding="SAME",
                              kernel_init=nn.initializers.kaiming_normal())
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
+                             epsilon=BN_EPSILON, dtype=self.dtype)
     x = conv(self.stage_filters[0], (3, 3), name="conv_init")(x)
     x = norm(name="bn_init")(x)
     x = self.act(name="act_init")(x)

@@ -33,10 +33,12 @@ import tqdm
 
 from brjax import checkpoint
 from brjax import input_pipeline
+from brjax import metrics
 from brjax import models
 from brjax import optim
 from brjax import quant
 from brjax import regularizer
+from brjax import summary
 from brjax.config import Config
 
 WARMUP, BR, FLOAT = "WARMUP", "BR", "FLOAT"
@@ -255,7 +257,8 @@ def format_epoch_line(m: dict, epochs: int) -> str:
   line = (f"Epoch {m['epoch']}/{epochs} [{m['phase']}] (LR={m['lr']:.6f}): "
           f"Train Acc={m['train_acc']:.2f}%, Test Acc={m['test_acc']:.2f}%")
   if m["phase"] == BR:
-    line += f", BR_W={m['br_w']:.6f}, BR_A={m['br_a']:.6f}"
+    fmt = lambda v: "off" if v is None else f"{v:.6f}"
+    line += f", BR_W={fmt(m['br_w'])}, BR_A={fmt(m['br_a'])}"
   return line
 
 
@@ -282,13 +285,38 @@ def _truncate_metrics(path: str, last_epoch: int) -> None:
   os.replace(tmp, path)
 
 
+def _train_epoch(step_fn: Callable, state: TrainState, ds: input_pipeline.Dataset,
+                 config: Config, epoch: int, topology: Topology,
+                 steps_per_epoch: int) -> tuple[TrainState, dict]:
+  """One epoch of training steps; returns the state and the epoch's mean metrics.
+
+  The per-step metrics stay on the device until the epoch ends: no host sync per step.
+  """
+  sums = []
+  batches = input_pipeline.prefetch(
+      input_pipeline.train_batches(ds, config.batch_size, seed=config.seed, epoch=epoch),
+      sharding=topology.batch)
+  for batch in tqdm.tqdm(batches, total=steps_per_epoch, desc=f"Epoch {epoch}/{config.epochs}",
+                         leave=False, file=sys.stderr, mininterval=2.0):
+    state, step_metrics = step_fn(state, batch)
+    sums.append(step_metrics)
+  total = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
+  count = total["count"]
+  return state, {"train_acc": 100.0 * total["correct"] / count,
+                 "train_loss": total["loss"] / count, "ce": total["ce"] / count,
+                 "br_w": total["br_w"] / count, "br_a": total["br_a"] / count}
+
+
 def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
-                       devices=None, log: Callable[[str], None] = print) -> dict:
+                       devices=None, log: Callable[[str], None] = print,
+                       tensorboard: bool = False, histogram_every: int = 5) -> dict:
   """Runs (or resumes) a whole training run; returns the last epoch's metrics.
 
-  Writes ``<workdir>/metrics.jsonl`` (one JSON object per epoch) and the checkpoints of
-  ``brjax.checkpoint``. Without ``resume``, a workdir that already holds checkpoints is an
-  error (nothing is overwritten).
+  Writes ``<workdir>/metrics.jsonl`` (one JSON object per epoch, with per-layer
+  quantization metrics under ``"quant"``) and the checkpoints of ``brjax.checkpoint``;
+  with ``tensorboard``, event files under ``<workdir>/tensorboard`` (histograms every
+  ``histogram_every`` epochs and at the last). Without ``resume``, a workdir that already
+  holds checkpoints is an error (nothing is overwritten).
   """
   os.makedirs(workdir, exist_ok=True)
   ckpts = checkpoint.RunCheckpoints(workdir)
@@ -328,6 +356,11 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
 
   log(_banner(config, topology, ds))
   eval_fn = jit_eval_step(topology, model.apply)
+  # Per-layer quantization metrics, every epoch, on the first test batch.
+  quant_fn = jax.jit(functools.partial(metrics.quant_metrics, model, bits_w=config.bits_w,
+                                       bits_a=config.bits_a))
+  probe = next(input_pipeline.eval_batches(ds, config.batch_size))
+  writer = summary.create_writer(workdir) if tensorboard else None
   step_fns = {}
   schedule = optim.learning_rate_schedule(config, steps_per_epoch)
   last = {}
@@ -341,20 +374,17 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
 
     start = time.time()
     lr = float(schedule(int(state.step)))
-    sums = []
-    batches = input_pipeline.prefetch(
-        input_pipeline.train_batches(ds, config.batch_size, seed=config.seed, epoch=epoch),
-        sharding=topology.batch)
-    for batch in tqdm.tqdm(batches, total=steps_per_epoch, desc=f"Epoch {epoch}/{config.epochs}",
-                           leave=False, file=sys.stderr, mininterval=2.0):
-      state, step_metrics = step_fn(state, batch)
-      sums.append(step_metrics)
-    total = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
-    count = total["count"]
-    m = {"epoch": epoch, "phase": phase, "step": int(state.step), "lr": lr,
-         "train_acc": 100.0 * total["correct"] / count, "train_loss": total["loss"] / count,
-         "ce": total["ce"] / count, "br_w": total["br_w"] / count, "br_a": total["br_a"] / count}
+    state, m = _train_epoch(step_fn, state, ds, config, epoch, topology, steps_per_epoch)
+    m.update(epoch=epoch, phase=phase, step=int(state.step), lr=lr)
+    settings = br_settings(config, phase)
+    if settings.lambda_w == 0:
+      m["br_w"] = None  # not computed (not zero)
+    if settings.lambda_a == 0:
+      m["br_a"] = None
     m.update(evaluate(eval_fn, state, ds, config.batch_size, topology))
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    if config.quantized:
+      m["quant"] = metrics.to_python(quant_fn(variables, probe))
     is_best = m["test_acc"] > best_acc
     best_acc = max(best_acc, m["test_acc"])
     m["best_test_acc"] = best_acc
@@ -364,9 +394,18 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
     ckpts.save(epoch, jax.device_get(state),
                {"epoch": epoch, "phase": phase, "best_test_acc": best_acc,
                 "config": dataclasses.asdict(config)}, is_best=is_best)
+    if writer is not None:
+      summary.write_scalars(writer, epoch, m, state.params)
+      if epoch % histogram_every == 0 or epoch == config.epochs:
+        summary.write_histograms(writer, epoch, state.params,
+                                 metrics.sown_activations(model, variables, probe["image"]),
+                                 config.bits_w)
+      writer.flush()
     log(format_epoch_line(m, config.epochs))
     last = m
   ckpts.close()
+  if writer is not None:
+    writer.close()
   if last:
     log(f"Best Test Acc={best_acc:.2f}%; checkpoints in {os.path.join(workdir, 'checkpoints')}")
   return last

@@ -59,6 +59,10 @@ flags.DEFINE_string("pretrained", None, "Workdir of a float run to start from.",
                     flag_values=FLAGS)
 flags.DEFINE_string("workdir", None, "Output folder (default: checkpoints/<run name>).",
                     flag_values=FLAGS)
+flags.DEFINE_bool("tensorboard", False, "Write TensorBoard events to <workdir>/tensorboard.",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("histogram_every", 5, "With --tensorboard: histograms every N epochs.",
+                     flag_values=FLAGS)
 flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its latest "
                   "checkpoint.", flag_values=FLAGS)
 
@@ -90,6 +94,9 @@ def main(argv: list[str]) -> int:
     if len(rest) > 1:
       raise ValueError(f"unexpected arguments {rest[1:]}: flags take the form --name=value")
     config = config_from_flags(FLAGS)
+    if FLAGS.histogram_every < 1:
+      raise ValueError(f"--histogram_every={FLAGS.histogram_every} is not accepted: use an "
+                       "integer >= 1")
   except (flags.Error, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -97,7 +104,9 @@ def main(argv: list[str]) -> int:
 
   from brjax import checkpoint, train  # pylint: disable=g-import-not-at-top
   try:
-    train.train_and_evaluate(config, workdir, resume=FLAGS.resume)
+    train.train_and_evaluate(config, workdir, resume=FLAGS.resume,
+                             tensorboard=FLAGS.tensorboard,
+                             histogram_every=FLAGS.histogram_every)
   except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

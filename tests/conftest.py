@@ -70,7 +70,8 @@ def run_and_record(config, workdir: str, **kwargs) -> RunRecord:
 @pytest.fixture(scope="session")
 def tiny_record(cifar_tar, tmp_path_factory) -> RunRecord:
   """One tiny W2A2 run with checkpoints, shared by tests. Read-only: copy to change it."""
-  return run_and_record(tiny_config(cifar_tar), str(tmp_path_factory.mktemp("tiny_run")))
+  return run_and_record(tiny_config(cifar_tar), str(tmp_path_factory.mktemp("tiny_run")),
+                        tensorboard=True, histogram_every=1)
 
 
 @pytest.fixture(scope="session")

@@ -115,7 +115,12 @@ def test_tiny_run_log_metrics_checkpoints_and_compiles(tiny_record):
     lines = [json.loads(l) for l in f]
   assert [m["epoch"] for m in lines] == [1, 2]
   assert [m["phase"] for m in lines] == ["WARMUP", "BR"]
-  assert lines[1]["br_w"] > 0 and lines[1]["br_a"] > 0 and lines[0]["br_w"] == 0
+  assert lines[1]["br_w"] > 0 and lines[1]["br_a"] > 0
+  assert lines[0]["br_w"] is None and lines[0]["br_a"] is None  # not computed in warmup
+  quant_metrics = lines[1]["quant"]
+  assert len(quant_metrics["weights"]) == 22 and len(quant_metrics["activations"]) == 19
+  assert set(quant_metrics["weights"]["conv_init"]) >= {"alpha", "mse", "near_frac",
+                                                        "occupancy"}
   assert lines[-1] == tiny_record.metrics
   ckpt = os.path.join(tiny_record.workdir, "checkpoints")
   assert sorted(os.listdir(os.path.join(ckpt, "latest"))) == ["1", "2"]
@@ -213,3 +218,20 @@ def test_w2a2_resnet20_learns_on_a_cifar_subset(cifar_tar, tmp_path):
   assert metrics["best_test_acc"] >= 18.0, metrics
   assert metrics["test_acc"] >= 14.0, metrics
   assert metrics["ce"] < 2.3  # cross-entropy below log(10): it has learned something
+
+
+def test_tensorboard_events_are_read_by_tensorboard(tiny_record):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(os.path.join(tiny_record.workdir, "tensorboard"),
+                                           size_guidance={"histograms": 0, "scalars": 0})
+  acc.Reload()
+  tags = acc.Tags()
+  scalars, histograms = set(tags["scalars"]), set(tags["histograms"])
+  assert {"metrics/test_acc", "metrics/br_w", "metrics/lr", "alpha/conv_init",
+          "alpha/act_init"} <= scalars
+  assert [e.step for e in acc.Scalars("metrics/test_acc")] == [1, 2]
+  assert acc.Scalars("metrics/test_acc")[-1].value == pytest.approx(
+      tiny_record.metrics["test_acc"], rel=1e-6)
+  assert {"weights/conv_init", "quantized_weights/conv_init", "activations/act_init"} <= \
+      histograms
+  assert len([t for t in histograms if t.startswith("activations/")]) == 19

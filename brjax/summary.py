@@ -1,0 +1,60 @@
+"""TensorBoard summaries of a run, written with tensorboardX (``--tensorboard``).
+
+Scalars every epoch: losses, BR_W, BR_A, accuracies, learning rate, every step size.
+Histograms every few epochs: float weights, quantized weights, pre-quantization
+activations. Events go to ``<workdir>/tensorboard``; ``tensorboard --logdir <workdir>``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flax import traverse_util
+import jax
+import numpy as np
+from tensorboardX import SummaryWriter
+
+from brjax import quant
+
+SCALARS = ("train_acc", "test_acc", "train_loss", "test_loss", "ce", "br_w", "br_a", "lr")
+
+
+def create_writer(workdir: str) -> SummaryWriter:
+  return SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+
+
+def _name(path: tuple[str, ...]) -> str:
+  return "/".join(path)
+
+
+def write_scalars(writer: SummaryWriter, epoch: int, metrics: dict, params: Any) -> None:
+  """The epoch's metrics (see ``SCALARS``) and every ``alpha`` as ``alpha/<layer>``."""
+  for key in SCALARS:
+    if key in metrics:
+      writer.add_scalar(f"metrics/{key}", metrics[key], epoch)
+  for path, value in traverse_util.flatten_dict(jax.device_get(params)).items():
+    if quant.is_alpha_path(path):
+      writer.add_scalar(f"alpha/{_name(path[:-1])}", float(np.asarray(value)), epoch)
+
+
+def write_histograms(writer: SummaryWriter, epoch: int, params: Any, intermediates: Any,
+                     bits_w: int) -> None:
+  """Float and fake-quantized kernels, and sown pre-quantization activations."""
+  flat = traverse_util.flatten_dict(jax.device_get(params))
+  for path, kernel in flat.items():
+    if path[-1] != "kernel":
+      continue
+    layer = _name(path[:-1])
+    writer.add_histogram(f"weights/{layer}", np.asarray(kernel), epoch)
+    alpha = flat.get(path[:-1] + ("alpha",))
+    if alpha is not None:
+      qn, qp = quant.qrange(bits_w, signed=True)
+      q = quant.lsq_quantize(kernel, alpha, qn, qp, 1.0)
+      writer.add_histogram(f"quantized_weights/{layer}", np.asarray(q), epoch)
+  sown = traverse_util.flatten_dict(jax.device_get(intermediates)) if intermediates else {}
+  for path, values in sown.items():
+    if path[-1] == "pre_quant":
+      for i, v in enumerate(values):
+        suffix = f"#{i}" if len(values) > 1 else ""
+        writer.add_histogram(f"activations/{_name(path[:-1])}{suffix}", np.asarray(v), epoch)

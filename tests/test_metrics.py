@@ -1,0 +1,320 @@
+"""Tests of brjax.metrics: each metric against a float64 numpy reference, and the collectors."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+from absl.testing import parameterized
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from brjax import metrics
+from brjax import models
+from brjax import quant
+
+
+def np_layer_metrics(v, alpha, qn, qp, where=None) -> dict:
+  """The definitions, in float64 numpy, with a per-level loop (the obvious way)."""
+  v = np.asarray(v, np.float64)
+  alpha = float(alpha)
+  where = np.ones(v.shape, bool) if where is None else np.broadcast_to(where, v.shape)
+  v = v[where]
+  m = np.round(np.clip(v / alpha, qn, qp))
+  err = v - m * alpha
+  return {"alpha": alpha, "mse": np.mean(err**2),
+          "near_frac": np.mean(np.abs(err) <= 0.1 * alpha),
+          "occupancy": np.array([np.mean(m == k) for k in range(qn, qp + 1)])}
+
+
+def assert_metrics_close(got, want, **tol):
+  tol = {"rtol": 1e-5, "atol": 1e-7, **tol}
+  assert set(got) == {"alpha", "mse", "near_frac", "occupancy"}
+  for key in want:
+    np.testing.assert_allclose(np.asarray(got[key]), want[key], err_msg=key, **tol)
+
+
+RANGES = {"signed2": (-2, 1), "unsigned2": (0, 3), "signed4": (-8, 7), "unsigned8": (0, 255)}
+
+
+class LayerMetricsTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*[(name, *r) for name, r in RANGES.items()])
+  def test_matches_numpy_reference(self, qn, qp):
+    rng = np.random.default_rng(qp)
+    v = rng.normal(0.0, 1.0, (8, 3, 3, 5)).astype(np.float32)
+    v = np.abs(v) if qn == 0 else v
+    alpha = np.float32(2.0 * np.mean(np.abs(v)) / np.sqrt(qp))
+    got = self.variant(functools.partial(metrics.layer_metrics, qn=qn, qp=qp))(v, alpha)
+    chex.assert_shape(got["occupancy"], (qp - qn + 1,))
+    chex.assert_shape([got["alpha"], got["mse"], got["near_frac"]], ())
+    assert_metrics_close(got, np_layer_metrics(v, alpha, qn, qp))
+    np.testing.assert_allclose(np.sum(got["occupancy"]), 1.0, rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_values_on_levels(self):
+    alpha = 0.25  # exact in binary: every k * alpha is exactly representable
+    k = np.array([-2, -1, -1, 0, 0, 0, 1, 1, 1, 1])
+    got = self.variant(functools.partial(metrics.layer_metrics, qn=-2, qp=1))(
+        (k * alpha).astype(np.float32), alpha)
+    assert float(got["mse"]) == 0.0
+    assert float(got["near_frac"]) == 1.0
+    np.testing.assert_allclose(got["occupancy"], [0.1, 0.2, 0.3, 0.4], rtol=1e-6)
+    np.testing.assert_allclose(got["alpha"], alpha)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_clipped_values_are_not_near(self):
+    alpha = 0.5
+    # 3 far above qp * alpha = 1.5, 1 far below 0; 1 on level 1; 1 clipped but near.
+    v = np.array([10.0, 4.0, 2.0, -3.0, 0.5, 1.52], np.float32)
+    got = self.variant(functools.partial(metrics.layer_metrics, qn=0, qp=3))(v, alpha)
+    want = np_layer_metrics(v, alpha, 0, 3)
+    assert_metrics_close(got, want)
+    np.testing.assert_allclose(got["near_frac"], 2 / 6, rtol=1e-6)
+    np.testing.assert_allclose(got["occupancy"], [1 / 6, 1 / 6, 0.0, 4 / 6], rtol=1e-6)
+    np.testing.assert_allclose(
+        got["mse"], np.mean([8.5**2, 2.5**2, 0.5**2, 3.0**2, 0.0, 0.02**2]), rtol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_empty_levels(self):
+    # All elements in levels -8 and 7 of a 4-bit grid: the 14 levels between are empty.
+    v = np.array([-100.0, -3.9, 3.6, 100.0, 100.0], np.float32)
+    got = self.variant(functools.partial(metrics.layer_metrics, qn=-8, qp=7))(v, 0.5)
+    want = np.zeros(16)
+    want[0], want[-1] = 2 / 5, 3 / 5
+    np.testing.assert_allclose(got["occupancy"], want, rtol=1e-6)
+    assert_metrics_close(got, np_layer_metrics(v, 0.5, -8, 7))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_near_threshold(self):
+    alpha = 1.0
+    v = np.array([0.05, -0.09, 1.11, 2.5 - 0.35, 0.3], np.float32)  # near, near, no, no, no
+    got = self.variant(functools.partial(metrics.layer_metrics, qn=-2, qp=2))(v, alpha)
+    np.testing.assert_allclose(got["near_frac"], 2 / 5, rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_mse_uses_the_lsq_forward(self):
+    rng = np.random.default_rng(0)
+    v = jnp.asarray(rng.normal(size=(64, 9)), jnp.float32)
+    alpha = jnp.float32(0.3)
+    q = quant.lsq_quantize(v, alpha, -4, 3, 1.0)
+    got = self.variant(functools.partial(metrics.layer_metrics, qn=-4, qp=3))(v, alpha)
+    np.testing.assert_allclose(got["mse"], np.mean((np.asarray(v) - np.asarray(q))**2),
+                               rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_where_selects_elements(self):
+    rng = np.random.default_rng(1)
+    v = np.abs(rng.normal(size=(6, 4, 4, 3))).astype(np.float32)
+    mask = np.array([True, True, False, True, False, False]).reshape(6, 1, 1, 1)
+    got = self.variant(functools.partial(metrics.layer_metrics, qn=0, qp=3))(v, 0.4, where=mask)
+    assert_metrics_close(got, np_layer_metrics(v[mask[:, 0, 0, 0]], 0.4, 0, 3))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_alpha_shape_one_and_float64(self):
+    with jax.enable_x64(True):
+      v = np.linspace(-1.0, 1.0, 101) + 0.013  # no element on a rounding tie
+      got = self.variant(functools.partial(metrics.layer_metrics, qn=-2, qp=1))(
+          v, np.array([0.4]))
+      assert got["mse"].dtype == jnp.float64
+      chex.assert_shape(got["alpha"], ())
+      assert_metrics_close(got, np_layer_metrics(v, 0.4, -2, 1), rtol=1e-12)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("zero", 0.0), ("negative", -0.5))
+  def test_nonpositive_alpha_is_floored(self, alpha):
+    """Like lsq_quantize: the grid of max(alpha, 1e-8), so 0 / 0 gives no NaN."""
+    v = np.array([0.0, 1.0, -1.0, 2e-8], np.float32)
+    got = self.variant(functools.partial(metrics.layer_metrics, qn=-2, qp=1))(v, alpha)
+    want = np_layer_metrics(v, np.float32(1e-8), -2, 1)
+    assert_metrics_close({**got, "alpha": np.float32(1e-8)}, want)
+    np.testing.assert_allclose(got["occupancy"], [0.25, 0.0, 0.25, 0.5])
+    assert float(got["alpha"]) == alpha  # reported as the parameter is
+
+  @parameterized.named_parameters(
+      ("empty", np.zeros((0, 3)), 1.0, -2, 1, "empty"),
+      ("vector_alpha", np.ones((4, 3)), np.ones(3), -2, 1, r"alpha of shape \(3,\)"),
+      ("bad_range", np.ones(3), 1.0, 1, 1, "qn=1, qp=1"),
+      ("float_range", np.ones(3), 1.0, -2.0, 1, "qn=-2.0"),
+  )
+  def test_errors(self, v, alpha, qn, qp, match):
+    with pytest.raises(ValueError, match=match):
+      metrics.layer_metrics(v, alpha, qn, qp)
+
+
+# ------------------------------------------------------------------ collectors
+
+
+class Block(nn.Module):
+  """A conv and a dense of bits_w bits, one QuantReLU called twice and one called once."""
+  bits_w: int
+  bits_a: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    shared = quant.QuantReLU(bits=self.bits_a, name="shared_act")
+    x = quant.QuantConv(4, (3, 3), bits=self.bits_w)(x)
+    x = shared(x)
+    x = quant.QuantConv(4, (1, 1), bits=self.bits_w, name="proj")(x)
+    x = shared(x)
+    x = nn.Conv(4, (1, 1), name="float_conv")(x)  # not quantized: no alpha, not listed
+    x = quant.QuantReLU(bits=self.bits_a)(x)
+    return quant.QuantDense(3, bits=self.bits_w)(x.mean(axis=(1, 2)))
+
+
+class Tiny(nn.Module):
+  bits_w: int = 2
+  bits_a: int = 3
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return Block(self.bits_w, self.bits_a, name="block")(x, train)
+
+
+def tiny_model_and_variables(bits_w=2, bits_a=3):
+  model = Tiny(bits_w, bits_a)
+  x = jax.random.normal(jax.random.key(0), (5, 6, 6, 3))
+  return model, model.init(jax.random.key(1), x), x
+
+
+WEIGHT_LAYERS = {"block/QuantConv_0", "block/proj", "block/QuantDense_0"}
+ACT_LAYERS = {"block/shared_act#0", "block/shared_act#1", "block/QuantReLU_0"}
+
+
+class CollectorsTest(parameterized.TestCase):
+
+  def test_weight_metrics_finds_every_quantized_kernel(self):
+    _, variables, _ = tiny_model_and_variables()
+    got = metrics.weight_metrics(variables["params"], bits=2)
+    assert set(got) == WEIGHT_LAYERS
+    for name, m in got.items():
+      p = variables["params"]["block"][name.split("/")[1]]
+      assert_metrics_close(m, np_layer_metrics(p["kernel"], p["alpha"], -2, 1))
+
+  def test_activation_metrics_names_every_call(self):
+    model, variables, x = tiny_model_and_variables()
+    _, state = model.apply(variables, x, mutable=["intermediates"])
+    inter = state["intermediates"]["block"]
+    got = metrics.activation_metrics(state["intermediates"], bits=3)
+    assert set(got) == ACT_LAYERS
+    for name, (layer, i) in {"block/shared_act#0": ("shared_act", 0),
+                             "block/shared_act#1": ("shared_act", 1),
+                             "block/QuantReLU_0": ("QuantReLU_0", 0)}.items():
+      want = np_layer_metrics(inter[layer]["pre_quant"][i], inter[layer]["alpha"][i], 0, 7)
+      assert_metrics_close(got[name], want)
+
+  def test_activation_metrics_mask(self):
+    model, variables, x = tiny_model_and_variables()
+    _, state = model.apply(variables, x, mutable=["intermediates"])
+    mask = np.array([True, False, True, True, False])
+    got = metrics.activation_metrics(state["intermediates"], bits=3, mask=mask)
+    inter = state["intermediates"]["block"]["QuantReLU_0"]
+    want = np_layer_metrics(np.asarray(inter["pre_quant"][0])[mask], inter["alpha"][0], 0, 7)
+    assert_metrics_close(got["block/QuantReLU_0"], want)
+    with pytest.raises(ValueError, match=r"mask of shape \(4,\)"):
+      metrics.activation_metrics(state["intermediates"], bits=3, mask=mask[:4])
+
+  def test_activation_metrics_needs_alpha(self):
+    with pytest.raises(ValueError, match="'act' hold 1 pre_quant but 0 alpha"):
+      metrics.activation_metrics({"act": {"pre_quant": (jnp.ones((2, 3)),)}}, bits=2)
+
+  def test_empty_trees(self):
+    assert metrics.weight_metrics({}, 2) == {}
+    assert metrics.activation_metrics({}, 2) == {}
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_quant_metrics(self):
+    model, variables, x = tiny_model_and_variables()
+    fn = self.variant(functools.partial(metrics.quant_metrics, model, bits_w=2, bits_a=3))
+    got = fn(variables, x)
+    assert set(got) == {"weights", "activations"}
+    assert set(got["weights"]) == WEIGHT_LAYERS and set(got["activations"]) == ACT_LAYERS
+    _, state = model.apply(variables, x, mutable=["intermediates"])
+    want = {"weights": metrics.weight_metrics(variables["params"], 2),
+            "activations": metrics.activation_metrics(state["intermediates"], 3)}
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_quant_metrics_batch_dict_with_mask(self):
+    model, variables, x = tiny_model_and_variables()
+    mask = jnp.array([True, True, False, False, True])
+    fn = self.variant(functools.partial(metrics.quant_metrics, model, bits_w=2, bits_a=3))
+    got = fn(variables, {"image": x, "mask": mask, "label": jnp.zeros(5, jnp.int32)})
+    want = fn(variables, x[np.asarray(mask)])
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="mask was given twice"):
+      metrics.quant_metrics(model, variables, {"image": x, "mask": mask}, bits_w=2, bits_a=3,
+                            mask=mask)
+
+  def test_quant_metrics_ignores_stale_intermediates(self):
+    model, variables, x = tiny_model_and_variables()
+    _, state = model.apply(variables, x, mutable=["intermediates"])
+    got = metrics.quant_metrics(model, {**variables, **state}, x, bits_w=2, bits_a=3)
+    assert set(got["activations"]) == ACT_LAYERS  # not shared_act#0..#3
+
+  @parameterized.named_parameters(("float_weights", 32, 3), ("float_acts", 2, 32),
+                                  ("float", 32, 32))
+  def test_quant_metrics_float_parts_are_empty(self, bits_w, bits_a):
+    model, variables, x = tiny_model_and_variables(bits_w, bits_a)
+    got = jax.jit(functools.partial(metrics.quant_metrics, model, bits_w=bits_w,
+                                    bits_a=bits_a))(variables, x)
+    assert (got["weights"] == {}) == (bits_w == 32)
+    assert (got["activations"] == {}) == (bits_a == 32)
+
+  def test_quant_metrics_bad_bits(self):
+    model, variables, x = tiny_model_and_variables()
+    with pytest.raises(ValueError, match="bits=9"):
+      metrics.quant_metrics(model, variables, x, bits_w=9, bits_a=3)
+
+  def test_quant_metrics_traces_once(self):
+    model, variables, x = tiny_model_and_variables()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def fn(variables, x):
+      return metrics.quant_metrics(model, variables, x, bits_w=2, bits_a=3)
+
+    fn(variables, x)
+    fn(jax.tree.map(lambda a: a * 1.5, variables), x + 1.0)
+
+  def test_resnet20_layer_names(self):
+    """Every conv (stem and projections too), the dense layer and every ReLU is listed."""
+    model = models.create_model("resnet20", bits_w=2, bits_a=2)
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+    got = jax.eval_shape(functools.partial(metrics.quant_metrics, model, bits_w=2, bits_a=2),
+                         variables, x)
+    blocks = [f"BasicBlock_{i}" for i in range(9)]
+    assert set(got["weights"]) == (
+        {"conv_init", "QuantDense_0", "BasicBlock_3/conv_proj", "BasicBlock_6/conv_proj"} |
+        {f"{b}/QuantConv_{j}" for b in blocks for j in (0, 1)})
+    assert set(got["activations"]) == (
+        {"act_init"} | {f"{b}/QuantReLU_{j}" for b in blocks for j in (0, 1)})
+    chex.assert_shape(got["weights"]["conv_init"]["occupancy"], (4,))
+
+
+# ------------------------------------------------------------------- to_python
+
+
+def test_to_python_is_json_serializable():
+  model, variables, x = tiny_model_and_variables()
+  got = metrics.quant_metrics(model, variables, x, bits_w=2, bits_a=3)
+  py = metrics.to_python(got)
+  assert json.loads(json.dumps(py)) == py
+  m = py["weights"]["block/proj"]
+  assert isinstance(m["alpha"], float) and isinstance(m["mse"], float)
+  assert isinstance(m["occupancy"], list) and all(isinstance(o, float) for o in m["occupancy"])
+  as_arrays = lambda tree: jax.tree.map(np.asarray, tree, is_leaf=lambda x: isinstance(x, list))
+  chex.assert_trees_all_close(as_arrays(py), as_arrays(got))
+
+
+def test_to_python_types():
+  tree = {1: (np.int32(3), np.bool_(True)), "a": [jnp.ones((2, 2)), None, "s", 2.5]}
+  assert metrics.to_python(tree) == {"1": [3, True], "a": [[[1.0, 1.0], [1.0, 1.0]], None, "s",
+                                                           2.5]}
