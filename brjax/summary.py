@@ -31,7 +31,7 @@ def _name(path: tuple[str, ...]) -> str:
 def write_scalars(writer: SummaryWriter, epoch: int, metrics: dict, params: Any) -> None:
   """The epoch's metrics (see ``SCALARS``) and every ``alpha`` as ``alpha/<layer>``."""
   for key in SCALARS:
-    if key in metrics:
+    if metrics.get(key) is not None:  # BR terms are None when not computed
       writer.add_scalar(f"metrics/{key}", metrics[key], epoch)
   for path, value in traverse_util.flatten_dict(jax.device_get(params)).items():
     if quant.is_alpha_path(path):

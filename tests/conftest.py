@@ -57,6 +57,7 @@ def run_and_record(config, workdir: str, **kwargs) -> RunRecord:
   loggers = [logging.getLogger(n) for n in ("jax._src.dispatch", "jax._src.interpreters.pxla")]
   for logger in loggers:
     logger.addHandler(handler)
+    logger.propagate = False  # count compilations, don't print thousands of log lines
   lines = []
   try:
     with jax.log_compiles(True):
@@ -64,6 +65,7 @@ def run_and_record(config, workdir: str, **kwargs) -> RunRecord:
   finally:
     for logger in loggers:
       logger.removeHandler(handler)
+      logger.propagate = True
   return RunRecord(workdir, metrics, lines, compiles)
 
 

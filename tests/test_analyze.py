@@ -115,11 +115,10 @@ def test_analyze_one_run(tiny_run, recomputed, analyze, tmp_path):
   assert result.returncode == 0, result.stderr
   written = result.stdout.split()
   assert sorted(os.path.basename(p) for p in written) == [
-      "activations_hist.png", "br_curves.png", "metrics.md", "weights_hist.png"]
+      "activations_hist.png", "alpha_curves.png", "br_curves.png", "metrics.md",
+      "weights_hist.png"]
   assert all(pathlib.Path(p).parent == out for p in written)
-  # The tiny run's metrics.jsonl has no "quant" entries (yet): no alpha curves, and a note.
-  assert not (out / "alpha_curves.png").exists()
-  assert 'no per-epoch "quant" entries' in result.stderr
+  assert png_size(out / "alpha_curves.png") == pixels(analyze, analyze.ALPHA_CURVES_SIZE)
   assert not os.path.exists(os.path.join(workdir, "analysis"))  # --out respected
 
   assert png_size(out / "weights_hist.png") == hist_pixels(analyze, len(recomputed["weights"]))
@@ -140,15 +139,12 @@ def test_analyze_one_run(tiny_run, recomputed, analyze, tmp_path):
 
 
 def test_analyze_compare(tiny_run, recomputed, analyze, tmp_path):
-  """A copy of the run whose metrics.jsonl has "quant" entries, compared to the run."""
+  """The run compared to a copy of it; then a copy without per-epoch "quant" entries."""
   workdir, _ = tiny_run
   copy = tmp_path / "with_quant"
   shutil.copytree(workdir, copy)
   lines = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
-  assert lines and all("quant" not in line for line in lines)
-  for line in lines:
-    line["quant"] = recomputed
-  (copy / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+  assert lines and all("quant" in line for line in lines)
 
   out = tmp_path / "out"
   result = run_script(f"--workdir={copy}", f"--compare={workdir}", f"--out={out}",
@@ -201,3 +197,18 @@ def test_bad_input_is_one_line_error(case, tmp_path):
   assert lines[0].startswith("error: ") and expect in lines[0], lines[0]
   assert result.stdout == ""
   assert not (tmp_path / "out").exists()
+
+
+def test_analyze_without_quant_entries(tiny_run, tmp_path):
+  """metrics.jsonl written before per-epoch "quant" entries existed: no alpha curves."""
+  copy = tmp_path / "no_quant"
+  shutil.copytree(tiny_run[0], copy)
+  lines = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+  (copy / "metrics.jsonl").write_text(
+      "".join(json.dumps({k: v for k, v in line.items() if k != "quant"}) + "\n"
+              for line in lines))
+  out = tmp_path / "out"
+  result = run_script(f"--workdir={copy}", f"--out={out}", f"--examples={EXAMPLES}")
+  assert result.returncode == 0, result.stderr
+  assert not (out / "alpha_curves.png").exists()
+  assert 'no per-epoch "quant" entries' in result.stderr

@@ -1,0 +1,354 @@
+"""Tests of scripts/experiments.py: the LSQ vs LSQ+BR study runner.
+
+The fast tests call ``main()`` in this process (flags, dry run, summary math, the lock); the
+slow ones run one tiny study (W2A2, seed 0, lsq and lsq_br, 1 warmup + 1 BR epoch on 128
+images) through the command line, then run it again (skipped), with other flags (refused)
+and with one result deleted (resumed). The study's runs share a persistent XLA compilation
+cache (``JAX_COMPILATION_CACHE_DIR``, test speed only: lsq and lsq_br compile the same
+init, warmup step and eval), which keeps the file near a minute on two busy cores.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "experiments.py"
+TRAIN_SCRIPT = REPO / "scripts" / "train.py"
+
+
+def _load(path: pathlib.Path, name: str):
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+experiments = _load(SCRIPT, "experiments_cli")
+train_cli = _load(TRAIN_SCRIPT, "train_cli_for_experiments")
+
+# The tiny study: train.py flags of tests/test_cli.py's scale, through the study's flags.
+TINY = ["--bits=2", "--seeds=0", "--configs=lsq,lsq_br", "--epochs=2", "--warmup_epochs=1",
+        "--train_examples=128", "--test_examples=64", "--batch_size=32"]
+LAMBDAS = {"lsq": (0.0, 0.0), "lsq_br": (1.0, 1.0), "w_br": (1.0, 0.0)}
+
+
+def one_line_error(err: str) -> str:
+  err = err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+  return err
+
+
+# ------------------------------------------------------------------ fast: flags, dry run
+
+
+@pytest.mark.parametrize("argv,flag", [
+    ([], "--study_dir"),
+    (["--bits=32"], "--bits=32"),
+    (["--bits=1"], "--bits=1"),
+    (["--seeds=0,x"], "--seeds=0,x"),
+    (["--seeds=1,1"], "--seeds=1,1"),
+    (["--seeds="], "--seeds="),
+    (["--configs=lsq,bogus"], "--configs=lsq,bogus"),
+    (["--configs=lsq,lsq"], "--configs=lsq,lsq"),
+    (["--epochs=3", "--warmup_epochs=3"], "--warmup_epochs=3"),
+    (["--epochs=3", "--warmup_epochs=4"], "--warmup_epochs=4"),
+    (["--lr=0"], "--lr=0.0"),
+    (["--batch_size=0"], "--batch_size=0"),
+    (["--data_dir=/no/such/data"], "--data_dir=/no/such/data"),
+    (["--pretrained=/no/such/run"], "--pretrained=/no/such/run"),
+    (["--summarize_only", "--seeds=0"], "--seeds"),
+    (["--no_such_flag=1"], "no_such_flag"),
+    (["extra_positional"], "extra_positional"),
+])
+def test_bad_flag_is_one_line_error_before_any_work(argv, flag, tmp_path, capsys):
+  study_dir = tmp_path / "study"
+  study = [f"--study_dir={study_dir}"] if argv else []
+  code = experiments.main(["experiments.py", *study, *argv])
+  err = one_line_error(capsys.readouterr().err)
+  assert code == 2 and flag in err, err
+  assert not study_dir.exists()
+
+
+def _dry_run(capsys, study_dir, data_dir, *extra) -> dict[str, tuple[str, str]]:
+  """``{run name: (state, command)}`` printed by --dry_run."""
+  code = experiments.main(["experiments.py", f"--study_dir={study_dir}",
+                           f"--data_dir={data_dir}", *TINY, *extra, "--dry_run"])
+  out, err = capsys.readouterr()
+  assert code == 0 and not err, err
+  runs = {}
+  for line in out.strip().splitlines():
+    head, command = line.split(": ", 1)
+    name, state = head.split(" ")
+    runs[name] = (state.strip("()"), command)
+  return runs
+
+
+def test_dry_run_prints_each_command_and_writes_nothing(tmp_path, capsys):
+  study_dir = tmp_path / "study"
+  runs = _dry_run(capsys, study_dir, tmp_path, "--seeds=0,1", "--configs=lsq,lsq_br,w_br")
+  # Seed by seed: every config of seed 0 first.
+  assert list(runs) == ["lsq_s0", "lsq_br_s0", "w_br_s0", "lsq_s1", "lsq_br_s1", "w_br_s1"]
+  for name, (state, command) in runs.items():
+    assert state == "new"
+    assert command.startswith("python scripts/train.py --")
+    lambda_w, lambda_a = LAMBDAS[name.rsplit("_s", 1)[0]]
+    assert f"--lambda_w={lambda_w}" in command and f"--lambda_a={lambda_a}" in command
+    assert f"--workdir={study_dir / name}" in command
+  assert not study_dir.exists()
+
+
+def test_each_command_reproduces_its_run_through_train_py(tmp_path, capsys):
+  """Parsed by scripts/train.py's own flags, every command gives exactly the run's Config."""
+  from brjax.config import Config  # pylint: disable=g-import-not-at-top
+  study_dir = tmp_path / "study"
+  runs = _dry_run(capsys, study_dir, tmp_path, "--seeds=0,7", "--configs=lsq,lsq_br,w_br",
+                  "--lr=0.02")
+  for name, (_, command) in runs.items():
+    config_name, seed = name.rsplit("_s", 1)
+    words = shlex.split(command)
+    assert words[:2] == ["python", "scripts/train.py"]
+    train_cli.FLAGS.unparse_flags()
+    assert train_cli.FLAGS(["train.py", *words[2:]]) == ["train.py"]
+    parsed = train_cli.config_from_flags(train_cli.FLAGS)
+    lambda_w, lambda_a = LAMBDAS[config_name]
+    assert parsed == Config(bits_w=2, bits_a=2, lambda_w=lambda_w, lambda_a=lambda_a,
+                            warmup_epochs=1, epochs=2, lr=0.02, batch_size=32, seed=int(seed),
+                            data_dir=str(tmp_path), train_examples=128, test_examples=64)
+    assert train_cli.FLAGS.workdir == str(study_dir / name)
+    # Every setting is explicit, so later changes of train.py's defaults don't change it.
+    named = {w.split("=", 1)[0].lstrip("-") for w in words[2:]}
+    expected = {k for k, v in vars(parsed).items() if v is not None} - {"bits_w", "bits_a"}
+    assert expected | {"bits", "workdir"} == named
+
+
+def test_a_study_in_use_is_refused(tmp_path, capsys):
+  study_dir = tmp_path / "study"
+  study_dir.mkdir()
+  with open(study_dir / ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    code = experiments.main(["experiments.py", f"--study_dir={study_dir}",
+                             f"--data_dir={tmp_path}", *TINY])
+  err = one_line_error(capsys.readouterr().err)
+  assert code == 2 and "in use" in err, err
+  assert not (study_dir / "study.json").exists()
+
+
+# ------------------------------------------------------------------ fast: summary math
+
+
+def _fake_result(study_dir, config, seed, final, best, train):
+  command = (f"python scripts/train.py --lambda_w={LAMBDAS[config][0]} --seed={seed} "
+             f"--workdir={study_dir / f'{config}_s{seed}'}")
+  (study_dir / f"{config}_s{seed}.json").write_text(json.dumps({
+      "config": config, "seed": seed, "command": command, "final_test_acc": final,
+      "best_test_acc": best, "final_train_acc": train}))
+
+
+def _hand_stats(values):
+  mean = sum(values) / len(values)
+  std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+  return mean, std
+
+
+def test_summarize_only_mean_and_sample_std(tmp_path, capsys):
+  study_dir = tmp_path / "study"
+  study_dir.mkdir()
+  lsq = {0: (80.0, 81.0, 90.0), 1: (82.0, 83.0, 91.0), 2: (87.0, 88.5, 95.0)}
+  lsq_br = {0: (85.0, 85.5, 92.0), 2: (86.0, 86.25, 93.0)}
+  for seed, values in lsq.items():
+    _fake_result(study_dir, "lsq", seed, *values)
+  for seed, values in lsq_br.items():
+    _fake_result(study_dir, "lsq_br", seed, *values)
+  _fake_result(study_dir, "w_br", 1, 84.0, 84.0, 90.5)
+  baseline = tmp_path / "float_run"
+  (baseline / "checkpoints").mkdir(parents=True)
+  (baseline / "metrics.jsonl").write_text(
+      json.dumps({"epoch": 1, "phase": "FLOAT", "test_acc": 91.5, "best_test_acc": 91.5}) +
+      "\n" + json.dumps({"epoch": 2, "phase": "FLOAT", "test_acc": 91.0,
+                         "best_test_acc": 91.5}) + "\n")
+
+  code = experiments.main(["experiments.py", f"--study_dir={study_dir}", "--summarize_only",
+                           f"--pretrained={baseline}"])
+  out, err = capsys.readouterr()
+  assert code == 0 and not err, err
+  summary = json.loads((study_dir / "summary.json").read_text())
+  assert list(summary["configs"]) == ["lsq", "lsq_br", "w_br"]
+  # lsq final: mean (80 + 82 + 87) / 3 = 83, sample std sqrt((9 + 1 + 16) / 2) = sqrt(13).
+  c = summary["configs"]["lsq"]
+  assert c["n"] == 3 and c["seeds"] == [0, 1, 2]
+  assert c["final_test_acc"]["mean"] == pytest.approx(83.0)
+  assert c["final_test_acc"]["std"] == pytest.approx(math.sqrt(13.0))
+  for key, index in (("best_test_acc", 1), ("final_train_acc", 2)):
+    mean, std = _hand_stats([v[index] for v in lsq.values()])
+    assert c[key]["mean"] == pytest.approx(mean) and c[key]["std"] == pytest.approx(std)
+  c = summary["configs"]["lsq_br"]
+  assert c["n"] == 2 and c["seeds"] == [0, 2]
+  assert c["final_test_acc"]["mean"] == pytest.approx(85.5)
+  assert c["final_test_acc"]["std"] == pytest.approx(math.sqrt(0.5))
+  assert c["command_template"] == (f"python scripts/train.py --lambda_w=1.0 --seed={{seed}} "
+                                   f"--workdir={study_dir}/lsq_br_s{{seed}}")
+  c = summary["configs"]["w_br"]
+  assert c["n"] == 1 and c["final_test_acc"]["mean"] == 84.0
+  assert c["final_test_acc"]["std"] is None  # the sample std of one value is undefined
+  assert summary["baseline"]["best_test_acc"] == 91.5
+  assert summary["baseline"]["final_test_acc"] == 91.0
+
+  markdown = (study_dir / "summary.md").read_text()
+  assert markdown == out  # printed as well
+  rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+          for line in markdown.splitlines() if line.startswith("| ") and "---" not in line}
+  assert rows["lsq"][1:4] == ["3", "83.00 ± 3.61", "84.17 ± 3.88"]
+  assert rows["lsq_br"][1:3] == ["2", "85.50 ± 0.71"]
+  assert rows["w_br"][1:3] == ["1", "84.00 ± n/a"]
+  assert rows["float baseline"][2:4] == ["91.00", "91.50"]
+
+
+def test_summarize_only_refuses_a_malformed_result(tmp_path, capsys):
+  (tmp_path / "lsq_s0.json").write_text(json.dumps({"config": "lsq", "seed": 0}))
+  code = experiments.main(["experiments.py", f"--study_dir={tmp_path}", "--summarize_only"])
+  err = one_line_error(capsys.readouterr().err)
+  assert code == 2 and "lsq_s0.json" in err and "final_test_acc" in err, err
+
+
+# ------------------------------------------------------------------ slow: a real study
+
+
+def run_study(study_dir, cifar_tar, cache_dir, *extra) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  return subprocess.run([sys.executable, str(SCRIPT), f"--study_dir={study_dir}",
+                         f"--data_dir={cifar_tar}", *TINY, *extra], capture_output=True,
+                        text=True, timeout=600, env=env, check=False)
+
+
+@pytest.fixture(scope="module")
+def study(cifar_tar, tmp_path_factory):
+  """``(study_dir, completed process, compilation cache)`` of the tiny study."""
+  root = tmp_path_factory.mktemp("experiments")
+  cache = root / "jax_cache"
+  proc = run_study(root / "study", cifar_tar, cache)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return root / "study", proc, cache
+
+
+def _mtimes(study_dir: pathlib.Path) -> dict[str, int]:
+  return {str(p.relative_to(study_dir)): p.stat().st_mtime_ns for p in study_dir.rglob("*")
+          if p.is_file() and p.name not in ("summary.json", "summary.md", ".lock")}
+
+
+@pytest.mark.slow
+def test_study_writes_one_result_per_run_and_a_summary(study, cifar_tar):
+  study_dir, proc, _ = study
+  assert sorted(p.name for p in study_dir.glob("*.json")) == [
+      "lsq_br_s0.json", "lsq_s0.json", "study.json", "summary.json"]
+  for name in ("lsq", "lsq_br"):
+    result = json.loads((study_dir / f"{name}_s0.json").read_text())
+    workdir = study_dir / f"{name}_s0"
+    history = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert result["config"] == name and result["seed"] == 0
+    assert result["command"].startswith("python scripts/train.py ")
+    assert f"--workdir={workdir}" in result["command"] and f"--data_dir={cifar_tar}" in (
+        result["command"])
+    assert (result["lambda_w"], result["lambda_a"]) == LAMBDAS[name]
+    assert result["epochs"] == 2 and result["warmup_epochs"] == 1
+    assert result["final_test_acc"] == history[-1]["test_acc"]
+    assert result["best_test_acc"] == max(m["test_acc"] for m in history)
+    assert result["final_train_acc"] == history[-1]["train_acc"]
+    assert 0 <= result["final_test_acc"] <= result["best_test_acc"] <= 100
+    if name == "lsq":
+      assert result["br_w"] is None and result["br_a"] is None  # BR not computed
+    else:
+      assert result["br_w"] > 0 and result["br_a"] > 0
+    assert result["wall_time_s"] > 0 and result["resumed_from_epoch"] is None
+    assert result["device"]["platform"] == "cpu" and result["device"]["device_count"] >= 1
+    assert result["jax_version"]
+    assert "Epoch 2/2 [BR]" in (workdir / "train.log").read_text()
+  study_json = json.loads((study_dir / "study.json").read_text())["flags"]
+  assert study_json["seeds"] == [0] and study_json["configs"] == ["lsq", "lsq_br"]
+
+  summary = json.loads((study_dir / "summary.json").read_text())
+  assert summary["baseline"] is None  # no --pretrained
+  assert list(summary["configs"]) == ["lsq", "lsq_br"]
+  for name, c in summary["configs"].items():
+    result = json.loads((study_dir / f"{name}_s0.json").read_text())
+    assert c["n"] == 1 and c["seeds"] == [0]
+    assert c["final_test_acc"] == {"mean": result["final_test_acc"], "std": None,
+                                   "values": [result["final_test_acc"]]}
+    assert c["best_test_acc"]["mean"] == result["best_test_acc"]
+    assert c["command_template"] == result["command"].replace(
+        "--seed=0", "--seed={seed}").replace(f"{name}_s0", f"{name}_s{{seed}}")
+  markdown = (study_dir / "summary.md").read_text()
+  assert "| lsq | LSQ | 1 |" in markdown and "| lsq_br | LSQ + W-BR + A-BR | 1 |" in markdown
+  assert markdown in proc.stdout  # the table is printed at the end
+
+
+@pytest.mark.slow
+def test_second_invocation_skips_finished_runs(study, cifar_tar):
+  study_dir, _, cache = study
+  before = _mtimes(study_dir)
+  proc = run_study(study_dir, cifar_tar, cache)
+  assert proc.returncode == 0, proc.stderr
+  assert "[1/2] lsq_s0: skip" in proc.stdout and "[2/2] lsq_br_s0: skip" in proc.stdout
+  assert ": start" not in proc.stdout and ": resume" not in proc.stdout  # no run started
+  assert "Epoch " not in proc.stdout
+  assert _mtimes(study_dir) == before  # results, metrics, checkpoints, logs untouched
+  assert "| lsq_br |" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("changed,message", [
+    (["--seeds=0,1"], "--seeds=0 there, --seeds=0,1 here"),
+    (["--lr=0.1"], "--lr=0.01 there, --lr=0.1 here"),
+])
+def test_other_flags_on_the_same_study_are_refused(study, cifar_tar, changed, message,
+                                                  capsys):
+  study_dir, _, _ = study
+  before = _mtimes(study_dir)
+  # In this process: refused before any run starts (as the real CLI, only faster).
+  code = experiments.main(["experiments.py", f"--study_dir={study_dir}",
+                           f"--data_dir={cifar_tar}", *TINY, *changed])
+  err = one_line_error(capsys.readouterr().err)
+  assert code == 2 and message in err, err
+  assert _mtimes(study_dir) == before
+
+
+@pytest.mark.slow
+def test_run_without_result_resumes_from_its_checkpoint(study, cifar_tar, tmp_path, capsys):
+  """A study stopped after lsq_br_s0's epoch 1 (its result and epoch-2 checkpoint gone)."""
+  original, _, cache = study
+  study_dir = tmp_path / "study"
+  shutil.copytree(original, study_dir)
+  expected = json.loads((study_dir / "lsq_br_s0.json").read_text())
+  (study_dir / "lsq_br_s0.json").unlink()
+  for kind in ("latest", "best"):
+    shutil.rmtree(study_dir / "lsq_br_s0" / "checkpoints" / kind / "2", ignore_errors=True)
+  runs = _dry_run(capsys, study_dir, cifar_tar)
+  assert runs["lsq_s0"][0] == "skip"
+  assert runs["lsq_br_s0"][0] == "resume" and runs["lsq_br_s0"][1].endswith(" --resume")
+
+  proc = run_study(study_dir, cifar_tar, cache)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "[1/2] lsq_s0: skip" in proc.stdout
+  assert "[2/2] lsq_br_s0: resume from epoch 1" in proc.stdout
+  assert f"Resumed from {study_dir / 'lsq_br_s0'} at epoch 1" in proc.stdout
+  assert "Epoch 1/2 [" not in proc.stdout and "Epoch 2/2 [BR]" in proc.stdout
+  result = json.loads((study_dir / "lsq_br_s0.json").read_text())
+  assert result["resumed_from_epoch"] == 1
+  assert result["command"] == expected["command"].replace(str(original), str(study_dir))
+  for key in ("final_test_acc", "best_test_acc", "final_train_acc", "br_w", "br_a"):
+    assert result[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+  summary = json.loads((study_dir / "summary.json").read_text())
+  assert summary["configs"]["lsq_br"]["final_test_acc"]["mean"] == result["final_test_acc"]
