@@ -32,6 +32,7 @@ from absl import flags
 from absl import logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from brjax import cli  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "The --workdir of a training run (required).",
@@ -466,9 +467,7 @@ def main(argv: list[str]) -> int:
     return 2
 
   try:
-    rest = FLAGS(argv)
-    if len(rest) > 1:
-      raise ValueError(f"unexpected arguments {rest[1:]}: flags take the form --name=value")
+    cli.parse_flags(FLAGS, argv)
     if not FLAGS.workdir:
       raise ValueError("--workdir is required: use the --workdir of a training run")
     if FLAGS.examples < 1:

@@ -47,6 +47,7 @@ from typing import Any, Callable
 from absl import flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from brjax import cli  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_bool("quick", False, "A short run CI can afford: fewer rounds, smaller "
@@ -392,9 +393,7 @@ def run(quick: bool, model_name: str, batch_size: int, rounds: int, data_dir: st
 
 def main(argv: list[str]) -> int:
   try:
-    rest = FLAGS(argv)
-    if len(rest) > 1:
-      raise ValueError(f"unexpected arguments {rest[1:]}: flags take the form --name=value")
+    cli.parse_flags(FLAGS, argv)
     if FLAGS.batch_size < 1:
       raise ValueError(f"--batch_size={FLAGS.batch_size} is not accepted: use an integer >= 1")
     if FLAGS.rounds < 0:

@@ -68,6 +68,7 @@ from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from brjax import cli  # pylint: disable=g-import-not-at-top
 
 TRAIN_SCRIPT = os.path.join("scripts", "train.py")
 
@@ -670,11 +671,8 @@ def summarize_only(study_dir: str, pretrained: str | None) -> int:
 
 
 def main(argv: list[str]) -> int:
-  FLAGS.unparse_flags()  # main() may be called more than once in one process (tests)
   try:
-    rest = FLAGS(argv)
-    if len(rest) > 1:
-      raise StudyError(f"unexpected arguments {rest[1:]}: flags take the form --name=value")
+    cli.parse_flags(FLAGS, argv)
     if not FLAGS.study_dir:
       raise StudyError("--study_dir is required: the folder of the study's runs, results "
                        "and summary")
@@ -699,7 +697,7 @@ def main(argv: list[str]) -> int:
         print(f"{run.name} ({'skip' if state == 'done' else state}): {run.command()}{extra}")
       return 0
     code = run_study(study_dir, study, runs)
-  except (flags.Error, StudyError) as e:
+  except (flags.Error, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:

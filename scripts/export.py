@@ -16,6 +16,7 @@ import sys
 from absl import flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from brjax import cli  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "The --workdir of a finished quantized training run.",
@@ -27,9 +28,7 @@ flags.DEFINE_string("data_dir", None, "The run's images (folder or .tar.gz), for
 
 def main(argv: list[str]) -> int:
   try:
-    rest = FLAGS(argv)
-    if len(rest) > 1:
-      raise ValueError(f"unexpected arguments {rest[1:]}: flags take the form --name=value")
+    cli.parse_flags(FLAGS, argv)
     for name in ("workdir", "out"):
       if not FLAGS[name].value:
         raise ValueError(f"--{name} is required")

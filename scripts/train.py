@@ -13,6 +13,7 @@ import sys
 from absl import flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from brjax import cli  # pylint: disable=g-import-not-at-top
 from brjax.config import Config  # pylint: disable=g-import-not-at-top
 
 _D = Config()
@@ -88,11 +89,8 @@ def config_from_flags(values: flags.FlagValues) -> Config:
 
 
 def main(argv: list[str]) -> int:
-  FLAGS.unparse_flags()  # main() may be called more than once in one process (tests)
   try:
-    rest = FLAGS(argv)
-    if len(rest) > 1:
-      raise ValueError(f"unexpected arguments {rest[1:]}: flags take the form --name=value")
+    cli.parse_flags(FLAGS, argv)
     config = config_from_flags(FLAGS)
     if FLAGS.histogram_every < 1:
       raise ValueError(f"--histogram_every={FLAGS.histogram_every} is not accepted: use an "

@@ -101,3 +101,14 @@ def test_killed_run_resumes_to_the_uninterrupted_metrics(cifar_tar, tiny_run, tm
   for key in ("train_acc", "test_acc", "train_loss", "ce", "br_w", "br_a", "test_loss", "lr",
               "step"):
     assert lines[-1][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+
+
+def test_help_lists_every_flag_and_exits_zero(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["train.py", "--help"])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  for flag in ("--bits", "--bits_w", "--lambda_a", "--[no]freeze_alpha",
+               "--[no]br_alpha_grad_a", "--data_dir", "--pretrained", "--[no]resume",
+               "--[no]tensorboard"):
+    assert flag + ":" in out, flag

@@ -1,0 +1,28 @@
+"""Flag parsing shared by the scripts: ``--name=value`` flags, ``--help``, one-line errors."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+
+def parse_flags(values: flags.FlagValues, argv: list[str]) -> None:
+  """Parses ``argv`` into ``values``; ``--help`` prints every flag and exits 0.
+
+  Re-parsing is allowed (values not given fall back to their defaults), so a script's
+  ``main`` can be called more than once in one process.
+
+  Raises:
+    ValueError: an unknown flag, a value of the wrong type, or a positional argument.
+  """
+  values.unparse_flags()
+  if any(arg in ("-h", "--help", "-help", "--helpshort", "--helpfull") for arg in argv[1:]):
+    print(values.get_help())
+    sys.exit(0)
+  try:
+    rest = values(argv)
+  except flags.Error as e:
+    raise ValueError(str(e)) from None
+  if len(rest) > 1:
+    raise ValueError(f"unexpected arguments {rest[1:]}: flags take the form --name=value")
