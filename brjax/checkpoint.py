@@ -137,18 +137,22 @@ def check_compatible(saved: dict, config: Config, path: str) -> None:
                           "resume with the same flags, or choose another --workdir")
 
 
-def restore_pretrained(path: str) -> tuple[dict, dict]:
-  """Reads the params and batch_stats of a finished run's best (else latest) checkpoint.
+def restore_pretrained(path: str, prefer: str = "best") -> tuple[dict, dict]:
+  """Reads the params and batch_stats of a run's best (else latest) checkpoint.
 
   Args:
     path: the ``--workdir`` of a run.
+    prefer: ``"best"`` (the best test accuracy; the latest if there is none) or
+      ``"latest"`` (the end of training; the best if there is none).
 
   Returns:
     ``(variables, meta)`` with ``variables = {"params": ..., "batch_stats": ...}`` as
     numpy arrays, and the run's meta (its config and epoch).
   """
   root = os.path.join(path, "checkpoints")
-  for kind in ("best", "latest"):
+  if prefer not in ("best", "latest"):
+    raise ValueError(f"prefer={prefer!r} is not accepted: use 'best' or 'latest'")
+  for kind in (prefer, "latest" if prefer == "best" else "best"):
     directory = os.path.join(root, kind)
     if not os.path.isdir(directory):
       continue

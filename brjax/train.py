@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import flax
 from flax import struct
@@ -162,6 +162,28 @@ def jit_eval_step(topology: Topology, apply_fn: Callable) -> Callable:
                  out_shardings=topology.replicated)
 
 
+def process_local_batches(batches: Iterable[dict], sharding: NamedSharding) -> Iterator[dict]:
+  """Host batches as global arrays to which each process contributes only its own rows.
+
+  Every process iterates the same global batches (same seed and order); ``sharding`` splits
+  axis 0 over the devices of all processes, and each process hands over the rows its own
+  devices hold (``jax.make_array_from_process_local_data``). With one process those are all
+  the rows: the same arrays as ``jax.device_put(batch, sharding)``.
+  """
+  for batch in batches:
+    yield {key: _from_process_rows(x, sharding) for key, x in batch.items()}
+
+
+def _from_process_rows(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  rows = {index[0].indices(x.shape[0])[:2]
+          for index in sharding.addressable_devices_indices_map(x.shape).values()}
+  lo, hi = min(r[0] for r in rows), max(r[1] for r in rows)
+  if sum(stop - start for start, stop in rows) != hi - lo:
+    raise ValueError(f"process {jax.process_index()} holds rows {sorted(rows)} of the batch, "
+                     "not one block: list the devices process by process")
+  return jax.make_array_from_process_local_data(sharding, x[lo:hi], x.shape)
+
+
 def _first_batch(ds: input_pipeline.Dataset, batch_size: int) -> jax.Array:
   """The first ``batch_size`` training images, normalized, unaugmented: for LSQ init."""
   return jnp.asarray(input_pipeline.normalize(ds.train_images[:batch_size], ds.mean, ds.std))
@@ -267,7 +289,8 @@ def evaluate(eval_fn: Callable, state: TrainState, ds: input_pipeline.Dataset,
   """Quantized test accuracy (%) and mean loss over the whole test split."""
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   sums = [eval_fn(variables, b) for b in input_pipeline.prefetch(
-      input_pipeline.eval_batches(ds, batch_size), sharding=topology.batch)]
+      process_local_batches(input_pipeline.eval_batches(ds, batch_size), topology.batch),
+      sharding=topology.batch)]
   total = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
   return {"test_acc": 100.0 * total["correct"] / total["count"],
           "test_loss": total["loss"] / total["count"]}
@@ -293,9 +316,9 @@ def _train_epoch(step_fn: Callable, state: TrainState, ds: input_pipeline.Datase
   The per-step metrics stay on the device until the epoch ends: no host sync per step.
   """
   sums = []
-  batches = input_pipeline.prefetch(
+  batches = input_pipeline.prefetch(process_local_batches(
       input_pipeline.train_batches(ds, config.batch_size, seed=config.seed, epoch=epoch),
-      sharding=topology.batch)
+      topology.batch), sharding=topology.batch)
   for batch in tqdm.tqdm(batches, total=steps_per_epoch, desc=f"Epoch {epoch}/{config.epochs}",
                          leave=False, file=sys.stderr, mininterval=2.0):
     state, step_metrics = step_fn(state, batch)
@@ -393,7 +416,9 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
       f.write(json.dumps(m) + "\n")
     ckpts.save(epoch, jax.device_get(state),
                {"epoch": epoch, "phase": phase, "best_test_acc": best_acc,
-                "config": dataclasses.asdict(config)}, is_best=is_best)
+                "config": dataclasses.asdict(config),
+                "data": {"mean": ds.mean.tolist(), "std": ds.std.tolist(),
+                         "class_names": list(ds.class_names)}}, is_best=is_best)
     if writer is not None:
       summary.write_scalars(writer, epoch, m, state.params)
       if epoch % histogram_every == 0 or epoch == config.epochs:

@@ -2,7 +2,8 @@
 
     python scripts/analyze.py --workdir=checkpoints/<run> [--compare=checkpoints/<other run>]
 
-Reads ``<workdir>/metrics.jsonl`` and the run's best checkpoint (else its latest), runs the
+Reads ``<workdir>/metrics.jsonl`` and the run's latest checkpoint (``--checkpoint=best``: its
+best), runs the
 model on the first ``--examples`` test images of the run's data, and writes into ``--out``
 (default ``<workdir>/analysis/``):
 
@@ -43,6 +44,8 @@ flags.DEFINE_string("out", None, "Output folder (default: <workdir>/analysis).",
                     flag_values=FLAGS)
 flags.DEFINE_string("data_dir", None, "Test images to use instead of the run's own --data_dir.",
                     flag_values=FLAGS)
+flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "Which checkpoint to draw: "
+                  "the end of training, or the best test accuracy.", flag_values=FLAGS)
 flags.DEFINE_integer("examples", 256, "Number of test images for the activations.",
                      flag_values=FLAGS)
 
@@ -154,7 +157,7 @@ def sort_layers(names: Iterable[str], order: Sequence[str]) -> list[str]:
 
 
 def load_run(workdir: str, flag: str, history: list[dict], data_dir: str | None,
-             examples: int, cache: dict) -> dict:
+             examples: int, cache: dict, prefer: str = "latest") -> dict:
   """Restores a run, recomputes its metrics on the first test images, keeps the tensors.
 
   Returns a dict: ``label``, ``config``, ``meta``, ``history``, ``quant`` (the metrics of
@@ -168,7 +171,7 @@ def load_run(workdir: str, flag: str, history: list[dict], data_dir: str | None,
   from brjax import checkpoint, input_pipeline, metrics, models
 
   try:
-    variables, meta = checkpoint.restore_pretrained(workdir)
+    variables, meta = checkpoint.restore_pretrained(workdir, prefer)
   except checkpoint.CheckpointError as e:
     raise ValueError(f"--{flag}={workdir}: {e}") from None
   config = meta.get("config")
@@ -434,10 +437,11 @@ def write_markdown(runs: list[dict], path: str) -> str:
 
 
 def analyze(workdirs: list[tuple[str, str]], histories: list[list[dict]], out: str,
-            data_dir: str | None, examples: int, note: Callable[[str], None]) -> list[str]:
+            data_dir: str | None, examples: int, note: Callable[[str], None],
+            prefer: str = "latest") -> list[str]:
   """Loads every run and writes every output; returns the paths written."""
   cache: dict[Any, Any] = {}
-  runs = [load_run(w, flag, h, data_dir, examples, cache)
+  runs = [load_run(w, flag, h, data_dir, examples, cache, prefer)
           for (flag, w), h in zip(workdirs, histories)]
   labels = [run["label"] for run in runs]
   if len(set(labels)) < len(labels):
@@ -489,7 +493,8 @@ def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.ERROR)  # orbax warns about read-only checkpoint managers
   try:
     written = analyze(workdirs, histories, out, FLAGS.data_dir, FLAGS.examples,
-                      note=lambda msg: print(f"note: {msg}", file=sys.stderr))
+                      note=lambda msg: print(f"note: {msg}", file=sys.stderr),
+                      prefer=FLAGS.checkpoint)
   except (ValueError, OSError) as e:
     return error(e)
   for path in written:

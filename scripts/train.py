@@ -66,6 +66,10 @@ flags.DEFINE_integer("histogram_every", 5, "With --tensorboard: histograms every
                      flag_values=FLAGS)
 flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its latest "
                   "checkpoint.", flag_values=FLAGS)
+flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() before "
+                  "anything else; it reads the cluster from the environment (Cloud TPU, "
+                  "SLURM, Open MPI, Kubernetes). Every process runs the same command.",
+                  flag_values=FLAGS)
 
 
 def config_from_flags(values: flags.FlagValues) -> Config:
@@ -99,6 +103,13 @@ def main(argv: list[str]) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   workdir = FLAGS.workdir or os.path.join("checkpoints", config.name)
+  if FLAGS.distributed:
+    import jax  # pylint: disable=g-import-not-at-top
+    try:
+      jax.distributed.initialize()  # before any other use of JAX
+    except (ValueError, RuntimeError) as e:
+      print(f"error: --distributed: jax.distributed.initialize() failed: {e}", file=sys.stderr)
+      return 2
 
   from brjax import checkpoint, train  # pylint: disable=g-import-not-at-top
   try:

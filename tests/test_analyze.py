@@ -37,7 +37,7 @@ def recomputed(tiny_run) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   # pylint: disable=g-import-not-at-top
   from brjax import checkpoint, input_pipeline, metrics, models
-  variables, meta = checkpoint.restore_pretrained(tiny_run[0])
+  variables, meta = checkpoint.restore_pretrained(tiny_run[0], prefer="latest")
   config = meta["config"]
   ds = input_pipeline.load_dataset(config["dataset"], config["data_dir"], 1, EXAMPLES)
   batch = next(input_pipeline.eval_batches(ds, EXAMPLES))
