@@ -155,14 +155,23 @@ def _lsq_bwd(qn, qp, res, g):
 lsq_quantize.defvjp(_lsq_fwd, _lsq_bwd)
 
 
-def _quantize_weight(module: nn.Module, kernel: jax.Array, bits: int) -> jax.Array:
-  """Creates the module's ``alpha`` parameter and returns the fake-quantized kernel."""
-  qn, qp = qrange(bits, signed=True)
-  alpha = module.param("alpha", lambda _: init_alpha(kernel, qp))
-  return lsq_quantize(kernel, alpha, qn, qp, grad_scale(kernel.size, qp))
+class _QuantizedKernel:
+  """Mixin for ``nn.Conv``/``nn.Dense``: the kernel is fake-quantized as it is read.
+
+  Flax layers create their kernel with ``self.param("kernel", ...)``; intercepting that call
+  keeps every other behaviour (and, with ``bits=32``, the numerics) of the Flax layer.
+  """
+
+  def param(self, name: str, init_fn, *init_args, **init_kwargs):
+    value = super().param(name, init_fn, *init_args, **init_kwargs)
+    if name != "kernel" or self.bits == FLOAT_BITS:
+      return value
+    qn, qp = qrange(self.bits, signed=True)
+    alpha = super().param("alpha", lambda _: init_alpha(value, qp))
+    return lsq_quantize(value, alpha, qn, qp, grad_scale(value.size, qp))
 
 
-class QuantConv(nn.Conv):
+class QuantConv(_QuantizedKernel, nn.Conv):
   """``nn.Conv`` whose kernel is LSQ fake-quantized (signed, ``bits`` bits) as it is read.
 
   Same fields as ``nn.Conv`` plus ``bits`` (2..8, or 32 for a plain float ``nn.Conv``).
@@ -171,25 +180,13 @@ class QuantConv(nn.Conv):
   """
   bits: int = FLOAT_BITS
 
-  def param(self, name: str, init_fn, *init_args, **init_kwargs):
-    value = super().param(name, init_fn, *init_args, **init_kwargs)
-    if name == "kernel" and self.bits != FLOAT_BITS:
-      return _quantize_weight(self, value, self.bits)
-    return value
 
-
-class QuantDense(nn.Dense):
+class QuantDense(_QuantizedKernel, nn.Dense):
   """``nn.Dense`` whose kernel is LSQ fake-quantized (signed, ``bits`` bits) as it is read.
 
   Same fields as ``nn.Dense`` plus ``bits``; parameters as :class:`QuantConv`.
   """
   bits: int = FLOAT_BITS
-
-  def param(self, name: str, init_fn, *init_args, **init_kwargs):
-    value = super().param(name, init_fn, *init_args, **init_kwargs)
-    if name == "kernel" and self.bits != FLOAT_BITS:
-      return _quantize_weight(self, value, self.bits)
-    return value
 
 
 class QuantReLU(nn.Module):
