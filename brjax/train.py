@@ -341,6 +341,11 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   ``histogram_every`` epochs and at the last). Without ``resume``, a workdir that already
   holds checkpoints is an error (nothing is overwritten).
   """
+  # With several processes (multi-host), process 0 alone logs and writes metrics;
+  # orbax coordinates the checkpoint writes of all processes itself.
+  is_chief = jax.process_index() == 0
+  if not is_chief:
+    log = lambda _: None
   os.makedirs(workdir, exist_ok=True)
   ckpts = checkpoint.RunCheckpoints(workdir)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -371,9 +376,10 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   if resuming:
     state, meta = ckpts.restore_latest(state, config)
     start_epoch, best_acc = meta["epoch"], meta["best_test_acc"]
-    _truncate_metrics(metrics_path, start_epoch)
+    if is_chief:
+      _truncate_metrics(metrics_path, start_epoch)
     log(f"Resumed from {workdir} at epoch {start_epoch} (best test acc {best_acc:.2f}%)")
-  elif os.path.exists(metrics_path):
+  elif is_chief and os.path.exists(metrics_path):
     os.remove(metrics_path)  # metrics of a run that never saved a checkpoint
   state = jax.device_put(state, topology.replicated)
 
@@ -383,7 +389,7 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   quant_fn = jax.jit(functools.partial(metrics.quant_metrics, model, bits_w=config.bits_w,
                                        bits_a=config.bits_a))
   probe = next(input_pipeline.eval_batches(ds, config.batch_size))
-  writer = summary.create_writer(workdir) if tensorboard else None
+  writer = summary.create_writer(workdir) if tensorboard and is_chief else None
   step_fns = {}
   schedule = optim.learning_rate_schedule(config, steps_per_epoch)
   last = {}
@@ -412,8 +418,9 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
     best_acc = max(best_acc, m["test_acc"])
     m["best_test_acc"] = best_acc
     m["epoch_time_s"] = time.time() - start
-    with open(metrics_path, "a") as f:
-      f.write(json.dumps(m) + "\n")
+    if is_chief:
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(m) + "\n")
     ckpts.save(epoch, jax.device_get(state),
                {"epoch": epoch, "phase": phase, "best_test_acc": best_acc,
                 "config": dataclasses.asdict(config),
