@@ -83,8 +83,11 @@ def test_loss_terms_and_no_abr_work_without_lambda_a(small_setup):
   # lambda_a = 0: nothing is sown and no A-BR histogram is built (one scatter per kernel).
   counts = {name: _scatter_count(lambda st, b, s=s: train.train_step(st, b, s), state, batch)
             for name, s in [("plain", plain), ("w_only", w_only), ("both", both)]}
-  assert counts["w_only"] - counts["plain"] == 22, counts
-  assert counts["both"] - counts["w_only"] == 19, counts
+  per_tensor = _scatter_count(lambda v: regularizer.bin_regularization(v, 0.1, -2, 1),
+                              jnp.ones((64,)))
+  assert per_tensor >= 1
+  assert counts["w_only"] - counts["plain"] == 22 * per_tensor, counts
+  assert counts["both"] - counts["w_only"] == 19 * per_tensor, counts
 
 
 def test_frozen_alphas_stay_put_in_the_br_phase(small_setup):
