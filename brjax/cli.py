@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import flags
@@ -26,3 +27,12 @@ def parse_flags(values: flags.FlagValues, argv: list[str]) -> None:
     raise ValueError(str(e)) from None
   if len(rest) > 1:
     raise ValueError(f"unexpected arguments {rest[1:]}: flags take the form --name=value")
+
+
+def check_run_workdir(path: str | None, flag: str = "workdir") -> None:
+  """Raises ValueError unless ``path`` (the value of ``--flag``) is a training run's workdir."""
+  if not path:
+    raise ValueError(f"--{flag} is required: the --workdir of a training run")
+  if not os.path.isdir(os.path.join(path, "checkpoints")):
+    raise ValueError(f"--{flag}={path} is not accepted: it holds no checkpoints/ folder (use "
+                     "the --workdir of a training run)")

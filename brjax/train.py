@@ -284,16 +284,88 @@ def format_epoch_line(m: dict, epochs: int) -> str:
   return line
 
 
-def evaluate(eval_fn: Callable, state: TrainState, ds: input_pipeline.Dataset,
+def evaluate(eval_fn: Callable, variables: dict, ds: input_pipeline.Dataset,
              batch_size: int, topology: Topology) -> dict:
-  """Quantized test accuracy (%) and mean loss over the whole test split."""
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  """Quantized test accuracy (%), mean loss and image count over the whole test split.
+
+  ``variables`` is ``{"params", "batch_stats"}``; ``eval_fn`` is ``jit_eval_step``'s.
+  """
   sums = [eval_fn(variables, b) for b in input_pipeline.prefetch(
       process_local_batches(input_pipeline.eval_batches(ds, batch_size), topology.batch),
       sharding=topology.batch)]
   total = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
   return {"test_acc": 100.0 * total["correct"] / total["count"],
-          "test_loss": total["loss"] / total["count"]}
+          "test_loss": total["loss"] / total["count"], "test_count": int(total["count"])}
+
+
+def evaluate_run(workdir: str, *, prefer: str = "best", data_dir: str | None = None,
+                 batch_size: int | None = None, devices=None) -> dict:
+  """Evaluates a run's checkpoint on its test split, as the run itself evaluated it.
+
+  The model, bit widths and test split come from the checkpoint's config; the input
+  normalization from its meta (the run's own statistics), so the result reproduces the
+  ``test_acc`` the run logged for that epoch (up to float summation order).
+
+  Args:
+    workdir: the ``--workdir`` of a ``scripts/train.py`` run.
+    prefer: ``"best"`` or ``"latest"`` checkpoint (see ``checkpoint.restore_pretrained``).
+    data_dir: the run's images, if not at the run's ``--data_dir`` any more.
+    batch_size: evaluation batch (default: the run's; any value gives the same accuracy).
+    devices: the devices to shard the batch over (default: all).
+
+  Returns:
+    ``{"test_acc", "test_loss", "test_count", "epoch", "logged_test_acc"}``; the last is
+    the run's logged ``test_acc`` of that epoch (None if its metrics.jsonl lacks it).
+
+  Raises:
+    CheckpointError: no readable checkpoint, or a meta not written by ``train_and_evaluate``.
+    ValueError: the data's classes differ from the run's.
+    FileNotFoundError: no data at ``data_dir``.
+  """
+  variables, meta = checkpoint.restore_pretrained(workdir, prefer)
+  config = meta.get("config")
+  needed = ("model", "bits_w", "bits_a", "batch_size", "test_examples")
+  if not isinstance(config, dict) or any(k not in config for k in needed):
+    raise checkpoint.CheckpointError(f"the checkpoint meta in {workdir} has no config with "
+                                     f"{', '.join(needed)}: it was not written by brjax.train")
+  ds = input_pipeline.load_dataset(config.get("dataset", "cifar10"),
+                                   data_dir or config.get("data_dir"), train_examples=1,
+                                   test_examples=config["test_examples"])
+  data = meta.get("data")
+  if data:
+    if list(data["class_names"]) != list(ds.class_names):
+      raise ValueError(f"the classes of {data_dir or config.get('data_dir')} "
+                       f"({list(ds.class_names)}) differ from the run's "
+                       f"({data['class_names']}): pass the run's data")
+    ds = dataclasses.replace(ds, mean=np.asarray(data["mean"], np.float32),
+                             std=np.asarray(data["std"], np.float32))
+  model = models.create_model(config["model"], bits_w=config["bits_w"],
+                              bits_a=config["bits_a"], clip=config.get("clip"),
+                              num_classes=ds.num_classes)
+  topology = Topology.create(devices)
+  batch_size = batch_size or config["batch_size"]
+  batch_size -= batch_size % topology.mesh.size
+  result = evaluate(jit_eval_step(topology, model.apply),
+                    jax.device_put(variables, topology.replicated), ds, batch_size, topology)
+  result["epoch"] = meta.get("epoch")
+  logged = [m for m in _read_metrics(os.path.join(workdir, "metrics.jsonl"))
+            if m.get("epoch") == result["epoch"]]
+  result["logged_test_acc"] = logged[-1].get("test_acc") if logged else None
+  return result
+
+
+def _read_metrics(path: str) -> list[dict]:
+  """The JSON lines of a metrics.jsonl ([] if there is none; unparsable lines skipped)."""
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except ValueError:
+        continue
+  return out
 
 
 def _truncate_metrics(path: str, last_epoch: int) -> None:
@@ -410,8 +482,8 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
       m["br_w"] = None  # not computed (not zero)
     if settings.lambda_a == 0:
       m["br_a"] = None
-    m.update(evaluate(eval_fn, state, ds, config.batch_size, topology))
     variables = {"params": state.params, "batch_stats": state.batch_stats}
+    m.update(evaluate(eval_fn, variables, ds, config.batch_size, topology))
     if config.quantized:
       m["quant"] = metrics.to_python(quant_fn(variables, probe))
     is_best = m["test_acc"] > best_acc

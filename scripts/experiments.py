@@ -48,6 +48,7 @@ or its checkpoints).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import datetime
@@ -142,7 +143,7 @@ class Run:
 
   def flags(self) -> list[str]:
     """Every scripts/train.py flag that defines the run, ``--workdir`` last."""
-    return train_flags(self.train_config) + [f"--workdir={self.workdir}"]
+    return train_flags(self.train_config) + [f"--workdir={repo_path(self.workdir)}"]
 
   def command(self) -> str:
     """The shell command that reproduces the run, from the repository root."""
@@ -195,6 +196,20 @@ def _abspath(path: str | None) -> str | None:
   return None if path is None else os.path.abspath(os.path.expanduser(path))
 
 
+def repo_path(path: str | None) -> str | None:
+  """``path`` as the runs see it: relative to the repository root (where every run executes)
+  if it lies in the repository or beside it (``../shared/...``), else absolute.
+
+  So recorded commands and study.json hold no machine-specific prefix for a checkout with
+  its data beside it, and reproduce from any clone's root.
+  """
+  if path is None:
+    return None
+  absolute = _abspath(path)
+  relative = os.path.relpath(absolute, REPO)
+  return absolute if relative.startswith(os.pardir + os.sep + os.pardir) else relative
+
+
 def _parse_list(values: list[str], flag: str, convert, accepted: str) -> list:
   text = ",".join(values)
   try:
@@ -224,8 +239,8 @@ def study_flags(values: flags.FlagValues) -> dict:
   return {"bits": values.bits, "seeds": seeds, "configs": configs,
           "warmup_epochs": values.warmup_epochs, "epochs": values.epochs, "lr": values.lr,
           "batch_size": values.batch_size, "train_examples": values.train_examples,
-          "test_examples": values.test_examples, "pretrained": _abspath(values.pretrained),
-          "data_dir": _abspath(values.data_dir)}
+          "test_examples": values.test_examples, "pretrained": repo_path(values.pretrained),
+          "data_dir": repo_path(values.data_dir)}
 
 
 def plan(study_dir: str, study: dict) -> list[Run]:
@@ -235,28 +250,34 @@ def plan(study_dir: str, study: dict) -> list[Run]:
     StudyError: a value scripts/train.py would refuse (its own one-line message), or no BR
       epoch.
   """
-  from brjax.config import Config  # pylint: disable=g-import-not-at-top
   runs = []
-  for seed in study["seeds"]:
-    for name in study["configs"]:
-      _, lambda_w, lambda_a = CONFIGS[name]
-      try:
-        config = Config(
-            bits_w=study["bits"], bits_a=study["bits"], lambda_w=lambda_w, lambda_a=lambda_a,
-            warmup_epochs=study["warmup_epochs"], epochs=study["epochs"], lr=study["lr"],
-            batch_size=study["batch_size"], seed=seed, data_dir=study["data_dir"],
-            train_examples=study["train_examples"], test_examples=study["test_examples"],
-            pretrained=study["pretrained"])
-      except ValueError as e:
-        raise StudyError(str(e)) from None
-      if config.warmup_epochs >= config.epochs:
-        raise StudyError(f"--warmup_epochs={config.warmup_epochs} is not accepted: use an "
-                         f"integer in 0..{config.epochs - 1} (--epochs={config.epochs}): the "
-                         "study compares BR epochs")
-      run_name = f"{name}_s{seed}"
-      runs.append(Run(name, seed, os.path.join(study_dir, run_name),
-                      os.path.join(study_dir, run_name + ".json"), config))
+  # Paths in ``study`` are relative to the repository root, as the runs execute there.
+  with contextlib.chdir(REPO):
+    for seed in study["seeds"]:
+      for name in study["configs"]:
+        runs.append(_plan_run(study_dir, study, name, seed))
   return runs
+
+
+def _plan_run(study_dir: str, study: dict, name: str, seed: int) -> Run:
+  from brjax.config import Config  # pylint: disable=g-import-not-at-top
+  _, lambda_w, lambda_a = CONFIGS[name]
+  try:
+    config = Config(
+        bits_w=study["bits"], bits_a=study["bits"], lambda_w=lambda_w, lambda_a=lambda_a,
+        warmup_epochs=study["warmup_epochs"], epochs=study["epochs"], lr=study["lr"],
+        batch_size=study["batch_size"], seed=seed, data_dir=study["data_dir"],
+        train_examples=study["train_examples"], test_examples=study["test_examples"],
+        pretrained=study["pretrained"])
+  except ValueError as e:
+    raise StudyError(str(e)) from None
+  if config.warmup_epochs >= config.epochs:
+    raise StudyError(f"--warmup_epochs={config.warmup_epochs} is not accepted: use an "
+                     f"integer in 0..{config.epochs - 1} (--epochs={config.epochs}): the "
+                     "study compares BR epochs")
+  run_name = f"{name}_s{seed}"
+  return Run(name, seed, os.path.join(study_dir, run_name),
+             os.path.join(study_dir, run_name + ".json"), config)
 
 
 def _format_flag(name: str, value) -> str:
@@ -536,11 +557,12 @@ def command_template(result: dict) -> str:
 
 
 def read_baseline(pretrained: str) -> dict:
-  """The float baseline's accuracy from ``<pretrained>/metrics.jsonl``."""
+  """The float baseline's accuracy from ``<pretrained>/metrics.jsonl`` (``pretrained``
+  relative to the repository root, or absolute)."""
   baseline = {"workdir": pretrained, "final_test_acc": None, "best_test_acc": None,
               "epochs": None}
   try:
-    history = read_metrics(pretrained)
+    history = read_metrics(os.path.join(REPO, pretrained))  # relative to the repository
   except (OSError, ValueError) as e:
     baseline["error"] = f"no readable metrics.jsonl ({type(e).__name__})"
     return baseline
@@ -686,7 +708,7 @@ def main(argv: list[str]) -> int:
       if others:
         raise StudyError(f"--summarize_only reads the study's flags from study.json: leave "
                          f"out {', '.join(others)}")
-      return summarize_only(study_dir, _abspath(FLAGS.pretrained))
+      return summarize_only(study_dir, repo_path(FLAGS.pretrained))
     study = study_flags(FLAGS)
     runs = plan(study_dir, study)
     if FLAGS.dry_run:

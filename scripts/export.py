@@ -29,15 +29,12 @@ flags.DEFINE_string("data_dir", None, "The run's images (folder or .tar.gz), for
 def main(argv: list[str]) -> int:
   try:
     cli.parse_flags(FLAGS, argv)
-    for name in ("workdir", "out"):
-      if not FLAGS[name].value:
-        raise ValueError(f"--{name} is required")
+    cli.check_run_workdir(FLAGS.workdir)
+    if not FLAGS.out:
+      raise ValueError("--out is required: the .npz file to write")
     out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
     if not os.path.isdir(out_dir):
       raise ValueError(f"--out={FLAGS.out} is not accepted: folder {out_dir} does not exist")
-    if not os.path.isdir(os.path.join(FLAGS.workdir, "checkpoints")):
-      raise ValueError(f"--workdir={FLAGS.workdir} is not accepted: it holds no checkpoints/ "
-                       "folder (use the --workdir of a training run)")
   except (flags.Error, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -260,8 +260,8 @@ def test_study_writes_one_result_per_run_and_a_summary(study, cifar_tar):
     history = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert result["config"] == name and result["seed"] == 0
     assert result["command"].startswith("python scripts/train.py ")
-    assert f"--workdir={workdir}" in result["command"] and f"--data_dir={cifar_tar}" in (
-        result["command"])
+    assert f"--workdir={workdir}" in result["command"]
+    assert f"--data_dir={experiments.repo_path(cifar_tar)}" in result["command"]
     assert (result["lambda_w"], result["lambda_a"]) == LAMBDAS[name]
     assert result["epochs"] == 2 and result["warmup_epochs"] == 1
     assert result["final_test_acc"] == history[-1]["test_acc"]
@@ -352,3 +352,15 @@ def test_run_without_result_resumes_from_its_checkpoint(study, cifar_tar, tmp_pa
     assert result[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
   summary = json.loads((study_dir / "summary.json").read_text())
   assert summary["configs"]["lsq_br"]["final_test_acc"]["mean"] == result["final_test_acc"]
+
+
+def test_paths_in_and_beside_the_repository_are_recorded_relative_to_it():
+  """Commands run from the repository root: a clone with ../shared beside it reruns them."""
+  assert experiments.repo_path(str(REPO / "checkpoints" / "x")) == os.path.join(
+      "checkpoints", "x")
+  assert experiments.repo_path(str(REPO.parent / "shared" / "d.tar.gz")) == os.path.join(
+      os.pardir, "shared", "d.tar.gz")
+  if len(REPO.parts) >= 3:  # /a/repo: ../../elsewhere exists as a path
+    far = REPO.parent.parent / "elsewhere"
+    assert experiments.repo_path(str(far)) == str(far)
+  assert experiments.repo_path(None) is None

@@ -1,0 +1,67 @@
+"""Evaluates a training run's checkpoint on its test split (quantized as it was trained).
+
+    python scripts/evaluate.py --workdir=checkpoints/resnet20_float_cifar10 \\
+        --data_dir=../shared/datasets/cifar10-jpeg.tar.gz
+
+Reads the run's best checkpoint (``--checkpoint=latest`` for the last epoch), rebuilds its
+model from the checkpoint's config, normalizes with the run's own statistics, and prints
+the test accuracy beside the one the run logged for that epoch. Errors stop with a
+one-line message (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import flags
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from brjax import cli  # pylint: disable=g-import-not-at-top
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "The --workdir of a training run (required).",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint to evaluate.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "The run's images (folder or .tar.gz); default: the "
+                    "run's --data_dir.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", None, "Evaluation batch (default: the run's).",
+                     flag_values=FLAGS)
+flags.DEFINE_bool("json", False, "Print the result as one JSON object.", flag_values=FLAGS)
+
+
+def main(argv: list[str]) -> int:
+  try:
+    cli.parse_flags(FLAGS, argv)
+    cli.check_run_workdir(FLAGS.workdir)
+    if FLAGS.batch_size is not None and FLAGS.batch_size < 1:
+      raise ValueError(f"--batch_size={FLAGS.batch_size} is not accepted: use a positive "
+                       "integer")
+  except (flags.Error, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from brjax import train  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.ERROR)  # orbax's read-only-manager warnings
+  try:
+    result = train.evaluate_run(FLAGS.workdir, prefer=FLAGS.checkpoint,
+                                data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size)
+  except (ValueError, OSError) as e:
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 2
+  if FLAGS.json:
+    print(json.dumps(result))
+    return 0
+  logged = result["logged_test_acc"]
+  print(f"{FLAGS.workdir} ({FLAGS.checkpoint} checkpoint, epoch {result['epoch']}): "
+        f"Test Acc={result['test_acc']:.2f}% on {result['test_count']} test images, "
+        f"loss {result['test_loss']:.4f} (logged by the run: "
+        f"{'n/a' if logged is None else f'{logged:.2f}%'})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
