@@ -2,6 +2,7 @@
 
 import pathlib
 import re
+import sys
 
 import jax
 import numpy as np
@@ -31,3 +32,28 @@ def test_ci_runs_the_readme_commands():
   test = _code_after("## Test", "bash").strip()
   assert install.replace("python -m pip install", "python -m pip install -q") in ci
   assert ci.strip().splitlines()[-1] == test
+
+
+def _script_flags(name: str) -> set[str]:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(f"readme_{name}", ROOT / "scripts" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return set(module.FLAGS)
+
+
+def test_every_script_command_uses_existing_scripts_and_flags():
+  """Each ``python scripts/<name>.py --flag=...`` in README names a script and its flags."""
+  text = README.replace("\\\n", " ")
+  commands = re.findall(r"python (scripts/\w+\.py)([^\n`]*)", text)
+  assert len(commands) >= 10
+  known = {}
+  for script, args in commands:
+    assert (ROOT / script).exists(), script
+    name = pathlib.Path(script).stem
+    if name not in known:
+      known[name] = _script_flags(name)
+    for flag in re.findall(r"--(\w+)", args):
+      assert flag in known[name] or (flag.startswith("no") and flag[2:] in known[name]), (
+          f"README: {script} has no flag --{flag}")
