@@ -61,7 +61,9 @@ class Config:
            "use a number in [0, 1)")
     _check(_is_int(self.epochs) and self.epochs >= 1, "epochs", self.epochs,
            "use an integer >= 1")
-    _check(_is_int(self.warmup_epochs) and 0 <= self.warmup_epochs <= self.epochs,
+    # A float run has no warmup phase: only the sign of --warmup_epochs is checked there.
+    _check(_is_int(self.warmup_epochs) and self.warmup_epochs >= 0
+           and (self.warmup_epochs <= self.epochs or not self.quantized),
            "warmup_epochs", self.warmup_epochs,
            f"use an integer in 0..{self.epochs} (--epochs={self.epochs})")
     _check(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", self.batch_size,

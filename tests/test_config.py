@@ -53,3 +53,12 @@ def test_pretrained_needs_checkpoints_folder(tmp_path):
 def test_frozen():
   with pytest.raises(dataclasses.FrozenInstanceError):
     Config().bits_w = 4  # type: ignore[misc]
+
+
+def test_warmup_bound_applies_to_quantized_runs_only():
+  """A float run has no warmup phase: `--bits=32 --epochs=10` needs no --warmup_epochs."""
+  assert Config(bits_w=32, bits_a=32, epochs=10).warmup_epochs == 30
+  with pytest.raises(ValueError, match=r"^--warmup_epochs=30 is not accepted: .*0\.\.10"):
+    Config(bits_w=2, bits_a=32, epochs=10)
+  with pytest.raises(ValueError, match=r"^--warmup_epochs=-1 is not accepted"):
+    Config(bits_w=32, bits_a=32, epochs=10, warmup_epochs=-1)
