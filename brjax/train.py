@@ -174,6 +174,13 @@ def process_local_batches(batches: Iterable[dict], sharding: NamedSharding) -> I
     yield {key: _from_process_rows(x, sharding) for key, x in batch.items()}
 
 
+def device_batches(batches: Iterable[dict], topology: Topology) -> Iterator[dict]:
+  """Host batches as global arrays sharded over the batch axis, prepared in a background
+  thread (``input_pipeline.prefetch``): what the train and eval steps consume."""
+  return input_pipeline.prefetch(process_local_batches(batches, topology.batch),
+                                 sharding=topology.batch)
+
+
 def _from_process_rows(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
   rows = {index[0].indices(x.shape[0])[:2]
           for index in sharding.addressable_devices_indices_map(x.shape).values()}
@@ -290,9 +297,8 @@ def evaluate(eval_fn: Callable, variables: dict, ds: input_pipeline.Dataset,
 
   ``variables`` is ``{"params", "batch_stats"}``; ``eval_fn`` is ``jit_eval_step``'s.
   """
-  sums = [eval_fn(variables, b) for b in input_pipeline.prefetch(
-      process_local_batches(input_pipeline.eval_batches(ds, batch_size), topology.batch),
-      sharding=topology.batch)]
+  sums = [eval_fn(variables, b)
+          for b in device_batches(input_pipeline.eval_batches(ds, batch_size), topology)]
   total = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
   return {"test_acc": 100.0 * total["correct"] / total["count"],
           "test_loss": total["loss"] / total["count"], "test_count": int(total["count"])}
@@ -344,7 +350,7 @@ def evaluate_run(workdir: str, *, prefer: str = "best", data_dir: str | None = N
                               num_classes=ds.num_classes)
   topology = Topology.create(devices)
   batch_size = batch_size or config["batch_size"]
-  batch_size -= batch_size % topology.mesh.size
+  batch_size = max(batch_size - batch_size % topology.mesh.size, topology.mesh.size)
   result = evaluate(jit_eval_step(topology, model.apply),
                     jax.device_put(variables, topology.replicated), ds, batch_size, topology)
   result["epoch"] = meta.get("epoch")
@@ -388,9 +394,9 @@ def _train_epoch(step_fn: Callable, state: TrainState, ds: input_pipeline.Datase
   The per-step metrics stay on the device until the epoch ends: no host sync per step.
   """
   sums = []
-  batches = input_pipeline.prefetch(process_local_batches(
+  batches = device_batches(
       input_pipeline.train_batches(ds, config.batch_size, seed=config.seed, epoch=epoch),
-      topology.batch), sharding=topology.batch)
+      topology)
   for batch in tqdm.tqdm(batches, total=steps_per_epoch, desc=f"Epoch {epoch}/{config.epochs}",
                          leave=False, file=sys.stderr, mininterval=2.0):
     state, step_metrics = step_fn(state, batch)

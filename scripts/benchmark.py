@@ -20,8 +20,8 @@ Everything is measured in one process, after compilation, with wall-clock time:
   ``train.train_and_evaluate`` (1 warmup + 1 BR epoch) on a tiny synthetic image folder
   (or on ``--data_dir``).
 * ``input_images_per_s``: the input pipeline alone, as the training loop runs it
-  (``train_batches`` with augmentation, ``process_local_batches``, ``prefetch`` onto the
-  devices), against ``step_images_per_s``, the images per second the fastest of the three
+  (``train_batches`` with augmentation, then ``train.device_batches``: global arrays,
+  prefetched onto the devices), against ``step_images_per_s``, the images per second the fastest of the three
   steps consumes (batch size / step time).
 * ``float_step_flops_per_s``: the float step's FLOPs (XLA's ``cost_analysis`` of the
   compiled step) per second of its median time, against ``matmul_flops_per_s``, a large
@@ -295,12 +295,11 @@ def time_input_pipeline(report: Report, batch_size: int, num_batches: int, reps:
   from brjax import input_pipeline, train  # pylint: disable=g-import-not-at-top
 
   ds = synthetic_dataset(batch_size * num_batches, 16, seed=1)
-  sharding = train.Topology.create().batch
+  topology = train.Topology.create()
 
   def epoch(e: int) -> None:  # as train.train_and_evaluate feeds its steps
-    for batch in input_pipeline.prefetch(train.process_local_batches(
-        input_pipeline.train_batches(ds, batch_size, seed=0, epoch=e), sharding),
-                                         sharding=sharding):
+    for batch in train.device_batches(
+        input_pipeline.train_batches(ds, batch_size, seed=0, epoch=e), topology):
       jax.block_until_ready(batch)
 
   epoch(0)
