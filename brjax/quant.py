@@ -26,7 +26,7 @@ import jax.numpy as jnp
 FLOAT_BITS = 32
 """The bit width that means "not quantized" at the layer level."""
 
-MIN_BITS, MAX_BITS = 2, 8
+MIN_BITS, MAX_BITS = 1, 8
 
 # Floor of the step size used by lsq_quantize, in float32 terms; see `_alpha_floor`.
 _ALPHA_FLOOR = 1e-8
@@ -36,15 +36,17 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
   """Integer range ``(qn, qp)`` of a ``bits``-bit quantizer.
 
   Signed: ``(-2^(b-1), 2^(b-1) - 1)`` (2 bits: -2..1). Unsigned: ``(0, 2^b - 1)`` (2 bits: 0..3).
+  One bit, as the reference package quantizes it: signed is *ternary* ``(-1, 1)`` (levels
+  -1, 0, 1: a symmetric grid needs the zero level), unsigned is binary ``(0, 1)``.
 
   Raises:
-    ValueError: if ``bits`` is not an integer in 2..8.
+    ValueError: if ``bits`` is not an integer in 1..8.
   """
   if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
     raise ValueError(f"bits={bits!r} is not supported: use an integer in "
                      f"{MIN_BITS}..{MAX_BITS}")
   if signed:
-    return -(2**(bits - 1)), 2**(bits - 1) - 1
+    return (-1, 1) if bits == 1 else (-(2**(bits - 1)), 2**(bits - 1) - 1)
   return 0, 2**bits - 1
 
 
@@ -66,9 +68,11 @@ def init_alpha(x: jax.Array, qp: int) -> jax.Array:
     qp: the positive end of the integer range (``qrange(bits, signed)[1]``).
 
   Returns:
-    A float32 scalar.
+    A scalar of dtype ``promote_types(x.dtype, float32)``: float64 input stays float64 (a
+    float32 init alone puts 1e-8 relative errors into a float64 replay).
   """
-  return 2.0 * jnp.mean(jnp.abs(x.astype(jnp.float32))) / math.sqrt(qp)
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  return (2.0 * jnp.mean(jnp.abs(x.astype(dtype))) / math.sqrt(qp)).astype(dtype)
 
 
 def grad_scale(num_elements: int, qp: int) -> float:
@@ -193,16 +197,28 @@ class QuantReLU(nn.Module):
   """ReLU (optionally clipped at ``clip``) followed by unsigned LSQ quantization.
 
   ``y = min(max(x, 0), clip)``; when ``bits != 32`` the output is
-  ``lsq_quantize(y, alpha, 0, 2^bits - 1, grad_scale(y[0].size, qp))`` (axis 0 is the
-  batch) and the layer sows ``y`` (``"pre_quant"``) and ``alpha`` (``"alpha"``) into the
+  ``lsq_quantize(y, alpha, 0, qp, g)`` with ``qp = qrange(bits, signed=False)[1]`` and the
+  layer sows ``y`` (``"pre_quant"``) and ``alpha`` (``"alpha"``) into the
   ``"intermediates"`` collection, for activation Bin Regularization. Sowing only happens
   when the caller lists ``"intermediates"`` as mutable in ``apply``.
 
   The step size ``alpha`` is a scalar parameter initialized the LSQ way from the layer's
   input on the batch the model is initialized with.
+
+  Attributes:
+    bits: 1..8, or 32 for a plain (clipped) ReLU.
+    clip: optional upper clip (6.0 gives ReLU6).
+    batch_grad_scale: the alpha gradient scale ``g``: ``1/sqrt(y.size * qp)`` (the whole
+      batch, as the reference package) if True, else ``1/sqrt(y[0].size * qp)`` (one
+      example, as the LSQ paper; the update then does not depend on the batch size).
+    keep_last_call: when one instance is called several times (weight sharing of the
+      step size, as the reference ResNet-18's one ``relu`` per block), sow only the last
+      call's input, as the reference's forward hooks see it; else every call's.
   """
   bits: int = FLOAT_BITS
   clip: float | None = None
+  batch_grad_scale: bool = False
+  keep_last_call: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -211,9 +227,11 @@ class QuantReLU(nn.Module):
       return y
     qn, qp = qrange(self.bits, signed=False)
     alpha = self.param("alpha", lambda _: init_alpha(y, qp))
-    self.sow("intermediates", "pre_quant", y)
-    self.sow("intermediates", "alpha", alpha)
-    return lsq_quantize(y, alpha, qn, qp, grad_scale(y[0].size, qp))
+    reduce = dict(reduce_fn=lambda _, new: (new,)) if self.keep_last_call else {}
+    self.sow("intermediates", "pre_quant", y, **reduce)
+    self.sow("intermediates", "alpha", alpha, **reduce)
+    n = y.size if self.batch_grad_scale else y[0].size
+    return lsq_quantize(y, alpha, qn, qp, grad_scale(n, qp))
 
 
 def is_alpha_path(path: tuple[str, ...]) -> bool:
@@ -221,22 +239,31 @@ def is_alpha_path(path: tuple[str, ...]) -> bool:
   return bool(path) and path[-1] == "alpha"
 
 
-def init_alphas(model: nn.Module, variables: Any, batch: jax.Array, *,
-                rng: jax.Array | None = None, **apply_kwargs) -> Any:
+def init_alphas(model: nn.Module, variables: Any, *args, rng: jax.Array | None = None,
+                rngs: dict[str, jax.Array] | None = None, **apply_kwargs) -> Any:
   """Re-initializes every ``alpha`` the LSQ way from the current weights and one batch.
 
   Weight step sizes come from their kernels; activation step sizes from the activations
-  of ``batch``, in one forward pass, so each layer sees inputs quantized with the step
+  of the batch, in one forward pass, so each layer sees inputs quantized with the step
   sizes already set upstream (the data-driven init of LSQ's first training step). Works by
   dropping every ``alpha`` and letting the layers create them again in ``model.apply``.
+
+  The forward pass may run in training mode (``train=True``: LSQ's init is a training
+  forward, the right choice for a model that has not been trained, whose running
+  BatchNorm statistics mean nothing yet) or in eval mode (``train=False``: after loading
+  trained float weights). Every collection is mutable during the pass, and everything but
+  the new step sizes is discarded: BatchNorm statistics, sown values and other state come
+  back as they went in.
 
   Args:
     model: a Flax module built from the layers above.
     variables: its variables, e.g. ``{"params": ..., "batch_stats": ...}``; every other
       parameter (kernels, biases, BatchNorm) is kept as it is.
-    batch: one input batch, as ``model.apply`` takes it.
-    rng: unused by the initializers, but Flax wants a ``"params"`` rng to create params.
-    **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``).
+    *args: the model's inputs, as ``model.apply`` takes them (one batch).
+    rng: the ``"params"`` rng (default ``key(0)``): the step-size initializers use none,
+      but Flax wants one to create parameters.
+    rngs: other rngs the forward pass needs (e.g. ``{"dropout": key}``).
+    **apply_kwargs: passed to ``model.apply`` (e.g. ``train=True``).
 
   Returns:
     ``variables`` with new ``alpha`` values (a new dict; the input is not modified).
@@ -244,8 +271,9 @@ def init_alphas(model: nn.Module, variables: Any, batch: jax.Array, *,
   flat = traverse_util.flatten_dict(variables["params"])
   kept = {p: v for p, v in flat.items() if not is_alpha_path(p)}
   others = {k: v for k, v in variables.items() if k != "params"}
-  rng = jax.random.key(0) if rng is None else rng
+  rngs = dict(rngs or {})
+  rngs["params"] = jax.random.key(0) if rng is None else rng
   _, updated = model.apply(
-      {**others, "params": traverse_util.unflatten_dict(kept)}, batch,
-      rngs={"params": rng}, mutable=["params"], **apply_kwargs)
+      {**others, "params": traverse_util.unflatten_dict(kept)}, *args,
+      rngs=rngs, mutable=True, **apply_kwargs)
   return {**others, "params": updated["params"]}

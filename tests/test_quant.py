@@ -53,15 +53,19 @@ class QRangeTest(parameterized.TestCase):
     self.assertEqual(quant.qrange(2, True), (-2, 1))
     self.assertEqual(quant.qrange(2, False), (0, 3))
 
-  @parameterized.parameters(0, 1, 9, 16, 32, -2, 2.0, True, "4", None)
+  def test_one_bit_is_ternary_signed_and_binary_unsigned(self):
+    self.assertEqual(quant.qrange(1, True), (-1, 1))
+    self.assertEqual(quant.qrange(1, False), (0, 1))
+
+  @parameterized.parameters(0, 9, 16, 32, -2, 2.0, True, "4", None)
   def test_rejects_bad_bits(self, bits):
-    with pytest.raises(ValueError, match=r"bits=.*2\.\.8"):
+    with pytest.raises(ValueError, match=r"bits=.*1\.\.8"):
       quant.qrange(bits, signed=True)
 
   def test_layer_bits(self):
     quant.check_layer_bits(32)
     quant.check_layer_bits(4)
-    with pytest.raises(ValueError, match="bits=16.*2..8.*32"):
+    with pytest.raises(ValueError, match="bits=16.*1..8.*32"):
       quant.check_layer_bits(16)
 
 
@@ -69,6 +73,13 @@ def test_init_alpha_and_grad_scale():
   x = jnp.array([[-1.0, 2.0], [3.0, -4.0]])
   np.testing.assert_allclose(quant.init_alpha(x, 3), 2 * 2.5 / np.sqrt(3), rtol=1e-6)
   assert quant.init_alpha(x, 3).dtype == jnp.float32
+  assert quant.init_alpha(x.astype(jnp.bfloat16), 3).dtype == jnp.float32
+  with jax.enable_x64(True):
+    x64 = jnp.asarray(np.random.default_rng(0).normal(size=1000), jnp.float64)
+    a = quant.init_alpha(x64, 3)
+    assert a.dtype == jnp.float64  # a float32 init is 1e-8 off: enough to flip codes
+    np.testing.assert_allclose(float(a), 2 * np.mean(np.abs(np.asarray(x64))) / np.sqrt(3),
+                               rtol=1e-14)
   assert quant.grad_scale(100, 1) == pytest.approx(0.1)
   assert quant.grad_scale(8, 2) == pytest.approx(0.25)
 
@@ -357,3 +368,52 @@ def test_init_alphas_data_driven():
   chex.assert_trees_all_close(new["params"]["QuantConv_0"]["kernel"],
                               params["QuantConv_0"]["kernel"])
   chex.assert_trees_all_close(new["batch_stats"], variables["batch_stats"])
+
+
+def test_init_alphas_in_train_mode_keeps_batch_stats_and_takes_rngs():
+  class DropNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+      x = quant.QuantConv(4, (3, 3), bits=4)(x)
+      x = nn.BatchNorm(use_running_average=not train)(x)
+      x = nn.Dropout(0.5, deterministic=not train)(x)
+      return quant.QuantReLU(bits=4)(x)
+
+  model = DropNet()
+  x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
+  variables = model.init({"params": jax.random.key(1), "dropout": jax.random.key(2)}, x)
+  new = quant.init_alphas(model, variables, 3 * x, rngs={"dropout": jax.random.key(3)},
+                          train=True)
+  chex.assert_trees_all_close(new["batch_stats"], variables["batch_stats"])  # not a step
+  assert not np.allclose(new["params"]["QuantReLU_0"]["alpha"],
+                         variables["params"]["QuantReLU_0"]["alpha"])
+
+
+def test_quant_relu_keep_last_call_and_batch_grad_scale():
+  x = jax.random.normal(jax.random.key(0), (16, 5))
+
+  class Twice(nn.Module):
+    keep_last_call: bool
+
+    @nn.compact
+    def __call__(self, x):
+      relu = quant.QuantReLU(bits=2, keep_last_call=self.keep_last_call)
+      return relu(relu(x) - 0.3)  # one step size, two call sites
+
+  for keep, sown in [(False, 2), (True, 1)]:
+    variables = Twice(keep).init(jax.random.key(0), x)
+    _, state = Twice(keep).apply(variables, x, mutable=["intermediates"])
+    assert len(state["intermediates"]["QuantReLU_0"]["pre_quant"]) == sown
+  # The last call's input is what is kept.
+  _, state = Twice(True).apply(variables, x, mutable=["intermediates"])
+  relu = quant.QuantReLU(bits=2)
+  first = relu.apply({"params": variables["params"]["QuantReLU_0"]}, x)
+  np.testing.assert_allclose(state["intermediates"]["QuantReLU_0"]["pre_quant"][0],
+                             jnp.maximum(first - 0.3, 0.0))
+  # The batch-wide gradient scale divides the alpha gradient by sqrt(batch size).
+  grads = {}
+  for batch_scale in (False, True):
+    layer = quant.QuantReLU(bits=2, batch_grad_scale=batch_scale)
+    params = layer.init(jax.random.key(0), x)
+    grads[batch_scale] = jax.grad(lambda p: layer.apply(p, x).sum())(params)["params"]["alpha"]
+  np.testing.assert_allclose(grads[True] * np.sqrt(16), grads[False], rtol=1e-5)
