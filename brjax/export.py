@@ -141,10 +141,12 @@ class Exported:
 
 
 def packed_bits(bits: int) -> int:
-  """The container width of a ``bits``-bit code: 2 -> 2, 3..4 -> 4, 5..8 -> 8.
+  """The container width of a ``bits``-bit code: 1..2 -> 2, 3..4 -> 4, 5..8 -> 8.
+
+  One bit takes two: a 1-bit signed code is ternary (-1, 0, 1).
 
   Raises:
-    ValueError: if ``bits`` is not an integer in 2..8.
+    ValueError: if ``bits`` is not an integer in 1..8.
   """
   quant.qrange(bits, signed=True)  # validates bits
   return 2 if bits <= 2 else 4 if bits <= 4 else 8
