@@ -250,6 +250,12 @@ def input_range(module: nn.Module, x: jax.Array, bits: int, signed: bool | None
   if bits == 1:
     raise ValueError(f"{_path(module)}: act_bits=1 needs act_signed=True or False (a "
                      "1-bit signed range has 3 levels, an unsigned one 2)")
+  if not (module.has_variable(STATE, "input_signed") or module.is_mutable_collection(STATE)):
+    raise ValueError(
+        f"{_path(module)}: its input sign (act_signed=None) was decided at init and kept in "
+        f"the {STATE!r} collection, which the variables given to apply lack: pass every "
+        f"collection that init returned (under nn.scan/nn.vmap, list {STATE!r} in "
+        "variable_axes), or set act_signed=True/False in the rule")
   flag = module.variable(STATE, "input_signed", lambda: jnp.any(x < 0))
   qn_s, qp_s = qrange(bits, signed=True)
   qn = jnp.where(flag.value, qn_s, 0).astype(jnp.int32)
