@@ -135,7 +135,7 @@ class _Interception:
     path = "/".join(module.path)
     if isinstance(module, _BRJAX_LAYERS):  # quantized by its own fields, not by the rules
       if module.bits != quant.FLOAT_BITS:
-        self.step_sizes.add(f"{path}/alpha")
+        self.step_sizes.add(_join(path, "alpha"))
       return next_fun(*args, **kwargs)
     hit = first_match(self.rules, path)
     if hit is None:
@@ -147,11 +147,11 @@ class _Interception:
     self.matched[index].add(path)
     if rule.act_bits is not None:
       args, kwargs = _quantize_first_input(module, rule, path, args, kwargs)
-      self.step_sizes.add(f"{path}/input_alpha")
+      self.step_sizes.add(_join(path, "input_alpha"))
       self.sites.add((path, sites.INPUT))
     if rule.weight_bits is None:
       return next_fun(*args, **kwargs)
-    self.step_sizes.add(f"{path}/alpha")
+    self.step_sizes.add(_join(path, "alpha"))
     self.sites.add((path, sites.WEIGHT))
     with _kernel_quantized(module, rule, args, kwargs):
       return next_fun(*args, **kwargs)
@@ -197,6 +197,10 @@ class _Interception:
           f"nn.vmap, ...) that does not carry the {sites.COLLECTION!r} collection; add it "
           f"to the transform's variable_axes (e.g. variable_axes={{'params': 0, "
           f"'{sites.COLLECTION}': 0}}), or BR would miss those layers")
+
+
+def _join(path: str, name: str) -> str:
+  return f"{path}/{name}" if path else name
 
 
 def _quantize_first_input(module: nn.Module, rule: QuantRule, path: str,
