@@ -219,3 +219,217 @@ def test_quantized_layer_matches_linen(rule):
   for got, want in zip(regularizer.br_losses(collection),
                        regularizer.br_losses(state[sites.COLLECTION])):
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+# --- record_sites: the "quant" collection for BR and metrics ---
+
+def test_record_sites_gives_the_collection_br_and_metrics_read():
+  model = _quantized_cnn()
+  structure = nnx.graphdef(model), _flat(nnx.state(model)).keys()
+  y = model(_images())  # a plain call records nothing and stores nothing
+  assert (nnx.graphdef(model), _flat(nnx.state(model)).keys()) == structure
+  out, collection = brjax_nnx.record_sites(model, _images())
+  assert out.shape == y.shape == (8, 10)
+  assert (nnx.graphdef(model), _flat(nnx.state(model)).keys()) == structure
+  assert [(path, kind) for path, kind, _ in sites.iterate(collection)] == [
+      (layer, kind) for layer in ("conv1", "conv2", "head") for kind in ("input", "weight")]
+  conv1 = collection["conv1"]
+  assert conv1["weight"][0].alpha is not None and conv1["input"][0].levels == 16
+  assert int(conv1["input"][0].qn) == -8 and int(collection["conv2"]["input"][0].qn) == 0
+  assert collection["conv2"]["weight"][0].levels == 4   # 2-bit signed kernel: -2..1
+  w_br, a_br = regularizer.br_losses(collection)
+  assert np.isfinite(w_br) and w_br > 0 and np.isfinite(a_br) and a_br > 0
+  found = metrics.collect_metrics(collection)
+  assert set(found["weights"]) == {"conv1", "conv2", "head"}
+  assert set(found["activations"]) == {"conv1:input", "conv2:input", "head:input"}
+
+
+def test_list_paths_and_a_layer_called_twice():
+  x = jax.random.normal(jax.random.key(0), (4, 6))
+  model = quantize_model(MLP(rngs=nnx.Rngs(0)),
+                         [QuantRule("unused"), QuantRule(".*", weight_bits=2, act_bits=3)], x)
+  assert sorted(brjax_nnx.quantized_layers(model)) == ["blocks/0/linear", "blocks/1/linear",
+                                                       "shared"]
+  assert type(model.unused) is nnx.Linear and not hasattr(model.unused, "alpha")
+  _, collection = brjax_nnx.record_sites(model, x)
+  assert set(collection) == {"blocks", "shared"}
+  assert set(collection["blocks"]) == {"0", "1"}
+  assert len(collection["shared"]["input"]) == 2 and len(collection["shared"]["weight"]) == 1
+  assert list(sites.named(collection)) == [
+      "blocks/0/linear:input", "blocks/0/linear", "blocks/1/linear:input", "blocks/1/linear",
+      "shared:input#0", "shared:input#1", "shared"]
+  # The shared layer's input sign was decided by its first call (block output, signed).
+  assert model.shared.brjax_input_signed is True
+
+
+# --- training under nnx.jit ---
+
+def _loss(model, x, y):
+  logits, collection = brjax_nnx.record_sites(model, x)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  w_br, a_br = regularizer.br_losses(collection)
+  return ce + w_br + a_br, (w_br, a_br)
+
+
+def test_training_step_under_nnx_jit():
+  model = _quantized_cnn(dropout=0.0)
+  optimizer = nnx.Optimizer(model, optax.sgd(0.05, momentum=0.9), wrt=nnx.Param)
+  x, y = _images(), _labels()
+
+  @nnx.jit
+  def step(model, optimizer, x, y):
+    (loss, brs), grads = nnx.value_and_grad(_loss, has_aux=True)(model, x, y)
+    optimizer.update(model, grads)
+    return loss, brs, grads
+
+  losses = []
+  for i in range(6):
+    loss, (w_br, a_br), grads = step(model, optimizer, x, y)
+    losses.append(float(loss))
+    assert np.isfinite(w_br) and w_br > 0 and np.isfinite(a_br) and a_br > 0
+    if i == 0:
+      flat = _flat(grads)
+      step_sizes = [p for p in flat if p.endswith("alpha")]
+      assert len(step_sizes) == 6
+      for path in step_sizes:
+        assert np.all(np.abs(np.asarray(flat[path])) > 0), path
+  assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("frozen", [{"alpha_w", "alpha_a"}, {"alpha_a"}])
+def test_freezing_step_sizes_with_param_labels(frozen):
+  model = _quantized_cnn()
+  labels = optim.param_labels(nnx.state(model, nnx.Param))
+  flat_labels = _flat(labels)
+  assert {p for p, l in flat_labels.items() if l == "alpha_w"} == {
+      f"{layer}/alpha" for layer in ("conv1", "conv2", "head")}
+  assert {p for p, l in flat_labels.items() if l == "alpha_a"} == {
+      f"{layer}/input_alpha" for layer in ("conv1", "conv2", "head")}
+  sgd = optax.sgd(0.05, momentum=0.9)
+  tx = optax.multi_transform(
+      {label: optax.chain(sgd, optax.set_to_zero() if label in frozen else optax.identity())
+       for label in optim.LABELS}, optim.param_labels)  # called on the state, as in optim
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  before = _flat(nnx.as_pure(nnx.state(model, nnx.Param)))
+
+  @nnx.jit
+  def step(model, optimizer, x, y):
+    grads = nnx.grad(lambda m: _loss(m, x, y)[0])(model)
+    optimizer.update(model, grads)
+
+  for _ in range(2):
+    step(model, optimizer, _images(), _labels())
+  after = _flat(nnx.as_pure(nnx.state(model, nnx.Param)))
+  for path, label in flat_labels.items():
+    if label in frozen:
+      np.testing.assert_array_equal(after[path], before[path], err_msg=path)
+    else:
+      assert not np.array_equal(after[path], before[path]), path
+
+
+def test_param_labels_of_linen_trees_are_unchanged():
+  params = {"Dense_0": {"kernel": 1.0, "bias": 2.0, "alpha": 3.0, "input_alpha": 4.0},
+            "QuantReLU_0": {"alpha": 5.0}, "alpha": 6.0}
+  assert optim.param_labels(params) == {
+      "Dense_0": {"kernel": "weights", "bias": "weights", "alpha": "alpha_w",
+                  "input_alpha": "alpha_a"},
+      "QuantReLU_0": {"alpha": "alpha_a"}, "alpha": "alpha_a"}
+  from flax.core import freeze  # pylint: disable=g-import-not-at-top
+  assert optim.param_labels(freeze(params)) == freeze(optim.param_labels(params))
+
+
+# --- loud failures ---
+
+def _fresh_cnn():
+  return CNN(rngs=nnx.Rngs(0))
+
+
+def test_a_rule_that_matches_nothing():
+  with pytest.raises(ValueError, match=r"rules\[1\] \(module_path='nope'\) matched no "):
+    quantize_model(_fresh_cnn(), [RULES[1], QuantRule("nope", weight_bits=2)], _images())
+  with pytest.raises(ValueError, match=r"rules\[0\].*matched only bn1 \(BatchNorm\)"):
+    quantize_model(_fresh_cnn(), QuantRule("bn1", weight_bits=2), _images())
+
+
+def test_nothing_quantized():
+  with pytest.raises(ValueError, match="no rule quantizes anything"):
+    quantize_model(_fresh_cnn(), QuantRule(".*"), _images())
+
+
+def test_bits_out_of_range():
+  with pytest.raises(ValueError, match="weight_bits=9"):
+    QuantRule(".*", weight_bits=9)
+  with pytest.raises(ValueError, match="act_bits=0"):
+    QuantRule(".*", act_bits=0)
+
+
+def test_a_matched_layer_the_sample_forward_never_called():
+  model = MLP(rngs=nnx.Rngs(0))
+  before = _flat(nnx.state(model))
+  with pytest.raises(ValueError, match="unused matched a rule but the sample forward never "
+                                       "called it"):
+    quantize_model(model, QuantRule(".*", weight_bits=2, act_bits=2),
+                   jax.random.normal(jax.random.key(0), (4, 6)))
+  # The model is left as it was.
+  assert not brjax_nnx.quantized_layers(model)
+  assert type(model.shared) is nnx.Linear and not hasattr(model.shared, "brjax_rule")
+  assert _flat(nnx.state(model)).keys() == before.keys()
+
+
+def test_a_non_concrete_sample_input():
+  model = _fresh_cnn()
+  with pytest.raises(ValueError, match="sample inputs must be concrete"):
+    jax.jit(lambda x: quantize_model(model, RULES, x) and 0)(_images())
+  assert not brjax_nnx.quantized_layers(model)
+
+
+def test_layers_inside_a_transform_are_refused():
+  class Stacked(nnx.Module):
+
+    def __init__(self, rngs):
+      @nnx.split_rngs(splits=3)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def create(rngs):
+        return nnx.Linear(4, 4, rngs=rngs)
+      self.layers = create(rngs)
+
+    def __call__(self, x):
+      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+      def forward(layer, x):
+        return layer(x)
+      return forward(self.layers, x)
+
+  model = Stacked(nnx.Rngs(0))
+  with pytest.raises(ValueError, match="layers: its kernel is traced .* transform"):
+    quantize_model(model, QuantRule(".*", weight_bits=2), jnp.ones((2, 4)))
+  assert type(model.layers) is nnx.Linear and not hasattr(model.layers, "alpha")
+
+
+def test_quantized_twice_and_non_float_inputs():
+  model = _quantized_cnn()
+  with pytest.raises(ValueError, match="already quantized"):
+    quantize_model(model, RULES, _images())
+  layer = nnx.Embed(10, 4, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"matched only <root> \(Embed\)"):
+    quantize_model(layer, QuantRule(".*", weight_bits=2), jnp.arange(3))
+  with pytest.raises(ValueError, match="quantizes float inputs, but the input is int32"):
+    quantize_model(NNXNet(nnx.Rngs(0)), QuantRule(".*", act_bits=2),
+                   jnp.ones((2, 5), jnp.int32))
+
+
+def test_recording_through_a_transform_is_refused():
+  class MaybeRemat(nnx.Module):
+
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(5, 3, rngs=rngs)
+
+    def __call__(self, x, remat=False):
+      if remat:
+        return nnx.remat(lambda layer, x: layer(x))(self.dense, x)
+      return self.dense(x)
+
+  x = jnp.ones((2, 5))
+  model = quantize_model(MaybeRemat(nnx.Rngs(0)), QuantRule(".*", weight_bits=2), x)
+  np.testing.assert_allclose(model(x, remat=True), model(x), rtol=1e-6)  # plain calls work
+  with pytest.raises(ValueError, match="dense: a quantized layer ran on an object that is not"):
+    brjax_nnx.record_sites(model, x, remat=True)
