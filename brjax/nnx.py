@@ -24,7 +24,10 @@ Step sizes are initialized the LSQ way, ``alpha = 2 mean|v| / sqrt(qp)``, by one
 pass on the sample inputs: a kernel's from the kernel, an input's from the layer's input
 in that batch, with the layers upstream already quantized (as Linen's ``model.init``). An
 input sign left to the data (``act_signed=None``) is decided by that batch too (signed iff
-any value is negative) and kept as a static attribute. Everything else the pass changed
+any value is negative) and kept in the state as ``input_signed``, a :class:`QuantState`
+(not a parameter; it travels with ``nnx.state`` into checkpoints, as Linen's
+``"quant_state"``; either sign has ``2^bits`` levels, so the range's start ``qn`` is a traced
+int32 scalar and the binning stays static). Everything else the pass changed
 (BatchNorm statistics, rng counts, sown intermediates) is restored: the init is not a
 training step. Run the model in the mode you want the init in (``model.train()`` is LSQ's
 choice for an untrained model; ``model.eval()`` after loading float weights), or pass the
@@ -85,12 +88,12 @@ from brjax import quant
 from brjax import sites
 from brjax.rules import QuantRule, check_rules, first_match
 
-__all__ = ["QUANTIZABLE", "quantize_nnx", "record_sites", "quantized_layers"]
+__all__ = ["QUANTIZABLE", "QuantState", "quantize_nnx", "quantized_layers", "record_sites"]
 
 QUANTIZABLE = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.ConvTranspose, nnx.Einsum)
 """The NNX layer types :func:`quantize_nnx` quantizes (subclasses included)."""
 
-_STATIC = ("brjax_rule", "brjax_path", "brjax_input_signed")
+_STATIC = ("brjax_rule", "brjax_path")
 """Static (hashable, non-pytree) attributes a quantized layer carries."""
 
 
@@ -104,6 +107,16 @@ class _Init:
 class _Recording:
   """One :func:`record_sites` call: ``(module, kind, site)`` in call order."""
   log: list = dataclasses.field(default_factory=list)
+
+
+class QuantState(nnx.Variable):
+  """A quantizer's decision kept in the model's state, not trained: the data-decided input
+  sign ``input_signed`` (a bool scalar; ``act_signed=None``), as Linen's ``"quant_state"``
+  collection. Not an ``nnx.Param``, so ``nnx.Optimizer(..., wrt=nnx.Param)`` and
+  ``nnx.grad`` leave it alone, but it is in ``nnx.state(model)`` and so in checkpoints."""
+
+
+_STATE_NAMES = ("input_signed",)
 
 
 _MODE: contextvars.ContextVar = contextvars.ContextVar("brjax_nnx_mode", default=None)
@@ -124,9 +137,9 @@ class _Quantized(nnx.Module):
   A ``nnx.Module`` itself (a plain mixin would give the subclass another instance layout,
   and ``__class__`` could not be swapped).
 
-  Static attributes (set by :func:`quantize_nnx`): ``brjax_rule`` (the QuantRule),
-  ``brjax_path`` (the module path it was quantized at, for messages) and
-  ``brjax_input_signed`` (the input's sign: the rule's, or decided by the sample batch).
+  Static attributes (set by :func:`quantize_nnx`): ``brjax_rule`` (the QuantRule) and
+  ``brjax_path`` (the module path it was quantized at, for messages). A data-decided input
+  sign is state: ``input_signed``, a :class:`QuantState`.
   """
 
   def __call__(self, *args, **kwargs):
@@ -156,8 +169,9 @@ class _Quantized(nnx.Module):
       self.kernel.set_value(raw)
 
   def _brjax_step_size(self, name: str) -> jax.Array:
+    """The value of the step size (or input sign) ``name``, which the init created."""
     if not hasattr(self, name):
-      raise ValueError(f"{self.brjax_path}: the quantized layer has no step size {name!r}: "
+      raise ValueError(f"{self.brjax_path}: the quantized layer has no {name!r}: "
                        "it was removed after quantize_nnx (restore it, or quantize the model "
                        "again from float)")
     return getattr(self, name).get_value()
@@ -176,18 +190,22 @@ class _Quantized(nnx.Module):
                        f"input is {jnp.result_type(x)}")
     if isinstance(mode, _Init):
       _check_concrete(x, path, "input")
-      if self.brjax_input_signed is None:
-        self.brjax_input_signed = bool(jnp.any(x < 0))
-    signed = self.brjax_input_signed
-    if signed is None:
-      raise ValueError(f"{path}: its input sign (act_signed=None) was never decided: the "
-                       "layer was not called by quantize_nnx's sample forward")
-    qn, qp = quant.qrange(rule.act_bits, signed)
-    if isinstance(mode, _Init) and not hasattr(self, "input_alpha"):
-      self.input_alpha = nnx.Param(quant.init_alpha(x, qp))
+      if rule.act_signed is None and not hasattr(self, "input_signed"):
+        self.input_signed = QuantState(jnp.any(x < 0))
+      if not hasattr(self, "input_alpha"):
+        signed = rule.act_signed if rule.act_signed is not None else bool(self.input_signed[...])
+        self.input_alpha = nnx.Param(quant.init_alpha(x, quant.qrange(rule.act_bits, signed)[1]))
     alpha = self._brjax_step_size("input_alpha")
+    if rule.act_signed is not None:
+      qn, qp = quant.qrange(rule.act_bits, rule.act_signed)
+      site = sites.record(x, alpha, qn, qp)
+    else:  # decided from data and kept in the state: int32 scalars, the same levels
+      qn_s, qp_s = quant.qrange(rule.act_bits, signed=True)
+      qn = jnp.where(self._brjax_step_size("input_signed"), qn_s, 0).astype(jnp.int32)
+      qp = qn + (qp_s - qn_s)
+      site = sites.Site(values=x, alpha=alpha, qn=qn, levels=qp_s - qn_s + 1, ndim=x.ndim)
     if isinstance(mode, _Recording):
-      mode.log.append((self, sites.INPUT, sites.record(x, alpha, qn, qp)))
+      mode.log.append((self, sites.INPUT, site))
     n = x.size if rule.act_batch_grad_scale else x[0].size
     q = quant.lsq_quantize(x, alpha, qn, qp, quant.grad_scale(n, qp))
     if args:
@@ -255,8 +273,10 @@ def quantize_nnx(model: nnx.Module, rules: QuantRule | Sequence[QuantRule], *sam
     **sample_kwargs: keyword arguments of that call (e.g. ``train=True``).
 
   Returns:
-    ``model`` itself: same parameters and paths, plus ``alpha``/``input_alpha`` beside
-    the quantized kernels; the quantized layers' classes are ``Quant<Name>`` subclasses.
+    ``model`` itself: same parameters and paths, plus the ``nnx.Param`` step sizes
+    ``alpha``/``input_alpha`` and (``act_signed=None``) the :class:`QuantState`
+    ``input_signed`` in the quantized layers, whose classes are ``Quant<Name>``
+    subclasses of their own.
 
   Raises:
     TypeError / ValueError: bad rules; ``model`` not an NNX module, or already quantized;
@@ -306,7 +326,7 @@ def quantize_nnx(model: nnx.Module, rules: QuantRule | Sequence[QuantRule], *sam
     raise ValueError("quantize_nnx: nothing was quantized (every matching rule keeps its "
                      "layers float)")
   for path, module, _ in plan:
-    taken = [n for n in quant.STEP_SIZE_NAMES + _STATIC if hasattr(module, n)]
+    taken = [n for n in quant.STEP_SIZE_NAMES + _STATE_NAMES + _STATIC if hasattr(module, n)]
     if taken:
       raise ValueError(f"{path or '<root>'}: the {type(module).__name__} already has an "
                        f"attribute {taken[0]!r}, which brjax would add")
@@ -320,7 +340,6 @@ def quantize_nnx(model: nnx.Module, rules: QuantRule | Sequence[QuantRule], *sam
       object.__setattr__(module, "__class__", _quantized_class(type(module)))
       module.brjax_rule = rule
       module.brjax_path = path or "<root>"
-      module.brjax_input_signed = rule.act_signed
     with _mode(_Init()) as init:
       model(*sample_inputs, **sample_kwargs)
     _restore(model, snapshot, before, swapped, keep_step_sizes=True)
@@ -352,7 +371,7 @@ def _restore(model: nnx.Module, snapshot: Any, before: set, swapped: list, *,
     if path in before:
       return False
     owner = owners.get(path[:-1])
-    return not (len(path) and path[-1] in quant.STEP_SIZE_NAMES and owner is not None
+    return not (len(path) and path[-1] in quant.STEP_SIZE_NAMES + _STATE_NAMES and owner is not None
                 and id(owner) in quantized)
 
   if any(created(p, v) for p, v in nnx.to_flat_state(nnx.state(model))):

@@ -97,8 +97,11 @@ def test_every_kernel_is_quantized_and_paths_are_kept():
   assert type(model.head).__name__ == "QuantLinear" and isinstance(model.head, nnx.Linear)
   after = _flat(nnx.state(model))
   assert set(before) <= set(after)
-  assert sorted(set(after) - set(before)) == [f"{layer}/{name}" for layer in ("conv1", "conv2", "head")
-                                              for name in ("alpha", "input_alpha")]
+  assert sorted(set(after) - set(before)) == [
+      "conv1/alpha", "conv1/input_alpha", "conv2/alpha", "conv2/input_alpha",
+      "conv2/input_signed", "head/alpha", "head/input_alpha", "head/input_signed"]
+  signs = nnx.state(model, brjax_nnx.QuantState)  # state, but not a parameter
+  assert sorted(_flat(signs)) == ["conv2/input_signed", "head/input_signed"]
   params = _flat(nnx.state(model, nnx.Param))  # what nnx.Optimizer(wrt=nnx.Param) trains
   kernels = [p for p in params if p.endswith("/kernel")]
   assert len(kernels) == 3
@@ -110,9 +113,9 @@ def test_every_kernel_is_quantized_and_paths_are_kept():
 def test_init_is_lsq_from_the_kernels_and_the_sample_batch():
   x = _images()
   model = quantize_model(CNN(rngs=nnx.Rngs(0)), RULES, x)
-  assert model.conv1.brjax_input_signed is True          # the rule's sign
-  assert model.conv2.brjax_input_signed is False         # after a ReLU: decided unsigned
-  assert model.head.brjax_input_signed is False
+  assert not hasattr(model.conv1, "input_signed")        # the rule's sign: static
+  assert not model.conv2.input_signed[...]                # after a ReLU: decided unsigned
+  assert not model.head.input_signed[...]
   np.testing.assert_allclose(model.conv1.alpha[...], quant.init_alpha(model.conv1.kernel[...], 7))
   np.testing.assert_allclose(model.conv2.alpha[...], quant.init_alpha(model.conv2.kernel[...], 1))
   np.testing.assert_allclose(model.conv1.input_alpha[...], quant.init_alpha(x, 7))
@@ -259,7 +262,7 @@ def test_list_paths_and_a_layer_called_twice():
       "blocks/0/linear:input", "blocks/0/linear", "blocks/1/linear:input", "blocks/1/linear",
       "shared:input#0", "shared:input#1", "shared"]
   # The shared layer's input sign was decided by its first call (block output, signed).
-  assert model.shared.brjax_input_signed is True
+  assert model.shared.input_signed[...]
 
 
 # --- training under nnx.jit ---
@@ -433,3 +436,16 @@ def test_recording_through_a_transform_is_refused():
   np.testing.assert_allclose(model(x, remat=True), model(x), rtol=1e-6)  # plain calls work
   with pytest.raises(ValueError, match="dense: a quantized layer ran on an object that is not"):
     brjax_nnx.record_sites(model, x, remat=True)
+
+
+def test_a_decided_sign_travels_with_the_state():
+  signed, unsigned = jnp.linspace(-1, 1, 10).reshape(2, 5), jnp.linspace(0, 1, 10).reshape(2, 5)
+  rule = QuantRule(".*", weight_bits=2, act_bits=2)
+  trained = quantize_model(NNXNet(nnx.Rngs(0)), rule, signed)
+  restored = quantize_model(NNXNet(nnx.Rngs(1)), rule, unsigned)  # another batch, sign
+  assert trained.dense.input_signed[...] and not restored.dense.input_signed[...]
+  assert not np.allclose(restored(signed), trained(signed))
+  nnx.update(restored, nnx.state(trained))  # as a checkpoint restore does
+  np.testing.assert_array_equal(restored(signed), trained(signed))
+  _, collection = nnx.jit(brjax_nnx.record_sites)(restored, signed)
+  assert int(collection["dense"]["input"][0].qn) == -2
