@@ -12,25 +12,45 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from flax import traverse_util
+from flax import nnx
+import jax
 import optax
 
 from brjax.config import Config
+from brjax.quant import STEP_SIZE_NAMES
 
 WEIGHTS, ALPHA_W, ALPHA_A = "weights", "alpha_w", "alpha_a"
 LABELS = (WEIGHTS, ALPHA_W, ALPHA_A)
 
 
 def param_labels(params: Any) -> Any:
-  """A tree like ``params`` whose leaves are ``"weights"``, ``"alpha_w"`` or ``"alpha_a"``."""
-  flat = traverse_util.flatten_dict(params)
+  """A tree like ``params`` whose leaves are ``"weights"``, ``"alpha_w"`` or ``"alpha_a"``.
+
+  ``params`` is any pytree of parameters: a Linen ``params`` dict or FrozenDict, or an NNX
+  ``nnx.State`` (of ``nnx.Variable``s, as ``nnx.Optimizer`` passes to ``tx.init``, or of
+  arrays, as it passes to ``tx.update``); an ``nnx.Variable`` is one parameter. A weight
+  step size is an ``alpha`` beside a ``kernel``; any other step size (``alpha``,
+  ``input_alpha``) is an activation step size.
+  """
+  is_param = lambda x: isinstance(x, nnx.Variable)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_param)
+  paths = [tuple(_key_name(k) for k in path) for path, _ in leaves]
+  names = set(paths)
 
   def label(path):
-    if path[-1] != "alpha":
+    if not path or path[-1] not in STEP_SIZE_NAMES:
       return WEIGHTS
-    return ALPHA_W if path[:-1] + ("kernel",) in flat else ALPHA_A
+    return ALPHA_W if path[-1] == "alpha" and path[:-1] + ("kernel",) in names else ALPHA_A
 
-  return traverse_util.unflatten_dict({p: label(p) for p in flat})
+  return jax.tree_util.tree_unflatten(treedef, [label(p) for p in paths])
+
+
+def _key_name(key: Any) -> Any:
+  """The name or index of one pytree key (``DictKey``, ``GetAttrKey``, ``SequenceKey``)."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return str(key)
 
 
 def learning_rate_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
