@@ -16,11 +16,35 @@ def _code_after(heading: str, lang: str) -> str:
   return re.search(rf"```{lang}\n(.*?)```", section, re.S).group(1)
 
 
-def test_library_snippet_runs_and_trains():
+def _run_snippet(heading: str, capsys) -> dict:
   namespace = {}
-  exec(compile(_code_after("## Use brjax.quant in your own Flax model", "python"),
-               "README.md", "exec"), namespace)
+  exec(compile(_code_after(heading, "python"), "README.md", "exec"), namespace)
+  return namespace
+
+
+def test_linen_snippet_quantizes_an_unmodified_model_and_trains(capsys):
+  namespace = _run_snippet("### Linen", capsys)
+  lines = capsys.readouterr().out.splitlines()
+  losses = [float(l.split("loss ")[1]) for l in lines if l.startswith("step ")]
+  assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0], lines
+  params = namespace["variables"]["params"]
+  assert set(params["head"]) == {"kernel", "bias", "alpha", "input_alpha"}
+  assert set(params["Dense_0"]) == {"kernel", "bias", "alpha", "input_alpha"}
+
+
+def test_nnx_snippet_quantizes_an_unmodified_model_and_trains(capsys):
+  namespace = _run_snippet("### NNX", capsys)
+  lines = capsys.readouterr().out.splitlines()
+  losses = [float(l.split("loss ")[1]) for l in lines if l.startswith("step ")]
+  assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0], lines
+  model = namespace["model"]
+  assert model.conv.alpha[...].shape == () and model.head.input_alpha[...].shape == ()
+
+
+def test_layers_snippet_runs_and_trains(capsys):
+  namespace = _run_snippet("### The layers: the reference package's placement", capsys)
   assert np.isfinite(float(namespace["loss"]))
+  assert capsys.readouterr().out.startswith("loss ")
   params = namespace["variables"]["params"]
   alphas = [p for p, _ in jax.tree_util.tree_leaves_with_path(params) if p[-1].key == "alpha"]
   assert len(alphas) == 5
