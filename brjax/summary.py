@@ -30,13 +30,14 @@ def _name(path: tuple[str, ...]) -> str:
 
 
 def write_scalars(writer: SummaryWriter, epoch: int, metrics: dict, params: Any) -> None:
-  """The epoch's metrics (see ``SCALARS``) and every ``alpha`` as ``alpha/<layer>``."""
+  """The epoch's metrics (see ``SCALARS``) and every step size as ``alpha/<layer>`` (an
+  input's as ``input_alpha/<layer>``; per-channel step sizes as their mean)."""
   for key in SCALARS:
     if metrics.get(key) is not None:  # BR terms are None when not computed
       writer.add_scalar(f"metrics/{key}", metrics[key], epoch)
   for path, value in traverse_util.flatten_dict(jax.device_get(params)).items():
     if quant.is_alpha_path(path):
-      writer.add_scalar(f"alpha/{_name(path[:-1])}", float(np.asarray(value)), epoch)
+      writer.add_scalar(f"{path[-1]}/{_name(path[:-1])}", float(np.mean(value)), epoch)
 
 
 def write_histograms(writer: SummaryWriter, epoch: int, params: Any, collection: Any) -> None:
