@@ -141,10 +141,12 @@ class Exported:
 
 
 def packed_bits(bits: int) -> int:
-  """The container width of a ``bits``-bit code: 2 -> 2, 3..4 -> 4, 5..8 -> 8.
+  """The container width of a ``bits``-bit code: 1..2 -> 2, 3..4 -> 4, 5..8 -> 8.
+
+  1-bit codes (ternary weights -1, 0, 1; binary activations 0, 1) take 2 bits.
 
   Raises:
-    ValueError: if ``bits`` is not an integer in 2..8.
+    ValueError: if ``bits`` is not an integer in 1..8.
   """
   quant.qrange(bits, signed=True)  # validates bits
   return 2 if bits <= 2 else 4 if bits <= 4 else 8
@@ -277,6 +279,9 @@ def float_size_bytes(variables: Mapping[str, Any]) -> int:
   return 4 * sum(int(np.size(x)) for x in leaves)
 
 
+EXPORTABLE_MODELS = ("resnet20", "resnet18")
+
+
 def check_exportable(bits_w: int, bits_a: int) -> None:
   """Raises ValueError unless weights and activations are both quantized (2..8 bits)."""
   for name, bits in (("bits_w", bits_w), ("bits_a", bits_a)):
@@ -324,10 +329,13 @@ def export_model(variables: Mapping[str, Any], *, model: str, bits_w: int, bits_
     An :class:`Exported`.
 
   Raises:
-    ValueError: for float or half-quantized runs, a variable missing, misshapen or not
-      finite, or a bad normalization.
+    ValueError: for float or half-quantized runs, a model other than ``resnet20`` and
+      ``resnet18``, a variable missing, misshapen or not finite, or a bad normalization.
   """
   check_exportable(bits_w, bits_a)
+  if model not in EXPORTABLE_MODELS:
+    raise ValueError(f"model={model!r} is not exportable: integer export knows the layouts of "
+                     f"{', '.join(EXPORTABLE_MODELS)} only")
   if clip is not None and not (math.isfinite(clip) and clip > 0):
     raise ValueError(f"clip={clip!r} is not accepted: use a positive number or None")
   params = variables.get("params", {})
