@@ -12,7 +12,10 @@ gives
 * ``alpha``: the step size itself.
 
 All in one pass over the tensor: one bin-count histogram (a segment sum), O(N) whatever
-the bit width. The collectors :func:`weight_metrics` and :func:`activation_metrics` apply it
+the bit width. :func:`reference_br_metrics` adds the reference package's BR metrics
+(``effectiveness``, ``pct_near`` within 1% of alpha, ``mean_distance``, ``bins_used`` and
+per-bin count, mean and std) and :func:`reference_summary` its layer averages. The
+collectors :func:`weight_metrics` and :func:`activation_metrics` apply both
 to every quantized kernel and every activation sown by ``quant.QuantReLU``;
 :func:`quant_metrics` runs a model on one batch and returns both, and :func:`to_python`
 makes the result JSON-serializable (for ``metrics.jsonl``).
@@ -102,7 +105,7 @@ def weight_metrics(params: Any, bits: int) -> dict[str, LayerMetrics]:
   """
   qn, qp = quant.qrange(bits, signed=True)
   flat = _flatten(params)
-  return {"/".join(p[:-1]): layer_metrics(flat[p[:-1] + ("kernel",)], alpha, qn, qp)
+  return {"/".join(p[:-1]): _with_reference(flat[p[:-1] + ("kernel",)], alpha, qn, qp)
           for p, alpha in flat.items()
           if quant.is_alpha_path(p) and p[:-1] + ("kernel",) in flat}
 
@@ -144,8 +147,8 @@ def activation_metrics(intermediates: Any, bits: int, *,
                        "that quant.QuantReLU sows")
     for i, (v, alpha) in enumerate(zip(values, alphas)):
       where = None if mask is None else _batch_mask(mask, v, name)
-      out[name if len(values) == 1 else f"{name}#{i}"] = layer_metrics(v, alpha, qn, qp,
-                                                                        where=where)
+      out[name if len(values) == 1 else f"{name}#{i}"] = _with_reference(v, alpha, qn, qp,
+                                                                         where=where)
   return out
 
 
@@ -202,7 +205,7 @@ def quant_metrics(model: nn.Module, variables: Mapping[str, Any], batch: Any, *,
 
   Returns:
     ``{"weights": {layer: metrics}, "activations": {layer: metrics}}`` with the metrics of
-    :func:`layer_metrics`.
+    :func:`layer_metrics` and :func:`reference_br_metrics`.
   """
   if isinstance(batch, Mapping):
     if mask is not None:
@@ -249,3 +252,99 @@ def _batch_mask(mask: jax.Array, v: jax.Array, name: str) -> jax.Array:
 
 def _flatten(tree: Any) -> dict[tuple[str, ...], Any]:
   return traverse_util.flatten_dict(tree) if tree else {}
+
+
+# ------------------------------------------------- the reference package's BR metrics
+
+REFERENCE_NEAR_TOLERANCE = 0.01
+"""The reference's "at a level": ``|v - q(v)| < 0.01 * alpha`` (strict)."""
+
+REFERENCE_SUMMARY_KEYS = ("mse", "mean_distance", "effectiveness", "pct_near")
+
+
+def reference_br_metrics(v: jax.Array, alpha: jax.Array, qn: int, qp: int, *,
+                         where: jax.Array | None = None) -> LayerMetrics:
+  """The reference package's BR metrics of one tensor (its ``BinRegularizer`` logging).
+
+  With ``m = round(clip(v / alpha, qn, qp))``, ``q(v) = m * alpha`` and ``d = |v - q(v)|``:
+
+  * ``mean_distance = mean(d)``;
+  * ``effectiveness = clip(100 * (1 - mean_distance / (alpha / 2 + 1e-12)), 0, 100)``: 100
+    when every value sits on its level, 0 when the mean distance is half a step (uniform
+    spread);
+  * ``pct_near = 100 * mean(d < 0.01 * alpha)``: percent of values "at" a level;
+  * ``bins_used``: the number of non-empty bins;
+  * per bin ``k = qn..qp`` (entry ``k - qn``): ``bin_count``, ``bin_mean`` (0 for an empty
+    bin) and ``bin_std`` (the unbiased standard deviation, as ``torch.std``; 0 for fewer
+    than 2 values).
+
+  The range is the quantizer's own (``quant.qrange``): for 1-bit weights ``(-1, 1)``,
+  where the reference's regularizer bins them on ``(-1, 0)``. O(N): segment sums.
+
+  Args:
+    v: float array, ``N > 0`` elements.
+    alpha: the scalar step size.
+    qn, qp: the integer range, Python ints.
+    where: optional bool array broadcastable to ``v``: the elements to count.
+
+  Returns:
+    Scalars ``mean_distance``, ``effectiveness``, ``pct_near``, ``bins_used`` (float) and
+    ``(qp - qn + 1,)`` arrays ``bin_count``, ``bin_mean``, ``bin_std``.
+  """
+  _check_range(qn, qp)
+  if np.size(alpha) != 1:
+    raise ValueError(f"alpha of shape {np.shape(alpha)} is not supported: one scalar step "
+                     "size per tensor")
+  if np.size(v) == 0:
+    raise ValueError(f"v of shape {np.shape(v)} is empty: use a tensor with at least one element")
+  dtype = jnp.promote_types(jnp.result_type(v), jnp.float32)
+  shape = np.shape(v)
+  v = jnp.asarray(v, dtype).reshape(-1)
+  step = quant.safe_alpha(jnp.asarray(alpha, dtype).reshape(()))
+  weight = (jnp.ones(v.shape, dtype) if where is None else
+            jnp.broadcast_to(jnp.asarray(where), shape).astype(dtype).reshape(-1))
+  bins = jnp.round(jnp.clip(v / step, qn, qp))
+  dist = jnp.abs(v - bins * step)
+  count = jnp.sum(weight)
+  mean_distance = jnp.sum(weight * dist) / count
+  segment = (bins - qn).astype(jnp.int32)
+  levels = qp - qn + 1
+  n = jax.ops.segment_sum(weight, segment, levels)
+  bin_mean = jax.ops.segment_sum(weight * v, segment, levels) / jnp.maximum(n, 1)
+  sq = jax.ops.segment_sum(weight * (v - bin_mean[segment])**2, segment, levels)
+  bin_std = jnp.where(n > 1, jnp.sqrt(sq / jnp.maximum(n - 1, 1)), 0.0)
+  return {
+      "mean_distance": mean_distance,
+      "effectiveness": jnp.clip(100.0 * (1.0 - mean_distance / (0.5 * step + 1e-12)), 0, 100),
+      "pct_near": 100.0 * jnp.sum(weight * (dist < REFERENCE_NEAR_TOLERANCE * step)) / count,
+      "bins_used": jnp.sum(n > 0).astype(dtype),
+      "bin_count": n, "bin_mean": bin_mean, "bin_std": bin_std,
+  }
+
+
+def reference_summary(quant_metrics_tree: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+  """The reference's model-level BR metrics: layer averages of ``mse`` (its
+  ``avg_quantization_mse``), ``mean_distance``, ``effectiveness`` and ``pct_near``, per kind.
+
+  Args:
+    quant_metrics_tree: ``{"weights": {layer: metrics}, "activations": {...}}`` as
+      :func:`quant_metrics` returns it (or its :func:`to_python` copy).
+
+  Returns:
+    ``{"weights": {key: float}, "activations": {key: float}}``; a kind without layers is
+    left out.
+  """
+  out = {}
+  for kind in ("weights", "activations"):
+    layers = [m for m in quant_metrics_tree.get(kind, {}).values()
+              if all(k in m for k in REFERENCE_SUMMARY_KEYS)]
+    if layers:
+      out[kind] = {k: float(np.mean([float(np.asarray(m[k])) for m in layers]))
+                   for k in REFERENCE_SUMMARY_KEYS}
+  return out
+
+
+def _with_reference(v, alpha, qn, qp, *, where=None) -> LayerMetrics:
+  """:func:`layer_metrics` and :func:`reference_br_metrics` of one tensor, in one dict."""
+  return {**layer_metrics(v, alpha, qn, qp, where=where),
+          **reference_br_metrics(v, alpha, qn, qp, where=where)}

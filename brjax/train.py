@@ -453,7 +453,8 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   """Runs (or resumes) a whole training run; returns the last epoch's metrics.
 
   Writes ``<workdir>/metrics.jsonl`` (one JSON object per epoch, with per-layer
-  quantization metrics under ``"quant"``) and the checkpoints of ``brjax.checkpoint``;
+  quantization metrics under ``"quant"`` and the reference's layer averages under
+  ``"br_summary"``) and the checkpoints of ``brjax.checkpoint``;
   with ``tensorboard``, event files under ``<workdir>/tensorboard`` (histograms every
   ``histogram_every`` epochs and at the last). Without ``resume``, a workdir that already
   holds checkpoints is an error (nothing is overwritten).
@@ -530,6 +531,7 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
     m.update(evaluate(eval_fn, variables, ds, config.batch_size, topology))
     if config.quantized:
       m["quant"] = metrics.to_python(quant_fn(variables, probe))
+      m["br_summary"] = metrics.reference_summary(m["quant"])  # the reference's averages
     is_best = m["test_acc"] > best_acc
     best_acc = max(best_acc, m["test_acc"])
     m["best_test_acc"] = best_acc
