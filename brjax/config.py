@@ -51,6 +51,7 @@ class Config:
   decay_alphas: bool | None = None
   act_grad_scale: str | None = None
   alpha_init: str | None = None
+  normalization: str | None = None
   adam_eps: float | None = None
   seed: int = 42
   # Data.
@@ -70,7 +71,8 @@ class Config:
         object.__setattr__(self, name, getattr(recipe, name))
     for name, accepted in (("optimizer", recipes.OPTIMIZERS), ("schedule", recipes.SCHEDULES),
                            ("act_grad_scale", recipes.ACT_GRAD_SCALES),
-                           ("alpha_init", recipes.ALPHA_INITS)):
+                           ("alpha_init", recipes.ALPHA_INITS),
+                           ("normalization", recipes.NORMALIZATIONS)):
       _check(getattr(self, name) in accepted, name, getattr(self, name),
              f"use one of {', '.join(accepted)}")
     _check(isinstance(self.decay_alphas, bool), "decay_alphas", self.decay_alphas,

@@ -21,6 +21,10 @@ alpha init         ``calibrate``: model.init on   ``first_step``: train-mode for
                    the first unaugmented images   the first training batch (augmented,
                    (eval mode from a pretrained   shuffled: the batch step 1 trains on)
                    float run)
+normalization      ``dataset``: the training      ``reference``: its fixed CIFAR-10
+                   set's own per-channel mean     constants, mean (0.4914, 0.4822, 0.4465),
+                   and std                        std (0.2023, 0.1994, 0.2010): what its
+                                                  ``.pth`` baselines were trained on
 =================  =============================  =========================================
 
 ``reference_baseline`` is the reference's float baseline script: SGD 0.1, momentum 0.9,
@@ -39,6 +43,9 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant_cosine", "step")
 ACT_GRAD_SCALES = ("example", "batch")
 ALPHA_INITS = ("calibrate", "first_step")
+NORMALIZATIONS = ("dataset", "reference")
+REFERENCE_MEAN = (0.4914, 0.4822, 0.4465)
+REFERENCE_STD = (0.2023, 0.1994, 0.2010)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +63,8 @@ class Recipe:
     act_grad_scale: one of :data:`ACT_GRAD_SCALES`: the activation step size's gradient
       scale counts one example's elements, or the whole batch's.
     alpha_init: one of :data:`ALPHA_INITS` (see ``brjax.train.create_train_state``).
+    normalization: one of :data:`NORMALIZATIONS`: the input normalization's mean and std
+      come from the training set, or are the reference's constants.
     adam_eps: Adam's epsilon, added to ``sqrt(v_hat)``.
   """
   optimizer: str
@@ -66,24 +75,27 @@ class Recipe:
   schedule: str
   act_grad_scale: str
   alpha_init: str
+  normalization: str
   adam_eps: float = 1e-8
 
   def __post_init__(self):
     for name, accepted in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
-                           ("act_grad_scale", ACT_GRAD_SCALES), ("alpha_init", ALPHA_INITS)):
+                           ("act_grad_scale", ACT_GRAD_SCALES), ("alpha_init", ALPHA_INITS),
+                           ("normalization", NORMALIZATIONS)):
       if getattr(self, name) not in accepted:
         raise ValueError(f"--{name}={getattr(self, name)} is not accepted: use one of "
                          f"{', '.join(accepted)}")
 
 
 BRJAX = Recipe(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, decay_alphas=False,
-               schedule="cosine", act_grad_scale="example", alpha_init="calibrate")
+               schedule="cosine", act_grad_scale="example", alpha_init="calibrate",
+               normalization="dataset")
 REFERENCE = Recipe(optimizer="adam", lr=0.01, momentum=0.9, weight_decay=1e-4,
                    decay_alphas=True, schedule="constant_cosine", act_grad_scale="batch",
-                   alpha_init="first_step")
+                   alpha_init="first_step", normalization="reference")
 REFERENCE_BASELINE = Recipe(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
                             decay_alphas=True, schedule="step", act_grad_scale="batch",
-                            alpha_init="first_step")
+                            alpha_init="first_step", normalization="reference")
 
 RECIPES: dict[str, Recipe] = {"brjax": BRJAX, "reference": REFERENCE,
                               "reference_baseline": REFERENCE_BASELINE}
@@ -109,4 +121,17 @@ def describe(recipe: Recipe, name: str | None = None) -> str:
   return (f"{head}{opt}, lr {recipe.lr:g}, weight decay {recipe.weight_decay:g} (L2, "
           f"{'alphas included' if recipe.decay_alphas else 'not on alphas'}), schedule "
           f"{recipe.schedule}, act. alpha grad scale per {recipe.act_grad_scale}, alpha init "
-          f"{recipe.alpha_init}")
+          f"{recipe.alpha_init}, normalization {recipe.normalization}")
+
+
+def normalize_dataset(ds, normalization: str):
+  """``ds`` (an ``input_pipeline.Dataset``) with the input normalization of the recipe:
+  unchanged for ``dataset``, the reference's constants for ``reference``."""
+  if normalization == "dataset":
+    return ds
+  if normalization == "reference":
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    return dataclasses.replace(ds, mean=np.asarray(REFERENCE_MEAN, np.float32),
+                               std=np.asarray(REFERENCE_STD, np.float32))
+  raise ValueError(f"--normalization={normalization} is not accepted: use one of "
+                   f"{', '.join(NORMALIZATIONS)}")

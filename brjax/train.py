@@ -477,6 +477,7 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
 
   ds = input_pipeline.load_dataset(config.dataset, config.data_dir, config.train_examples,
                                    config.test_examples)
+  ds = recipes.normalize_dataset(ds, config.normalization)
   steps_per_epoch = input_pipeline.num_train_steps(ds, config.batch_size)
   if steps_per_epoch < 1:
     raise ValueError(f"--batch_size={config.batch_size} is not accepted: the training set "

@@ -75,6 +75,10 @@ flags.DEFINE_enum("alpha_init", None, list(recipes.ALPHA_INITS), "Step-size init
                   "(first unaugmented images; eval mode after --pretrained) or first_step "
                   "(train-mode forward of the first training batch, as the reference) "
                   "(default: the recipe's).", flag_values=FLAGS)
+flags.DEFINE_enum("normalization", None, list(recipes.NORMALIZATIONS), "Input normalization: "
+                  "dataset (the training set's mean and std) or reference (the reference "
+                  "package's CIFAR-10 constants, which its .pth baselines expect) (default: "
+                  "the recipe's).", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.", flag_values=FLAGS)
 flags.DEFINE_integer("seed", _D.seed, "Random seed (init, shuffling, augmentation).",
                      flag_values=FLAGS)
@@ -119,6 +123,7 @@ def config_from_flags(values: flags.FlagValues) -> Config:
       br_alpha_grad_a=values.br_alpha_grad_a, recipe=values.recipe, lr=values.lr,
       optimizer=values.optimizer, schedule=values.schedule, decay_alphas=values.decay_alphas,
       act_grad_scale=values.act_grad_scale, alpha_init=values.alpha_init,
+      normalization=values.normalization,
       adam_eps=values.adam_eps, batch_size=values.batch_size,
       weight_decay=values.weight_decay, momentum=values.momentum, seed=values.seed,
       dataset=values.dataset, data_dir=values.data_dir,

@@ -45,6 +45,7 @@ def test_config_takes_the_recipes_values_and_explicit_fields_win():
     ("schedule", "linear", "cosine, constant_cosine, step"),
     ("act_grad_scale", "channel", "example, batch"),
     ("alpha_init", "random", "calibrate, first_step"),
+    ("normalization", "imagenet", "dataset, reference"),
     ("adam_eps", 0.0, "> 0"),
 ])
 def test_bad_recipe_values(field, value, accepted):
@@ -188,10 +189,21 @@ def test_act_grad_scale_batch_divides_the_alpha_gradient_by_sqrt_batch():
     models.create_model("resnet20", act_grad_scale="layer")
 
 
+def test_reference_normalization_is_the_reference_constants():
+  from brjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  ds = input_pipeline.Dataset(np.zeros((1, 2, 2, 3), np.uint8), np.zeros(1, np.int32),
+                              np.zeros((1, 2, 2, 3), np.uint8), np.zeros(1, np.int32),
+                              ("a",), np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32))
+  assert recipes.normalize_dataset(ds, "dataset") is ds
+  ref = recipes.normalize_dataset(ds, Config(recipe="reference").normalization)
+  np.testing.assert_allclose(ref.mean, [0.4914, 0.4822, 0.4465])
+  np.testing.assert_allclose(ref.std, [0.2023, 0.1994, 0.2010])
+
+
 def test_describe_names_every_part():
   line = recipes.describe(recipes.REFERENCE, "reference")
   for part in ("recipe reference", "adam", "lr 0.01", "weight decay 0.0001", "alphas included",
-               "constant_cosine", "per batch", "first_step"):
+               "constant_cosine", "per batch", "first_step", "normalization reference"):
     assert part in line, part
 
 
