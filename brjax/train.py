@@ -221,16 +221,15 @@ def create_train_state(config: Config, model: flax.linen.Module, ds: input_pipel
   has_alphas = False
   if config.pretrained is not None:
     variables, has_alphas = _load_pretrained(config.pretrained, variables)
-  if has_alphas or not config.quantized:
-    pass
-  elif config.alpha_init == "first_step":
-    first = next(input_pipeline.train_batches(ds, config.batch_size, seed=config.seed,
-                                              epoch=1))
-    variables = jax.jit(functools.partial(quant.init_alphas, model, train=True))(
-        variables, jnp.asarray(first["image"]), rng=init_rng)
-  elif config.pretrained is not None:
-    variables = jax.jit(functools.partial(quant.init_alphas, model, train=False))(
-        variables, batch, rng=init_rng)
+  if config.quantized and not has_alphas:
+    if config.alpha_init == "first_step":
+      first = next(input_pipeline.train_batches(ds, config.batch_size, seed=config.seed,
+                                                epoch=1))
+      variables = jax.jit(functools.partial(quant.init_alphas, model, train=True))(
+          variables, jnp.asarray(first["image"]), rng=init_rng)
+    elif config.pretrained is not None:
+      variables = jax.jit(functools.partial(quant.init_alphas, model, train=False))(
+          variables, batch, rng=init_rng)
   tx = optim.create_optimizer(config, steps_per_epoch, frozen)
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables["batch_stats"], rng=state_rng)
