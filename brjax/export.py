@@ -143,7 +143,7 @@ class Exported:
 def packed_bits(bits: int) -> int:
   """The container width of a ``bits``-bit code: 1..2 -> 2, 3..4 -> 4, 5..8 -> 8.
 
-  1-bit codes (ternary weights -1, 0, 1; binary activations 0, 1) take 2 bits.
+  One bit takes two: a 1-bit signed code is ternary (-1, 0, 1).
 
   Raises:
     ValueError: if ``bits`` is not an integer in 1..8.

@@ -11,17 +11,24 @@ Because ``(mean - level)^2 + var = mean((v - level)^2)`` within one bin, the los
 that is ``sum_m S(m) / N(m)`` with ``S(m)`` the sum of ``(v_i - m * alpha)^2`` over bin ``m``:
 two segment sums (scatter-adds) over the elements, O(N) whatever the bit width. The
 gradient, ``2 (v_i - m_i * alpha) / N(m_i)``, gathers ``1 / N`` once per element.
+
+The collectors read the quantization sites that brjax's quantizers sow into the ``"quant"``
+collection (see ``brjax.sites``): each site carries its own step size and integer range,
+so every layer is binned on its own grid (mixed precision, signed or unsigned inputs,
+per-channel step sizes, layers stacked by ``nn.scan``). A collector that finds nothing to
+regularize raises instead of returning a silent zero.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
 from brjax import quant
+from brjax import sites
 
 # Interleaved partial sums per bin in bin_regularization, and the largest lanes x bins table.
 _LANES = 16
@@ -47,19 +54,28 @@ def bin_regularization(v: jax.Array, alpha: jax.Array, qn: int, qp: int, *,
   Returns:
     A float32 (or float64, for float64 input) scalar: the sum over non-empty bins.
   """
+  return _binned_loss(v, alpha, qn, qp - qn + 1, alpha_grad)
+
+
+def _binned_loss(v, alpha, qn, levels: int, alpha_grad: bool) -> jax.Array:
+  """:func:`bin_regularization` on ``levels`` levels from ``qn`` (an int, or an int array
+  broadcastable to ``v``: then each of its entries starts the grid of its group)."""
   dtype = jnp.promote_types(v.dtype, jnp.float32)
   v = v.astype(dtype)
   alpha = jnp.asarray(alpha, dtype)
+  qn = jnp.asarray(qn, dtype)
+  if qn.ndim:  # one grid per group of alpha and qn alike
+    alpha = jnp.broadcast_to(alpha, jnp.broadcast_shapes(alpha.shape, qn.shape))
   fixed_alpha = jax.lax.stop_gradient(alpha)
-  bins = jax.lax.stop_gradient(jnp.round(jnp.clip(v / quant.safe_alpha(fixed_alpha), qn, qp)))
+  bins = jax.lax.stop_gradient(
+      jnp.round(jnp.clip(v / quant.safe_alpha(fixed_alpha), qn, qn + (levels - 1))))
   level = bins * (alpha if alpha_grad else fixed_alpha)
 
-  num_levels = qp - qn + 1
-  num_bins = alpha.size * num_levels
+  num_bins = alpha.size * levels
   bin_index = (bins - qn).astype(jnp.int32)
   if alpha.size > 1:  # one grid per channel: the bins of group g follow those of g - 1
     groups = jnp.broadcast_to(jnp.arange(alpha.size).reshape(alpha.shape), v.shape)
-    bin_index = groups * num_levels + bin_index
+    bin_index = groups * levels + bin_index
   bin_index = bin_index.reshape(-1)
   # Per-bin sums rather than a gather of N(m_i) per element, which on CPU costs as much as
   # a scatter: ResNet-20 W2A2's BR step went from 1.20 to 1.09 float steps on 2 cores
@@ -74,65 +90,72 @@ def bin_regularization(v: jax.Array, alpha: jax.Array, qn: int, qp: int, *,
   return jnp.sum(sums / jnp.maximum(counts, 1).astype(dtype))
 
 
-def _leaf_paths(tree: Any) -> dict[tuple[str, ...], Any]:
-  return traverse_util.flatten_dict(tree) if tree else {}
+def site_br(site: sites.Site, *, alpha_grad: bool) -> jax.Array:
+  """BR of one quantization site, on its own range; each stacked layer on its own grid."""
+  values, alpha, qn = sites.grouped(site)
+  return _binned_loss(values, alpha, qn, site.levels, alpha_grad)
 
 
-def weight_br(params: Any, bits: int) -> jax.Array:
+def weight_br(collection: Any) -> jax.Array:
   """W-BR: the sum of :func:`bin_regularization` over every quantized kernel.
 
-  A quantized kernel is a ``kernel`` parameter with an ``alpha`` beside it (as
-  ``quant.QuantConv`` and ``quant.QuantDense`` create). Signed bins; the gradient reaches
-  the weight step sizes (``alpha_grad=True``), as in the BR paper.
-
-  Args:
-    params: a Flax ``params`` tree.
-    bits: the weight bit width of every quantized kernel (2..8).
+  Reads the ``"weight"`` sites of the ``"quant"`` collection (``model.apply(...,
+  mutable=["quant", ...])``); signed bins on each kernel's own range; the gradient reaches
+  the kernels and their step sizes (``alpha_grad=True``), as in the BR paper.
 
   Returns:
-    A float32 scalar (0 when the tree holds no quantized kernel).
+    A float32 (float64 for float64 kernels) scalar.
+
+  Raises:
+    ValueError: if the collection holds no kernel (nothing quantized, or ``"quant"`` was
+      not mutable in ``apply``): a silent 0 would train without BR.
   """
-  qn, qp = quant.qrange(bits, signed=True)
-  flat = _leaf_paths(params)
-  losses = [bin_regularization(flat[p[:-1] + ("kernel",)], alpha, qn, qp, alpha_grad=True)
-            for p, alpha in flat.items()
-            if quant.is_alpha_path(p) and p[:-1] + ("kernel",) in flat]
-  return sum(losses, jnp.zeros((), jnp.float32))
+  found = [site_br(s, alpha_grad=True) for _, _, s in sites.iterate(collection, (sites.WEIGHT,))]
+  if not found:
+    raise ValueError(f"W-BR found no quantized kernel: pass mutable=[{sites.COLLECTION!r}, "
+                     "...] to model.apply, and quantize at least one layer's weights")
+  return sum(found[1:], found[0])
 
 
-def activation_br(intermediates: Any, bits: int, *, alpha_grad: bool = False) -> jax.Array:
-  """A-BR: the sum of :func:`bin_regularization` over every sown activation.
+def activation_br(collection: Any, *, alpha_grad: bool = False,
+                  layers: str | None = None) -> jax.Array:
+  """A-BR: the sum of :func:`bin_regularization` over every quantized activation.
 
-  Reads the ``pre_quant`` activations and their ``alpha`` that ``quant.QuantReLU`` sows
-  into the ``intermediates`` collection (one entry per call of the layer). Unsigned bins.
+  Reads the ``"input"`` (a layer's quantized input) and ``"output"`` (a ``QuantReLU``'s
+  quantized output) sites of the ``"quant"`` collection: one term per call, each on its
+  own range (unsigned after a ReLU, signed where the input can be negative).
 
   Args:
-    intermediates: the ``intermediates`` collection returned by ``model.apply(...,
-      mutable=["intermediates", ...])``.
-    bits: the activation bit width of every quantized activation (2..8).
+    collection: the ``"quant"`` collection from ``model.apply(..., mutable=["quant"])``.
     alpha_grad: whether A-BR's gradient reaches the activation step sizes (off by
       default: activations change from batch to batch, and letting the levels chase them
       makes a moving target).
+    layers: a regular expression; only sites whose module path it matches
+      (``re.search``) count. ``None``: every site.
 
   Returns:
-    A float32 scalar (0 when nothing was sown).
+    A float32 (float64 for float64 activations) scalar.
+
+  Raises:
+    ValueError: if no activation site was found (or ``layers`` matched none).
   """
-  qn, qp = quant.qrange(bits, signed=False)
-  flat = _leaf_paths(intermediates)
-  losses = [bin_regularization(v, alpha, qn, qp, alpha_grad=alpha_grad)
-            for p, values in flat.items() if p[-1] == "pre_quant"
-            for v, alpha in zip(values, flat[p[:-1] + ("alpha",)])]
-  return sum(losses, jnp.zeros((), jnp.float32))
+  found = [site_br(s, alpha_grad=alpha_grad)
+           for path, _, s in sites.iterate(collection, (sites.INPUT, sites.OUTPUT))
+           if layers is None or re.search(layers, path)]
+  if not found:
+    which = "" if layers is None else f" whose path matches {layers!r}"
+    raise ValueError(f"A-BR found no quantized activation{which}: pass "
+                     f"mutable=[{sites.COLLECTION!r}, ...] to model.apply, and quantize at "
+                     "least one activation")
+  return sum(found[1:], found[0])
 
 
-def br_losses(params: Any, intermediates: Any, *, bits_w: int, bits_a: int,
-              alpha_grad_a: bool = False) -> tuple[jax.Array, jax.Array]:
-  """Both collectors at once: ``(weight_br(params), activation_br(intermediates))``.
+def br_losses(collection: Any, *, alpha_grad_a: bool = False,
+              abr_layers: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """Both collectors at once: ``(weight_br(collection), activation_br(collection))``.
 
-  A float bit width (32) gives a zero loss for that part.
+  ``collection`` is the ``"quant"`` collection of one ``model.apply(..., mutable=["quant",
+  ...])``: every kernel and every activation binned with its own bits and range.
   """
-  zero = jnp.zeros((), jnp.float32)
-  br_w = zero if bits_w == quant.FLOAT_BITS else weight_br(params, bits_w)
-  br_a = (zero if bits_a == quant.FLOAT_BITS else
-          activation_br(intermediates, bits_a, alpha_grad=alpha_grad_a))
-  return br_w, br_a
+  return (weight_br(collection),
+          activation_br(collection, alpha_grad=alpha_grad_a, layers=abr_layers))

@@ -18,6 +18,7 @@ import numpy as np
 from tensorboardX import SummaryWriter
 
 from brjax import quant
+from brjax import sites
 
 SCALARS = ("train_acc", "test_acc", "train_loss", "test_loss", "ce", "br_w", "br_a", "lr")
 
@@ -56,23 +57,19 @@ def write_reference_metrics(writer: SummaryWriter, epoch: int, metrics: dict) ->
                           epoch)
 
 
-def write_histograms(writer: SummaryWriter, epoch: int, params: Any, intermediates: Any,
-                     bits_w: int) -> None:
-  """Float and fake-quantized kernels, and sown pre-quantization activations."""
-  flat = traverse_util.flatten_dict(jax.device_get(params))
-  for path, kernel in flat.items():
-    if path[-1] != "kernel":
-      continue
-    layer = _name(path[:-1])
-    writer.add_histogram(f"weights/{layer}", np.asarray(kernel), epoch)
-    alpha = flat.get(path[:-1] + ("alpha",))
-    if alpha is not None:
-      qn, qp = quant.qrange(bits_w, signed=True)
-      q = quant.lsq_quantize(kernel, alpha, qn, qp, 1.0)
-      writer.add_histogram(f"quantized_weights/{layer}", np.asarray(q), epoch)
-  sown = traverse_util.flatten_dict(jax.device_get(intermediates)) if intermediates else {}
-  for path, values in sown.items():
-    if path[-1] == "pre_quant":
-      for i, v in enumerate(values):
-        suffix = f"#{i}" if len(values) > 1 else ""
-        writer.add_histogram(f"activations/{_name(path[:-1])}{suffix}", np.asarray(v), epoch)
+def write_histograms(writer: SummaryWriter, epoch: int, params: Any, collection: Any) -> None:
+  """Every kernel, the fake-quantized kernels and the pre-quantization activations.
+
+  ``collection`` is the ``"quant"`` collection of one eval-mode forward pass
+  (``metrics.recorded_sites``): each quantized kernel is shown on its own range and grid.
+  """
+  for path, kernel in traverse_util.flatten_dict(jax.device_get(params)).items():
+    if path[-1] == "kernel":
+      writer.add_histogram(f"weights/{_name(path[:-1])}", np.asarray(kernel), epoch)
+  recorded = jax.device_get(collection)
+  for layer, site in sites.named(recorded, (sites.WEIGHT,)).items():
+    values, alpha, qn = sites.grouped(site)
+    q = quant.lsq_quantize(values, alpha, qn, qn + site.levels - 1, 1.0)
+    writer.add_histogram(f"quantized_weights/{layer}", np.asarray(q), epoch)
+  for name, site in sites.named(recorded, (sites.INPUT, sites.OUTPUT)).items():
+    writer.add_histogram(f"activations/{name}", np.asarray(site.values), epoch)

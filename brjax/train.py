@@ -39,6 +39,7 @@ from brjax import optim
 from brjax import quant
 from brjax import regularizer
 from brjax import recipes
+from brjax import sites
 from brjax import summary
 from brjax.config import Config, PRETRAINED_SUFFIXES
 
@@ -57,9 +58,8 @@ class BRSettings:
   """What the loss adds to cross-entropy: static, so each setting compiles its own step."""
   lambda_w: float = struct.field(pytree_node=False, default=0.0)
   lambda_a: float = struct.field(pytree_node=False, default=0.0)
-  bits_w: int = struct.field(pytree_node=False, default=quant.FLOAT_BITS)
-  bits_a: int = struct.field(pytree_node=False, default=quant.FLOAT_BITS)
   alpha_grad_a: bool = struct.field(pytree_node=False, default=False)
+  abr_layers: str | None = struct.field(pytree_node=False, default=None)
 
 
 def phase_of(config: Config, epoch: int) -> str:
@@ -76,11 +76,11 @@ def br_settings(config: Config, phase: str) -> BRSettings:
   return BRSettings(
       lambda_w=config.lambda_w if config.bits_w != quant.FLOAT_BITS else 0.0,
       lambda_a=config.lambda_a if config.bits_a != quant.FLOAT_BITS else 0.0,
-      bits_w=config.bits_w, bits_a=config.bits_a, alpha_grad_a=config.br_alpha_grad_a)
+      alpha_grad_a=config.br_alpha_grad_a)
 
 
 def train_step(state: TrainState, batch: dict, br: BRSettings) -> tuple[TrainState, dict]:
-  """One SGD step on ``CE + br.lambda_w * BR_W + br.lambda_a * BR_A``.
+  """One optimizer step on ``CE + br.lambda_w * BR_W + br.lambda_a * BR_A``.
 
   Args:
     state: the replicated training state.
@@ -91,17 +91,19 @@ def train_step(state: TrainState, batch: dict, br: BRSettings) -> tuple[TrainSta
     The new state and per-step sums: ``loss``, ``ce``, ``br_w``, ``br_a`` (each times B, so
     that epoch sums divided by ``count`` are means), ``correct`` and ``count``.
   """
-  # Only sow activations when A-BR uses them: otherwise no A-BR work at all.
-  mutable = ["batch_stats"] + (["intermediates"] if br.lambda_a > 0 else [])
+  # Quantization sites are recorded only when BR reads them: otherwise no BR work at all.
+  with_br = br.lambda_w > 0 or br.lambda_a > 0
+  mutable = ["batch_stats"] + ([sites.COLLECTION] if with_br else [])
 
   def loss_fn(params):
     logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
                                      batch["image"], train=True, mutable=mutable)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-    zero = jnp.zeros((), jnp.float32)
-    br_w = regularizer.weight_br(params, br.bits_w) if br.lambda_w > 0 else zero
-    br_a = (regularizer.activation_br(updates["intermediates"], br.bits_a,
-                                      alpha_grad=br.alpha_grad_a) if br.lambda_a > 0 else zero)
+    zero = jnp.zeros((), ce.dtype)
+    recorded = updates.get(sites.COLLECTION, {})
+    br_w = regularizer.weight_br(recorded) if br.lambda_w > 0 else zero
+    br_a = (regularizer.activation_br(recorded, alpha_grad=br.alpha_grad_a,
+                                      layers=br.abr_layers) if br.lambda_a > 0 else zero)
     loss = ce + br.lambda_w * br_w + br.lambda_a * br_a
     return loss, (logits, updates["batch_stats"], ce, br_w, br_a)
 
@@ -503,8 +505,7 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   log(_banner(config, topology, ds))
   eval_fn = jit_eval_step(topology, model.apply)
   # Per-layer quantization metrics, every epoch, on the first test batch.
-  quant_fn = jax.jit(functools.partial(metrics.quant_metrics, model, bits_w=config.bits_w,
-                                       bits_a=config.bits_a))
+  quant_fn = jax.jit(functools.partial(metrics.quant_metrics, model))
   probe = next(input_pipeline.eval_batches(ds, config.batch_size))
   writer = summary.create_writer(workdir) if tensorboard and is_chief else None
   step_fns = {}
@@ -548,8 +549,7 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
       summary.write_scalars(writer, epoch, m, state.params)
       if epoch % histogram_every == 0 or epoch == config.epochs:
         summary.write_histograms(writer, epoch, state.params,
-                                 metrics.sown_activations(model, variables, probe["image"]),
-                                 config.bits_w)
+                                 metrics.recorded_sites(model, variables, probe["image"]))
       writer.flush()
     log(format_epoch_line(m, config.epochs))
     last = m

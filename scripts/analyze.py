@@ -168,7 +168,7 @@ def load_run(workdir: str, flag: str, history: list[dict], data_dir: str | None,
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   # pylint: disable=g-import-not-at-top
-  from brjax import checkpoint, input_pipeline, metrics, models
+  from brjax import checkpoint, input_pipeline, metrics, models, sites
 
   try:
     variables, meta = checkpoint.restore_pretrained(workdir, prefer)
@@ -201,30 +201,23 @@ def load_run(workdir: str, flag: str, history: list[dict], data_dir: str | None,
       # order (once, when jit traces), and XLA drops it from the compiled code if unused.
       del order[:]
       with recording_call_order(order):
-        sown = metrics.sown_activations(model, variables, images)
-      sown = sown if bits_a != FLOAT_BITS else {}
-      return metrics.collect_metrics(variables["params"], sown, bits_w=bits_w, bits_a=bits_a,
-                                     mask=mask), sown
+        recorded = metrics.recorded_sites(model, variables, images)
+      return metrics.collect_metrics(recorded, mask=mask), recorded
 
     cache[model_key] = (jax.jit(compute), order)
   compute, order = cache[model_key]
   try:
-    quant, sown = jax.device_get(compute(variables, batch["image"], batch["mask"]))
+    quant, recorded = jax.device_get(compute(variables, batch["image"], batch["mask"]))
   except flax.errors.ScopeParamShapeError as e:
     reason = str(e).splitlines()[0]
     raise ValueError(f"--{flag}={workdir}: its checkpoint does not fit {config['model']} on "
                      f"the data of {data_dir} ({num_classes} classes): {reason[:200]}") from None
 
-  flat = flax.traverse_util.flatten_dict(variables["params"])
-  weights = {name: np.asarray(flat[tuple(name.split("/")) + ("kernel",)]).ravel()
-             for name in quant["weights"]}
-  activations = {}
+  weights = {name: np.asarray(site.values).ravel()
+             for name, site in sites.named(recorded, (sites.WEIGHT,)).items()}
   mask = np.asarray(batch["mask"])
-  for path, values in (flax.traverse_util.flatten_dict(sown) if sown else {}).items():
-    if path[-1] == "pre_quant":
-      name = "/".join(path[:-1])
-      for i, v in enumerate(values):
-        activations[name if len(values) == 1 else f"{name}#{i}"] = np.asarray(v)[mask].ravel()
+  activations = {name: np.asarray(site.values)[mask].ravel()
+                 for name, site in sites.named(recorded, (sites.INPUT, sites.OUTPUT)).items()}
   return {"workdir": workdir, "label": run_label(config, workdir), "config": config,
           "meta": meta, "history": history, "quant": quant, "weights": weights,
           "activations": activations, "order": list(order), "data_dir": data_dir,

@@ -20,6 +20,7 @@ from brjax import export
 from brjax import input_pipeline
 from brjax import models
 from brjax import quant
+from brjax import sites
 from brjax.config import Config
 
 from conftest import REPO
@@ -75,7 +76,7 @@ def test_pack_rejects_bad_input():
     export.pack_codes(np.array([-1, 3]), 2, signed=False)
   with pytest.raises(ValueError, match="dtype float"):
     export.pack_codes(np.array([0.5]), 4, signed=True)
-  for bits in (1, 9, 32):
+  for bits in (0, 9, 32):
     with pytest.raises(ValueError, match=f"bits={bits}"):
       export.pack_codes(np.array([0]), bits, signed=True)
   with pytest.raises(ValueError, match=r"needs uint8 \(2,\)"):
@@ -173,17 +174,15 @@ def _random_variables(model: nn.Module, images: np.ndarray, seed: int,
 def _fake_quant(model: nn.Module, variables: dict, images: np.ndarray):
   """Fake-quant eval: logits, each QuantReLU's codes ``round(clip(y / alpha, 0, qp))``, and
   how many activations sit at the top of their range (code ``qp``, or ``y`` at the clip)."""
-  apply = jax.jit(functools.partial(model.apply, train=False, mutable=["intermediates"]))
+  apply = jax.jit(functools.partial(model.apply, train=False, mutable=["quant"]))
   logits, state = apply(variables, images)
-  flat = traverse_util.flatten_dict(jax.device_get(state["intermediates"]), sep="/")
+  recorded = sites.named(jax.device_get(state["quant"]), (sites.OUTPUT,))
   qp, clip = 2**model.act.keywords["bits"] - 1, model.act.keywords["clip"]
   codes, saturated = {}, 0
-  for path, value in flat.items():
-    if path.endswith("/pre_quant"):
-      name = path[:-len("/pre_quant")]
-      alpha = np.asarray(quant.safe_alpha(flat[f"{name}/alpha"][0]))
-      codes[name] = np.round(np.clip(value[0] / alpha, 0, qp))
-      saturated += np.sum((codes[name] == qp) | (value[0] == clip))
+  for name, site in recorded.items():
+    value = np.asarray(site.values)
+    codes[name] = np.round(np.clip(value / np.asarray(quant.safe_alpha(site.alpha)), 0, qp))
+    saturated += np.sum((codes[name] == qp) | (value == clip))
   return np.asarray(logits), codes, saturated
 
 
@@ -404,3 +403,12 @@ def test_script_rejects_a_bad_workdir(tmp_path):
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: --workdir=") and "nope" in lines[0]
   assert not out.exists() and not result.stdout
+
+
+@pytest.mark.parametrize("signed,codes", [(True, [-1, 0, 1, 1, 0, -1, 1]),
+                                          (False, [0, 1, 1, 0, 1])])
+def test_one_bit_codes_pack_in_two_bits(signed, codes):
+  codes = np.array(codes)
+  packed = export.pack_codes(codes, 1, signed=signed)
+  assert packed.size == export.packed_size(codes.size, 1) == -(-2 * codes.size // 8)
+  np.testing.assert_array_equal(export.unpack_codes(packed, codes.shape, 1, signed=signed), codes)

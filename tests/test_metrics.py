@@ -141,7 +141,7 @@ class LayerMetricsTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("empty", np.zeros((0, 3)), 1.0, -2, 1, "empty"),
-      ("vector_alpha", np.ones((4, 3)), np.ones(3), -2, 1, r"alpha of shape \(3,\)"),
+      ("vector_alpha", np.ones((4, 3)), np.ones(4), -2, 1, r"alpha of shape \(4,\) does not"),
       ("bad_range", np.ones(3), 1.0, 1, 1, "qn=1, qp=1"),
       ("float_range", np.ones(3), 1.0, -2.0, 1, "qn=-2.0"),
   )
@@ -190,90 +190,107 @@ WEIGHT_LAYERS = {"block/QuantConv_0", "block/proj", "block/QuantDense_0"}
 ACT_LAYERS = {"block/shared_act#0", "block/shared_act#1", "block/QuantReLU_0"}
 
 
+def recorded(model, variables, x):
+  _, state = model.apply(variables, x, mutable=["quant"])
+  return state["quant"]
+
+
 class CollectorsTest(parameterized.TestCase):
 
   def test_weight_metrics_finds_every_quantized_kernel(self):
-    _, variables, _ = tiny_model_and_variables()
-    got = metrics.weight_metrics(variables["params"], bits=2)
+    model, variables, x = tiny_model_and_variables()
+    got = metrics.weight_metrics(recorded(model, variables, x))
     assert set(got) == WEIGHT_LAYERS
     for name, m in got.items():
       p = variables["params"]["block"][name.split("/")[1]]
       assert_metrics_close(m, np_layer_metrics(p["kernel"], p["alpha"], -2, 1))
 
+  def test_per_channel_and_mixed_bits(self):
+    class Mixed(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        x = quant.QuantConv(4, (3, 3), bits=8, per_channel=True)(x)
+        return quant.QuantDense(3, bits=2)(x.mean(axis=(1, 2)))
+
+    model = Mixed()
+    x = jax.random.normal(jax.random.key(0), (5, 6, 6, 3))
+    variables = model.init(jax.random.key(1), x)
+    conv = variables["params"]["QuantConv_0"]
+    chex.assert_shape(conv["alpha"], (1, 1, 1, 4))
+    got = metrics.weight_metrics(recorded(model, variables, x))
+    chex.assert_shape(got["QuantConv_0"]["occupancy"], (256,))
+    chex.assert_shape(got["QuantDense_0"]["occupancy"], (4,))
+    per_channel = [np_layer_metrics(conv["kernel"][..., c], conv["alpha"][0, 0, 0, c], -128, 127)
+                   for c in range(4)]
+    np.testing.assert_allclose(got["QuantConv_0"]["mse"],
+                               np.mean([m["mse"] for m in per_channel]), rtol=1e-5)
+    np.testing.assert_allclose(got["QuantConv_0"]["alpha"], np.mean(conv["alpha"]), rtol=1e-6)
+
   def test_activation_metrics_names_every_call(self):
     model, variables, x = tiny_model_and_variables()
-    _, state = model.apply(variables, x, mutable=["intermediates"])
-    inter = state["intermediates"]["block"]
-    got = metrics.activation_metrics(state["intermediates"], bits=3)
+    col = recorded(model, variables, x)
+    got = metrics.activation_metrics(col)
     assert set(got) == ACT_LAYERS
+    block = col["block"]
     for name, (layer, i) in {"block/shared_act#0": ("shared_act", 0),
                              "block/shared_act#1": ("shared_act", 1),
                              "block/QuantReLU_0": ("QuantReLU_0", 0)}.items():
-      want = np_layer_metrics(inter[layer]["pre_quant"][i], inter[layer]["alpha"][i], 0, 7)
-      assert_metrics_close(got[name], want)
+      site = block[layer]["output"][i]
+      assert_metrics_close(got[name], np_layer_metrics(site.values, site.alpha, 0, 7))
 
   def test_activation_metrics_mask(self):
     model, variables, x = tiny_model_and_variables()
-    _, state = model.apply(variables, x, mutable=["intermediates"])
+    col = recorded(model, variables, x)
     mask = np.array([True, False, True, True, False])
-    got = metrics.activation_metrics(state["intermediates"], bits=3, mask=mask)
-    inter = state["intermediates"]["block"]["QuantReLU_0"]
-    want = np_layer_metrics(np.asarray(inter["pre_quant"][0])[mask], inter["alpha"][0], 0, 7)
+    got = metrics.activation_metrics(col, mask=mask)
+    site = col["block"]["QuantReLU_0"]["output"][0]
+    want = np_layer_metrics(np.asarray(site.values)[mask], site.alpha, 0, 7)
     assert_metrics_close(got["block/QuantReLU_0"], want)
     with pytest.raises(ValueError, match=r"mask of shape \(4,\)"):
-      metrics.activation_metrics(state["intermediates"], bits=3, mask=mask[:4])
+      metrics.activation_metrics(col, mask=mask[:4])
 
-  def test_activation_metrics_needs_alpha(self):
-    with pytest.raises(ValueError, match="'act' hold 1 pre_quant but 0 alpha"):
-      metrics.activation_metrics({"act": {"pre_quant": (jnp.ones((2, 3)),)}}, bits=2)
-
-  def test_empty_trees(self):
-    assert metrics.weight_metrics({}, 2) == {}
-    assert metrics.activation_metrics({}, 2) == {}
+  def test_empty_collections(self):
+    assert metrics.weight_metrics({}) == {}
+    assert metrics.activation_metrics({}) == {}
+    with pytest.raises(ValueError, match="no brjax site sowed"):
+      metrics.weight_metrics({"act": {"pre_quant": (jnp.ones((2, 3)),)}})
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_quant_metrics(self):
     model, variables, x = tiny_model_and_variables()
-    fn = self.variant(functools.partial(metrics.quant_metrics, model, bits_w=2, bits_a=3))
+    fn = self.variant(functools.partial(metrics.quant_metrics, model))
     got = fn(variables, x)
     assert set(got) == {"weights", "activations"}
     assert set(got["weights"]) == WEIGHT_LAYERS and set(got["activations"]) == ACT_LAYERS
-    _, state = model.apply(variables, x, mutable=["intermediates"])
-    want = {"weights": metrics.weight_metrics(variables["params"], 2),
-            "activations": metrics.activation_metrics(state["intermediates"], 3)}
+    col = recorded(model, variables, x)
+    want = {"weights": metrics.weight_metrics(col),
+            "activations": metrics.activation_metrics(col)}
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_quant_metrics_batch_dict_with_mask(self):
     model, variables, x = tiny_model_and_variables()
     mask = jnp.array([True, True, False, False, True])
-    fn = self.variant(functools.partial(metrics.quant_metrics, model, bits_w=2, bits_a=3))
+    fn = self.variant(functools.partial(metrics.quant_metrics, model))
     got = fn(variables, {"image": x, "mask": mask, "label": jnp.zeros(5, jnp.int32)})
     want = fn(variables, x[np.asarray(mask)])
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="mask was given twice"):
-      metrics.quant_metrics(model, variables, {"image": x, "mask": mask}, bits_w=2, bits_a=3,
-                            mask=mask)
+      metrics.quant_metrics(model, variables, {"image": x, "mask": mask}, mask=mask)
 
-  def test_quant_metrics_ignores_stale_intermediates(self):
+  def test_quant_metrics_ignores_stale_records(self):
     model, variables, x = tiny_model_and_variables()
-    _, state = model.apply(variables, x, mutable=["intermediates"])
-    got = metrics.quant_metrics(model, {**variables, **state}, x, bits_w=2, bits_a=3)
+    _, state = model.apply(variables, x, mutable=["quant"])
+    got = metrics.quant_metrics(model, {**variables, **state}, x)
     assert set(got["activations"]) == ACT_LAYERS  # not shared_act#0..#3
 
   @parameterized.named_parameters(("float_weights", 32, 3), ("float_acts", 2, 32),
                                   ("float", 32, 32))
   def test_quant_metrics_float_parts_are_empty(self, bits_w, bits_a):
     model, variables, x = tiny_model_and_variables(bits_w, bits_a)
-    got = jax.jit(functools.partial(metrics.quant_metrics, model, bits_w=bits_w,
-                                    bits_a=bits_a))(variables, x)
+    got = jax.jit(functools.partial(metrics.quant_metrics, model))(variables, x)
     assert (got["weights"] == {}) == (bits_w == 32)
     assert (got["activations"] == {}) == (bits_a == 32)
-
-  def test_quant_metrics_bad_bits(self):
-    model, variables, x = tiny_model_and_variables()
-    with pytest.raises(ValueError, match="bits=9"):
-      metrics.quant_metrics(model, variables, x, bits_w=9, bits_a=3)
 
   def test_quant_metrics_traces_once(self):
     model, variables, x = tiny_model_and_variables()
@@ -281,7 +298,7 @@ class CollectorsTest(parameterized.TestCase):
     @jax.jit
     @chex.assert_max_traces(n=1)
     def fn(variables, x):
-      return metrics.quant_metrics(model, variables, x, bits_w=2, bits_a=3)
+      return metrics.quant_metrics(model, variables, x)
 
     fn(variables, x)
     fn(jax.tree.map(lambda a: a * 1.5, variables), x + 1.0)
@@ -291,8 +308,7 @@ class CollectorsTest(parameterized.TestCase):
     model = models.create_model("resnet20", bits_w=2, bits_a=2)
     x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
     variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
-    got = jax.eval_shape(functools.partial(metrics.quant_metrics, model, bits_w=2, bits_a=2),
-                         variables, x)
+    got = jax.eval_shape(functools.partial(metrics.quant_metrics, model), variables, x)
     blocks = [f"BasicBlock_{i}" for i in range(9)]
     assert set(got["weights"]) == (
         {"conv_init", "QuantDense_0", "BasicBlock_3/conv_proj", "BasicBlock_6/conv_proj"} |
@@ -307,7 +323,7 @@ class CollectorsTest(parameterized.TestCase):
 
 def test_to_python_is_json_serializable():
   model, variables, x = tiny_model_and_variables()
-  got = metrics.quant_metrics(model, variables, x, bits_w=2, bits_a=3)
+  got = metrics.quant_metrics(model, variables, x)
   py = metrics.to_python(got)
   assert json.loads(json.dumps(py)) == py
   m = py["weights"]["block/proj"]
@@ -383,7 +399,7 @@ def test_collectors_carry_the_reference_metrics_and_the_summary_averages_layers(
   model = models.create_model("resnet20", bits_w=2, bits_a=2)
   images = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
   variables = model.init(jax.random.key(1), images, train=False)
-  got = metrics.to_python(metrics.quant_metrics(model, variables, images, bits_w=2, bits_a=2))
+  got = metrics.to_python(metrics.quant_metrics(model, variables, images))
   for kind in ("weights", "activations"):
     for layer in got[kind].values():
       assert {"effectiveness", "pct_near", "mean_distance", "bins_used", "bin_count",

@@ -8,6 +8,7 @@ import pytest
 
 from brjax import models
 from brjax import quant
+from brjax import sites
 
 
 def _shapes(name, **kw):
@@ -43,10 +44,11 @@ def test_everything_but_batchnorm_is_quantized(bits_w, bits_a):
   kernels = [p[:-1] for p in flat if p[-1] == "kernel"]
   weight_alphas = [p[:-1] for p in flat if p[-1] == "alpha" and p[:-1] + ("kernel",) in flat]
   assert len(weight_alphas) == (len(kernels) if bits_w != 32 else 0)
-  _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
-  sown = flax.traverse_util.flatten_dict(state.get("intermediates", {}))
-  pre_quant = [p for p in sown if p[-1] == "pre_quant"]
-  assert len(pre_quant) == (19 if bits_a != 32 else 0)  # every ReLU, the first included
+  _, state = model.apply(variables, x, train=False, mutable=["quant"])
+  recorded = list(sites.iterate(state.get("quant", {})))
+  outputs = [path for path, kind, _ in recorded if kind == "output"]
+  assert len(outputs) == (19 if bits_a != 32 else 0)  # every ReLU, the first included
+  assert len(recorded) - len(outputs) == len(weight_alphas)  # every quantized kernel
   if bits_a != 32:
     qn, qp = quant.qrange(bits_a, signed=False)
     assert qp == 2**bits_a - 1

@@ -271,15 +271,16 @@ def test_quant_relu():
   y_pre = jnp.clip(x, 0, 6)
   alpha = variables["params"]["alpha"]
   np.testing.assert_allclose(alpha, quant.init_alpha(y_pre, 3), rtol=1e-6)
-  y, state = layer.apply(variables, x, mutable=["intermediates"])
+  y, state = layer.apply(variables, x, mutable=["quant"])
   np.testing.assert_allclose(y, _ref_forward(np.asarray(y_pre), float(alpha), 0, 3), atol=1e-6)
-  inter = state["intermediates"]
-  chex.assert_trees_all_close(inter["pre_quant"][0], y_pre)
-  chex.assert_trees_all_close(inter["alpha"][0], alpha)
-  # Without 'intermediates' in mutable nothing is sown.
+  (site,) = state["quant"]["output"]
+  chex.assert_trees_all_close(site.values, y_pre)
+  chex.assert_trees_all_close(site.alpha, alpha)
+  assert (int(site.qn), site.levels, site.ndim) == (0, 4, 4)
+  # Without 'quant' in mutable nothing is recorded.
   y2, state2 = layer.apply(variables, x, mutable=["batch_stats"])
   chex.assert_trees_all_close(y2, y)
-  assert "intermediates" not in state2
+  assert "quant" not in state2
 
 
 def test_invalid_layer_bits():
@@ -315,8 +316,8 @@ def test_user_model_jitted_training_step():
   def step(params, batch_stats, opt_state):
     def loss_fn(params):
       logits, state = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                  mutable=["batch_stats", "intermediates"])
-      br_w, br_a = regularizer.br_losses(params, state["intermediates"], bits_w=2, bits_a=2)
+                                  mutable=["batch_stats", "quant"])
+      br_w, br_a = regularizer.br_losses(state["quant"])
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
       return ce + br_w + br_a, (state["batch_stats"], br_w, br_a)
     (loss, (bs, br_w, br_a)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -334,15 +335,17 @@ def test_user_model_jitted_training_step():
   alphas = {p: g for p, g in jax.tree_util.tree_leaves_with_path(grads)
             if p[-1].key == "alpha"}
   assert len(alphas) == 5 and all(float(g) != 0 for g in alphas.values())
-  # The collector found both sown activations.
+  # The collectors found both activations and all three kernels.
   _, state = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False,
-                         mutable=["intermediates"])
-  expected = sum(regularizer.bin_regularization(v[0], a[0], 0, 3)
-                 for v, a in [(m["pre_quant"], m["alpha"]) for m in
-                              state["intermediates"].values()])
-  np.testing.assert_allclose(regularizer.activation_br(state["intermediates"], 2), expected,
-                             rtol=1e-6)
-  assert len(state["intermediates"]) == 2
+                         mutable=["quant"])
+  expected = sum(regularizer.bin_regularization(m["output"][0].values, m["output"][0].alpha, 0, 3)
+                 for name, m in state["quant"].items() if name.startswith("QuantReLU"))
+  np.testing.assert_allclose(regularizer.activation_br(state["quant"]), expected, rtol=1e-6)
+  expected = sum(regularizer.bin_regularization(params[name]["kernel"], params[name]["alpha"],
+                                                -2, 1)
+                 for name in ("QuantConv_0", "QuantConv_1", "QuantDense_0"))
+  np.testing.assert_allclose(regularizer.weight_br(state["quant"]), expected, rtol=1e-6)
+  assert len(state["quant"]) == 5
 
 
 def test_init_alphas_data_driven():
@@ -359,10 +362,10 @@ def test_init_alphas_data_driven():
     np.testing.assert_allclose(new["params"][name]["alpha"],
                                quant.init_alpha(params[name]["kernel"], qp_w), rtol=1e-6)
   # Activation alphas come from the inputs each layer sees with the new upstream alphas.
-  _, state = model.apply(new, 2 * x, train=False, mutable=["intermediates"])
+  _, state = model.apply(new, 2 * x, train=False, mutable=["quant"])
   for name in ["QuantReLU_0", "QuantReLU_1"]:
     np.testing.assert_allclose(new["params"][name]["alpha"],
-                               quant.init_alpha(state["intermediates"][name]["pre_quant"][0],
+                               quant.init_alpha(state["quant"][name]["output"][0].values,
                                                 qp_a), rtol=1e-5)
   # Everything that is not a step size is untouched.
   chex.assert_trees_all_close(new["params"]["QuantConv_0"]["kernel"],
@@ -402,13 +405,13 @@ def test_quant_relu_keep_last_call_and_batch_grad_scale():
 
   for keep, sown in [(False, 2), (True, 1)]:
     variables = Twice(keep).init(jax.random.key(0), x)
-    _, state = Twice(keep).apply(variables, x, mutable=["intermediates"])
-    assert len(state["intermediates"]["QuantReLU_0"]["pre_quant"]) == sown
+    _, state = Twice(keep).apply(variables, x, mutable=["quant"])
+    assert len(state["quant"]["QuantReLU_0"]["output"]) == sown
   # The last call's input is what is kept.
-  _, state = Twice(True).apply(variables, x, mutable=["intermediates"])
+  _, state = Twice(True).apply(variables, x, mutable=["quant"])
   relu = quant.QuantReLU(bits=2)
   first = relu.apply({"params": variables["params"]["QuantReLU_0"]}, x)
-  np.testing.assert_allclose(state["intermediates"]["QuantReLU_0"]["pre_quant"][0],
+  np.testing.assert_allclose(state["quant"]["QuantReLU_0"]["output"][0].values,
                              jnp.maximum(first - 0.3, 0.0))
   # The batch-wide gradient scale divides the alpha gradient by sqrt(batch size).
   grads = {}

@@ -19,6 +19,7 @@ from brjax import models
 from brjax import quant
 from brjax import regularizer
 from brjax import reference_resnet
+from brjax import sites
 
 
 def _shapes(model, batch=1):
@@ -49,20 +50,20 @@ def test_a_shared_relu_sows_only_its_last_call_and_that_call_feeds_the_next_laye
   model = models.create_model("resnet18_reference", bits_w=2, bits_a=2, width=4)
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   variables = model.init(jax.random.key(1), x, train=False)
-  logits, state = model.apply(variables, x, train=False, mutable=["intermediates"])
-  sown = state["intermediates"]
-  assert len(sown["layer4_1"]["relu"]["pre_quant"]) == 1  # not 2: A-BR sees one call
-  assert len(jax.tree.leaves(sown)) == 2 * 9
+  logits, state = model.apply(variables, x, train=False, mutable=[sites.COLLECTION])
+  sown = state[sites.COLLECTION]
+  assert len(sown["layer4_1"]["relu"][sites.OUTPUT]) == 1  # not 2: A-BR sees one call
+  assert len(list(sites.iterate(sown, (sites.INPUT, sites.OUTPUT)))) == 9
   # The sown value is the post-add call's input: quantized, pooled and through fc, it gives
   # the logits (the first call's would not).
-  y = sown["layer4_1"]["relu"]["pre_quant"][0]
+  y = sown["layer4_1"]["relu"][sites.OUTPUT][0].values
   p = variables["params"]
   qn, qp = quant.qrange(2, signed=False)
   feats = jnp.mean(quant.lsq_quantize(y, p["layer4_1"]["relu"]["alpha"], qn, qp, 1.0), (1, 2))
   wn, wp = quant.qrange(2, signed=True)
   kernel = quant.lsq_quantize(p["fc"]["kernel"], p["fc"]["alpha"], wn, wp, 1.0)
   chex.assert_trees_all_close(feats @ kernel + p["fc"]["bias"], logits, rtol=1e-5, atol=1e-5)
-  assert float(regularizer.activation_br(sown, 2)) > 0
+  assert float(regularizer.activation_br(sown)) > 0
 
 
 def test_torch_batchnorm_statistics():
@@ -105,15 +106,18 @@ def test_one_bit_models_are_ternary_and_binary(name):
   model = models.create_model(name, bits_w=1, bits_a=1, **kwargs)
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   variables = model.init(jax.random.key(1), x, train=True)
-  _, state = model.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"])
+  _, state = model.apply(variables, x, train=True, mutable=["batch_stats", sites.COLLECTION])
   flat = traverse_util.flatten_dict(variables["params"])
   for path, alpha in flat.items():
     if path[-1] == "alpha" and path[:-1] + ("kernel",) in flat:
       codes = np.round(np.clip(np.asarray(flat[path[:-1] + ("kernel",)]) / alpha, -1, 1))
       assert set(np.unique(codes)) == {-1.0, 0.0, 1.0}, path
   # BR at 1 bit uses the quantizer's own ranges: (-1, 1) for weights, (0, 1) activations.
-  assert float(regularizer.weight_br(variables["params"], 1)) > 0
-  assert float(regularizer.activation_br(state["intermediates"], 1)) > 0
+  recorded = state[sites.COLLECTION]
+  assert float(regularizer.weight_br(recorded)) > 0
+  assert float(regularizer.activation_br(recorded)) > 0
+  for _, _, site in sites.iterate(recorded):
+    assert site.levels in (2, 3)  # binary activations, ternary weights
   with pytest.raises(ValueError, match="bits=0 is not supported"):
     models.create_model(name, bits_w=0, **kwargs)
 

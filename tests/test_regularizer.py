@@ -10,6 +10,7 @@ import pytest
 
 from brjax import quant
 from brjax import regularizer
+from brjax import sites
 
 
 def _loop_reference(v, alpha, qn, qp):
@@ -126,57 +127,94 @@ class BinRegularizationTest(chex.TestCase):
     assert len(jaxpr.jaxpr.eqns) < 40
 
 
-def _params(bits):
-  """A params tree with two quantized kernels, one float kernel and a BatchNorm."""
+def _kernels():
   rng = np.random.default_rng(0)
-  k1, k2, k3 = (jnp.asarray(rng.normal(0, 0.1, s), jnp.float32)
-                for s in [(3, 3, 3, 8), (8, 10), (4, 4)])
-  qp = quant.qrange(bits, True)[1]
+  return [jnp.asarray(rng.normal(0, 0.1, s), jnp.float32) for s in [(3, 3, 3, 8), (8, 10)]]
+
+
+def _collection(bits_w=2, bits_a=4):
+  """A "quant" collection as a forward pass records it: two kernels (one at 8 bits), a ReLU
+  called twice, a signed layer input."""
+  k1, k2 = _kernels()
+  rng = np.random.default_rng(1)
+  acts = [jnp.asarray(np.abs(rng.normal(0, 1, (4, 6))), jnp.float32) for _ in range(2)]
+  signed_in = jnp.asarray(rng.normal(0, 1, (4, 8)), jnp.float32)
+  qp = quant.qrange(bits_w, True)[1]
   return {
-      "conv": {"kernel": k1, "alpha": quant.init_alpha(k1, qp)},
-      "block": {"dense": {"kernel": k2, "bias": jnp.zeros(10), "alpha": jnp.float32(0.05)}},
-      "float": {"kernel": k3},
-      "bn": {"scale": jnp.ones(8), "bias": jnp.zeros(8)},
+      "conv": {"weight": (sites.record(k1, quant.init_alpha(k1, qp),
+                                       *quant.qrange(bits_w, True)),)},
+      "block": {"dense": {
+          "weight": (sites.record(k2, jnp.float32(0.01), *quant.qrange(8, True)),),
+          "input": (sites.record(signed_in, jnp.float32(0.2), *quant.qrange(bits_a, True)),)}},
+      "relu": {"output": tuple(sites.record(v, jnp.float32(a), *quant.qrange(bits_a, False))
+                               for v, a in zip(acts, (0.3, 0.5)))},
   }
 
 
-def test_weight_br_sums_every_quantized_kernel():
-  params = _params(2)
-  qn, qp = quant.qrange(2, True)
-  expected = (regularizer.bin_regularization(params["conv"]["kernel"], params["conv"]["alpha"],
-                                             qn, qp)
-              + regularizer.bin_regularization(params["block"]["dense"]["kernel"], 0.05, qn, qp))
-  np.testing.assert_allclose(regularizer.weight_br(params, 2), expected, rtol=1e-6)
-  grads = jax.grad(regularizer.weight_br)(params, 2)
-  # Gradient reaches the weight step sizes (W-BR) and only quantized kernels.
-  assert float(grads["conv"]["alpha"]) != 0 and float(grads["block"]["dense"]["alpha"]) != 0
-  assert not np.any(grads["float"]["kernel"]) and not np.any(grads["bn"]["scale"])
-  assert float(regularizer.weight_br({"float": {"kernel": jnp.ones(3)}}, 2)) == 0.0
+def test_weight_br_bins_every_kernel_on_its_own_range():
+  col = _collection()
+  (k1, a1), (k2, a2) = [(s.values, s.alpha) for _, _, s in sites.iterate(col, ("weight",))]
+  expected = (regularizer.bin_regularization(k1, a1, -2, 1)
+              + regularizer.bin_regularization(k2, a2, -128, 127))  # mixed precision
+  np.testing.assert_allclose(regularizer.weight_br(col), expected, rtol=1e-6)
+  grads = jax.grad(regularizer.weight_br, allow_int=True)(col)
+  # Gradient reaches the weight step sizes (W-BR) and the kernels.
+  assert float(grads["conv"]["weight"][0].alpha) != 0
+  assert np.any(grads["block"]["dense"]["weight"][0].values)
+  # Nothing to regularize is an error, not a silent zero.
+  with pytest.raises(ValueError, match="W-BR found no quantized kernel.*mutable"):
+    regularizer.weight_br({})
+  with pytest.raises(ValueError, match="W-BR found no quantized kernel"):
+    regularizer.weight_br({"relu": col["relu"]})
 
 
-def test_activation_br_collects_every_sown_call():
-  rng = np.random.default_rng(1)
-  acts = [jnp.asarray(np.abs(rng.normal(0, 1, (4, 6))), jnp.float32) for _ in range(3)]
-  alphas = [jnp.float32(a) for a in (0.3, 0.5, 0.7)]
-  # A layer called twice sows two entries; another layer sows one.
-  inter = {"relu_a": {"pre_quant": (acts[0], acts[1]), "alpha": (alphas[0], alphas[1])},
-           "stage": {"relu_b": {"pre_quant": (acts[2],), "alpha": (alphas[2],)}}}
-  expected = sum(regularizer.bin_regularization(v, a, 0, 15) for v, a in zip(acts, alphas))
-  np.testing.assert_allclose(regularizer.activation_br(inter, 4), expected, rtol=1e-6)
-  grad_off = jax.grad(lambda i: regularizer.activation_br(i, 4))(inter)
-  grad_on = jax.grad(lambda i: regularizer.activation_br(i, 4, alpha_grad=True))(inter)
-  assert all(float(g) == 0 for g in grad_off["relu_a"]["alpha"])
-  assert all(float(g) != 0 for g in grad_on["relu_a"]["alpha"])
-  chex.assert_trees_all_close(grad_off["relu_a"]["pre_quant"], grad_on["relu_a"]["pre_quant"])
-  assert float(regularizer.activation_br({}, 4)) == 0.0
+def test_activation_br_collects_every_call_signed_and_unsigned():
+  col = _collection()
+  acts = [s for _, _, s in sites.iterate(col, ("output",))]
+  (inp,) = [s for _, _, s in sites.iterate(col, ("input",))]
+  expected = (sum(regularizer.bin_regularization(s.values, s.alpha, 0, 15) for s in acts)
+              + regularizer.bin_regularization(inp.values, inp.alpha, -8, 7))
+  np.testing.assert_allclose(regularizer.activation_br(col), expected, rtol=1e-6)
+  grad_off = jax.grad(regularizer.activation_br, allow_int=True)(col)
+  grad_on = jax.grad(lambda c: regularizer.activation_br(c, alpha_grad=True), allow_int=True)(col)
+  assert all(float(g.alpha) == 0 for g in grad_off["relu"]["output"])
+  assert all(float(g.alpha) != 0 for g in grad_on["relu"]["output"])
+  chex.assert_trees_all_close([g.values for g in grad_off["relu"]["output"]],
+                              [g.values for g in grad_on["relu"]["output"]])
+  # Site selection by module path.
+  only_relu = sum(regularizer.bin_regularization(s.values, s.alpha, 0, 15) for s in acts)
+  np.testing.assert_allclose(regularizer.activation_br(col, layers="^relu"), only_relu,
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="A-BR found no quantized activation whose path"):
+    regularizer.activation_br(col, layers="nothing")
+  with pytest.raises(ValueError, match="A-BR found no quantized activation"):
+    regularizer.activation_br({"conv": col["conv"]})
 
 
 def test_br_losses_returns_both_parts():
-  params = _params(4)
-  inter = {"r": {"pre_quant": (jnp.ones((2, 3)),), "alpha": (jnp.float32(0.4),)}}
-  br_w, br_a = regularizer.br_losses(params, inter, bits_w=4, bits_a=4)
-  np.testing.assert_allclose(br_w, regularizer.weight_br(params, 4))
-  np.testing.assert_allclose(br_a, regularizer.activation_br(inter, 4))
-  assert float(br_a) > 0
-  zero_w, zero_a = regularizer.br_losses(params, inter, bits_w=32, bits_a=32)
-  assert float(zero_w) == 0 and float(zero_a) == 0
+  col = _collection(bits_w=4, bits_a=4)
+  br_w, br_a = regularizer.br_losses(col)
+  np.testing.assert_allclose(br_w, regularizer.weight_br(col))
+  np.testing.assert_allclose(br_a, regularizer.activation_br(col))
+  assert float(br_a) > 0 and float(br_w) > 0
+
+
+def test_stacked_sites_bin_each_layer_on_its_own_grid():
+  """nn.scan stacks records: each layer of the stack is binned with its own step size."""
+  k1, _ = _kernels()
+  layers = [k1, 3 * k1]
+  alphas = [jnp.float32(0.05), jnp.float32(0.2)]
+  stacked = sites.Site(values=jnp.stack(layers), alpha=jnp.stack(alphas),
+                       qn=jnp.full((2,), -2, jnp.int32), levels=4, ndim=4)
+  expected = sum(regularizer.bin_regularization(k, a, -2, 1) for k, a in zip(layers, alphas))
+  np.testing.assert_allclose(regularizer.weight_br({"scan": {"weight": (stacked,)}}), expected,
+                             rtol=1e-6)
+  # Per-channel step sizes, stacked: one grid and one set of bins per (layer, channel).
+  per_channel = jnp.stack([jnp.linspace(0.03, 0.1, 8).reshape(1, 1, 1, 8),
+                           jnp.linspace(0.1, 0.3, 8).reshape(1, 1, 1, 8)])
+  stacked = stacked.replace(alpha=per_channel)
+  expected = sum(regularizer.bin_regularization(layers[i][..., c], per_channel[i, 0, 0, 0, c],
+                                                -2, 1)
+                 for i in range(2) for c in range(8))
+  np.testing.assert_allclose(regularizer.weight_br({"scan": {"weight": (stacked,)}}), expected,
+                             rtol=1e-6)

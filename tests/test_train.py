@@ -63,24 +63,23 @@ def _scatter_count(fn, *args):
 
 def test_loss_terms_and_no_abr_work_without_lambda_a(small_setup):
   config, model, state, batch = small_setup
-  settings = dict(bits_w=2, bits_a=2)
-  plain = train.BRSettings(**settings)
-  both = train.BRSettings(lambda_w=0.5, lambda_a=2.0, **settings)
-  w_only = train.BRSettings(lambda_w=0.5, lambda_a=0.0, **settings)
+  plain = train.BRSettings()
+  both = train.BRSettings(lambda_w=0.5, lambda_a=2.0)
+  w_only = train.BRSettings(lambda_w=0.5, lambda_a=0.0)
   step = jax.jit(train.train_step, static_argnums=2)
   _, m0 = step(state, batch, plain)
   _, m2 = step(state, batch, both)
   n = batch["label"].shape[0]
-  _, inter = jax.jit(lambda v, x: model.apply(v, x, train=True,
-                                              mutable=["intermediates", "batch_stats"]))(
+  _, recorded = jax.jit(lambda v, x: model.apply(v, x, train=True,
+                                                 mutable=["quant", "batch_stats"]))(
       {"params": state.params, "batch_stats": state.batch_stats}, batch["image"])
-  br_w = regularizer.weight_br(state.params, 2)
-  br_a = regularizer.activation_br(inter["intermediates"], 2)
+  br_w = regularizer.weight_br(recorded["quant"])
+  br_a = regularizer.activation_br(recorded["quant"])
   np.testing.assert_allclose(m2["br_w"] / n, br_w, rtol=1e-5)
   np.testing.assert_allclose(m2["br_a"] / n, br_a, rtol=1e-5)
   np.testing.assert_allclose(m2["loss"] / n, m0["ce"] / n + 0.5 * br_w + 2.0 * br_a, rtol=1e-5)
   assert float(m0["br_w"]) == 0 and float(m0["br_a"]) == 0
-  # lambda_a = 0: nothing is sown and no A-BR histogram is built (one scatter per kernel).
+  # lambda_a = 0: no A-BR histogram is built (one scatter per kernel).
   counts = {name: _scatter_count(lambda st, b, s=s: train.train_step(st, b, s), state, batch)
             for name, s in [("plain", plain), ("w_only", w_only), ("both", both)]}
   per_tensor = _scatter_count(lambda v: regularizer.bin_regularization(v, 0.1, -2, 1),
