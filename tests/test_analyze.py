@@ -43,8 +43,7 @@ def recomputed(tiny_run) -> dict:
   batch = next(input_pipeline.eval_batches(ds, EXAMPLES))
   model = models.create_model(config["model"], bits_w=config["bits_w"], bits_a=config["bits_a"],
                               clip=config["clip"], num_classes=ds.num_classes)
-  fn = jax.jit(functools.partial(metrics.quant_metrics, model, bits_w=config["bits_w"],
-                                 bits_a=config["bits_a"]))
+  fn = jax.jit(functools.partial(metrics.quant_metrics, model))
   return metrics.to_python(fn(variables, batch))
 
 
