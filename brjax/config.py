@@ -24,7 +24,9 @@ class Config:
   The fields of ``brjax.recipes.Recipe`` (``lr``, ``momentum``, ``weight_decay``,
   ``optimizer``, ``schedule``, ...) default to None, which means "the value of
   ``recipe``": building the Config fills them in, so after construction every field holds
-  the value the run uses, and a value given explicitly overrides the recipe's.
+  the value the run uses, and a value given explicitly overrides the recipe's. (So
+  ``dataclasses.replace(config, recipe=...)`` keeps the old recipe's resolved values: build
+  a new Config to change recipes.)
   """
   # Model and quantization.
   model: str = "resnet20"
