@@ -10,15 +10,27 @@ import dataclasses
 import math
 import os
 
+from brjax import recipes
+
 FLOAT_BITS = 32
-MODELS = ("resnet18", "resnet20")
+MODELS = ("resnet18", "resnet20", "resnet18_reference", "resnet20_option_a")
+PRETRAINED_SUFFIXES = (".pth", ".pt")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Everything a training run depends on. Building one validates it (ValueError)."""
+  """Everything a training run depends on. Building one validates it (ValueError).
+
+  The fields of ``brjax.recipes.Recipe`` (``lr``, ``momentum``, ``weight_decay``,
+  ``optimizer``, ``schedule``, ...) default to None, which means "the value of
+  ``recipe``": building the Config fills them in, so after construction every field holds
+  the value the run uses, and a value given explicitly overrides the recipe's. (So
+  ``dataclasses.replace(config, recipe=...)`` keeps the old recipe's resolved values: build
+  a new Config to change recipes.)
+  """
   # Model and quantization.
   model: str = "resnet20"
+  width: int | None = None
   bits_w: int = 2
   bits_a: int = 2
   clip: float | None = None
@@ -29,12 +41,20 @@ class Config:
   freeze_alpha_w: bool = False
   freeze_alpha_a: bool = False
   br_alpha_grad_a: bool = False
-  # Optimization.
+  # Optimization: a recipe (brjax.recipes), each part overridable.
+  recipe: str = "brjax"
   epochs: int = 100
   batch_size: int = 128
-  lr: float = 0.1
-  momentum: float = 0.9
-  weight_decay: float = 5e-4
+  lr: float | None = None
+  momentum: float | None = None
+  weight_decay: float | None = None
+  optimizer: str | None = None
+  schedule: str | None = None
+  decay_alphas: bool | None = None
+  act_grad_scale: str | None = None
+  alpha_init: str | None = None
+  normalization: str | None = None
+  adam_eps: float | None = None
   seed: int = 42
   # Data.
   dataset: str = "cifar10"
@@ -45,11 +65,31 @@ class Config:
   pretrained: str | None = None
 
   def __post_init__(self):
+    _check(self.recipe in recipes.RECIPES, "recipe", self.recipe,
+           f"use one of {', '.join(recipes.RECIPES)}")
+    recipe = recipes.RECIPES[self.recipe]
+    for name in recipes.FIELDS:  # None: the recipe's value
+      if getattr(self, name) is None:
+        object.__setattr__(self, name, getattr(recipe, name))
+    for name, accepted in (("optimizer", recipes.OPTIMIZERS), ("schedule", recipes.SCHEDULES),
+                           ("act_grad_scale", recipes.ACT_GRAD_SCALES),
+                           ("alpha_init", recipes.ALPHA_INITS),
+                           ("normalization", recipes.NORMALIZATIONS)):
+      _check(getattr(self, name) in accepted, name, getattr(self, name),
+             f"use one of {', '.join(accepted)}")
+    _check(isinstance(self.decay_alphas, bool), "decay_alphas", self.decay_alphas,
+           "use true or false")
+    _check(_is_finite(self.adam_eps) and self.adam_eps > 0, "adam_eps", self.adam_eps,
+           "use a number > 0")
     _check(self.model in MODELS, "model", self.model, f"use one of {', '.join(MODELS)}")
+    if self.width is not None:
+      _check(_is_int(self.width) and self.width >= 1 and self.model == "resnet18_reference",
+             "width", self.width, "use an integer >= 1 with --model=resnet18_reference "
+             "(64 = the reference), or leave it unset")
     for name in ("bits_w", "bits_a"):
       bits = getattr(self, name)
-      _check(_is_int(bits) and (2 <= bits <= 8 or bits == FLOAT_BITS), name, bits,
-             f"use an integer in 2..8, or {FLOAT_BITS} for float")
+      _check(_is_int(bits) and (1 <= bits <= 8 or bits == FLOAT_BITS), name, bits,
+             f"use an integer in 1..8, or {FLOAT_BITS} for float")
     if self.clip is not None:
       _check(_is_finite(self.clip) and self.clip > 0, "clip", self.clip,
              "use a positive number, or leave it unset for a plain ReLU")
@@ -76,9 +116,14 @@ class Config:
       _check(os.path.exists(self.data_dir), "data_dir", self.data_dir,
              "use an existing folder with train/<class>/ and test/<class>/, or a .tar.gz of one")
     if self.pretrained is not None:
-      _check(os.path.isdir(os.path.join(self.pretrained, "checkpoints")), "pretrained",
-             self.pretrained, "use the --workdir of a float run (a folder holding its "
-             "checkpoints/ folder)")
+      if self.pretrained.endswith(PRETRAINED_SUFFIXES):
+        _check(os.path.isfile(self.pretrained) and self.model == "resnet18_reference",
+               "pretrained", self.pretrained, "use an existing PyTorch state_dict of the "
+               "reference package's ResNet-18, with --model=resnet18_reference")
+      else:
+        _check(os.path.isdir(os.path.join(self.pretrained, "checkpoints")), "pretrained",
+               self.pretrained, "use the --workdir of a float run (a folder holding its "
+               "checkpoints/ folder), or a reference .pth file")
 
   @property
   def quantized(self) -> bool:
@@ -90,7 +135,13 @@ class Config:
     """A short run name, e.g. ``resnet20_W2A2_lw1_la1_s42``."""
     bits = "float" if not self.quantized else f"W{_bits_tag(self.bits_w)}A{_bits_tag(self.bits_a)}"
     br = f"_lw{self.lambda_w:g}_la{self.lambda_a:g}" if self.quantized else ""
-    return f"{self.model}_{bits}{br}_s{self.seed}"
+    recipe = "" if self.recipe == "brjax" else f"_{self.recipe}"
+    return f"{self.model}_{bits}{br}{recipe}_s{self.seed}"
+
+  @property
+  def recipe_parts(self) -> recipes.Recipe:
+    """The recipe this run uses, explicit flags included."""
+    return recipes.Recipe(**{name: getattr(self, name) for name in recipes.FIELDS})
 
 
 def _bits_tag(bits: int) -> str:

@@ -279,6 +279,9 @@ def float_size_bytes(variables: Mapping[str, Any]) -> int:
   return 4 * sum(int(np.size(x)) for x in leaves)
 
 
+EXPORTABLE_MODELS = ("resnet20", "resnet18")
+
+
 def check_exportable(bits_w: int, bits_a: int) -> None:
   """Raises ValueError unless weights and activations are both quantized (2..8 bits)."""
   for name, bits in (("bits_w", bits_w), ("bits_a", bits_a)):
@@ -326,10 +329,13 @@ def export_model(variables: Mapping[str, Any], *, model: str, bits_w: int, bits_
     An :class:`Exported`.
 
   Raises:
-    ValueError: for float or half-quantized runs, a variable missing, misshapen or not
-      finite, or a bad normalization.
+    ValueError: for float or half-quantized runs, a model other than ``resnet20`` and
+      ``resnet18``, a variable missing, misshapen or not finite, or a bad normalization.
   """
   check_exportable(bits_w, bits_a)
+  if model not in EXPORTABLE_MODELS:
+    raise ValueError(f"model={model!r} is not exportable: integer export knows the layouts of "
+                     f"{', '.join(EXPORTABLE_MODELS)} only")
   if clip is not None and not (math.isfinite(clip) and clip > 0):
     raise ValueError(f"clip={clip!r} is not accepted: use a positive number or None")
   params = variables.get("params", {})

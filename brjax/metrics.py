@@ -12,7 +12,9 @@ gives
 * ``alpha``: the step size itself.
 
 All in one pass over the tensor: one bin-count histogram (a segment sum), O(N) whatever
-the bit width. The collectors :func:`weight_metrics` and :func:`activation_metrics` apply it
+the bit width. :func:`reference_br_metrics` adds the reference package's BR metrics
+(``effectiveness``, ``pct_near`` within 1% of alpha, ``mean_distance``, ``bins_used`` and
+per-bin count, mean and std) and :func:`reference_summary` its layer averages. The collectors :func:`weight_metrics` and :func:`activation_metrics` apply it
 to every quantization site a forward pass recorded (see ``brjax.sites``), each on its own
 range;
 :func:`quant_metrics` runs a model on one batch and returns both, and :func:`to_python`
@@ -96,9 +98,11 @@ def _metrics(v, alpha, qn, levels: int, where) -> LayerMetrics:
 
 
 def site_metrics(site: sites.Site, *, where: jax.Array | None = None) -> LayerMetrics:
-  """:func:`layer_metrics` of one quantization site, on its own range and grid(s)."""
+  """:func:`layer_metrics` and :func:`reference_br_metrics` of one quantization site, on
+  its own range and grid(s)."""
   values, alpha, qn = sites.grouped(site)
-  return _metrics(values, alpha, qn, site.levels, where)
+  return {**_metrics(values, alpha, qn, site.levels, where),
+          **_reference_metrics(values, alpha, qn, site.levels, where)}
 
 
 def weight_metrics(collection: Any) -> dict[str, LayerMetrics]:
@@ -180,7 +184,7 @@ def quant_metrics(model: nn.Module, variables: Mapping[str, Any], batch: Any, *,
 
   Returns:
     ``{"weights": {layer: metrics}, "activations": {layer: metrics}}`` with the metrics of
-    :func:`layer_metrics`.
+    :func:`layer_metrics` and :func:`reference_br_metrics`.
   """
   if isinstance(batch, Mapping):
     if mask is not None:
@@ -221,3 +225,94 @@ def _batch_mask(mask: jax.Array, site: sites.Site, name: str) -> jax.Array:
     raise ValueError(f"mask of shape {np.shape(mask)} does not fit the activation {name!r} of "
                      f"shape {shape}: use a bool mask of shape (batch,)")
   return jnp.reshape(mask, (1,) * lead + (-1,) + (1,) * (site.ndim - 1))
+
+
+# ------------------------------------------------- the reference package's BR metrics
+
+REFERENCE_NEAR_TOLERANCE = 0.01
+"""The reference's "at a level": ``|v - q(v)| < 0.01 * alpha`` (strict)."""
+
+REFERENCE_SUMMARY_KEYS = ("mse", "mean_distance", "effectiveness", "pct_near")
+
+
+def reference_br_metrics(v: jax.Array, alpha: jax.Array, qn: int, qp: int, *,
+                         where: jax.Array | None = None) -> LayerMetrics:
+  """The reference package's BR metrics of one tensor (its ``BinRegularizer`` logging).
+
+  With ``m = round(clip(v / alpha, qn, qp))``, ``q(v) = m * alpha`` and ``d = |v - q(v)|``:
+
+  * ``mean_distance = mean(d)``;
+  * ``effectiveness = clip(100 * (1 - mean(d / (alpha / 2 + 1e-12))), 0, 100)``: 100 when
+    every value sits on its level, 0 when the mean distance is half a step (uniform
+    spread); for a scalar alpha, the reference's ``mean_distance / (alpha / 2 + 1e-12)``;
+  * ``pct_near = 100 * mean(d < 0.01 * alpha)``: percent of values "at" a level;
+  * ``bins_used``: the number of non-empty bins;
+  * per bin ``k = qn..qp`` (entry ``k - qn``): ``bin_count``, ``bin_mean`` (0 for an empty
+    bin) and ``bin_std`` (the unbiased standard deviation, as ``torch.std``; 0 for fewer
+    than 2 values); with one step size per channel, the channels' bins of one level pool.
+
+  The range is the quantizer's own (``quant.qrange``): for 1-bit weights ``(-1, 1)``,
+  where the reference's regularizer bins them on ``(-1, 0)``. O(N): segment sums.
+
+  Args:
+    v: float array, ``N > 0`` elements.
+    alpha: the step size, a scalar or broadcastable to ``v``.
+    qn, qp: the integer range, Python ints.
+    where: optional bool array broadcastable to ``v``: the elements to count.
+
+  Returns:
+    Scalars ``mean_distance``, ``effectiveness``, ``pct_near``, ``bins_used`` (float) and
+    ``(qp - qn + 1,)`` arrays ``bin_count``, ``bin_mean``, ``bin_std``.
+  """
+  _check_range(qn, qp)
+  if np.size(v) == 0:
+    raise ValueError(f"v of shape {np.shape(v)} is empty: use a tensor with at least one element")
+  return _reference_metrics(v, alpha, qn, qp - qn + 1, where)
+
+
+def _reference_metrics(v, alpha, qn, levels: int, where) -> LayerMetrics:
+  dtype = jnp.promote_types(jnp.result_type(v), jnp.float32)
+  v = jnp.asarray(v, dtype)
+  step = jnp.broadcast_to(quant.safe_alpha(jnp.asarray(alpha, dtype)), v.shape)
+  qn = jnp.asarray(qn, dtype)
+  bins = jnp.round(jnp.clip(v / step, qn, qn + (levels - 1)))
+  dist = jnp.abs(v - bins * step)
+  weight = (jnp.ones(v.shape, dtype) if where is None else
+            jnp.broadcast_to(jnp.asarray(where), v.shape).astype(dtype))
+  count = jnp.sum(weight)
+  segment = jnp.broadcast_to(bins - qn, v.shape).astype(jnp.int32).reshape(-1)
+  w, flat = weight.reshape(-1), v.reshape(-1)
+  n = jax.ops.segment_sum(w, segment, levels)
+  bin_mean = jax.ops.segment_sum(w * flat, segment, levels) / jnp.maximum(n, 1)
+  sq = jax.ops.segment_sum(w * (flat - bin_mean[segment])**2, segment, levels)
+  relative = jnp.sum(weight * dist / (0.5 * step + 1e-12)) / count
+  return {
+      "mean_distance": jnp.sum(weight * dist) / count,
+      "effectiveness": jnp.clip(100.0 * (1.0 - relative), 0, 100),
+      "pct_near": 100.0 * jnp.sum(weight * (dist < REFERENCE_NEAR_TOLERANCE * step)) / count,
+      "bins_used": jnp.sum(n > 0).astype(dtype),
+      "bin_count": n, "bin_mean": bin_mean,
+      "bin_std": jnp.where(n > 1, jnp.sqrt(sq / jnp.maximum(n - 1, 1)), 0.0),
+  }
+
+
+def reference_summary(quant_metrics_tree: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+  """The reference's model-level BR metrics: layer averages of ``mse`` (its
+  ``avg_quantization_mse``), ``mean_distance``, ``effectiveness`` and ``pct_near``, per kind.
+
+  Args:
+    quant_metrics_tree: ``{"weights": {layer: metrics}, "activations": {...}}`` as
+      :func:`quant_metrics` returns it (or its :func:`to_python` copy).
+
+  Returns:
+    ``{"weights": {key: float}, "activations": {key: float}}``; a kind without layers is
+    left out.
+  """
+  out = {}
+  for kind in ("weights", "activations"):
+    layers = [m for m in quant_metrics_tree.get(kind, {}).values()
+              if all(k in m for k in REFERENCE_SUMMARY_KEYS)]
+    if layers:
+      out[kind] = {k: float(np.mean([float(np.asarray(m[k])) for m in layers]))
+                   for k in REFERENCE_SUMMARY_KEYS}
+  return out

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from brjax import quant
+from brjax import reference_resnet
 
 ModuleDef = Any
 BN_EPSILON = 1e-5
@@ -43,10 +44,42 @@ class BasicBlock(nn.Module):
     return self.act()(residual + y)
 
 
+class BasicBlockOptionA(nn.Module):
+  """He et al.'s CIFAR basic block with the parameter-free "option A" shortcut.
+
+  Where the shape changes, the shortcut takes every other pixel (``x[:, ::2, ::2]``) and
+  zero-pads the new channels equally on both sides; every 3x3 conv pads 1 pixel on both
+  sides, so that at stride 2 the conv samples the pixels the shortcut keeps.
+  """
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  act: ModuleDef
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    pad = ((1, 1), (1, 1))
+    y = self.conv(self.filters, (3, 3), self.strides, padding=pad)(x)
+    y = self.norm()(y)
+    y = self.act()(y)
+    y = self.conv(self.filters, (3, 3), padding=pad)(y)
+    y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+    residual = x
+    if self.strides != 1:
+      residual = residual[:, ::self.strides, ::self.strides, :]
+    extra = self.filters - residual.shape[-1]
+    if extra:
+      residual = jnp.pad(residual, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+    return self.act()(residual + y)
+
+
 class CifarResNet(nn.Module):
   """ResNet for 32x32 images: a 3x3 stem (no max-pool), stages of basic blocks.
 
   Input: float images ``(B, H, W, C)``; output: float32 logits ``(B, num_classes)``.
+  ``block`` is :class:`BasicBlock` (1x1 conv + BN projection where the shape changes,
+  "option B") or :class:`BasicBlockOptionA`.
   """
   stage_sizes: Sequence[int]
   stage_filters: Sequence[int]
@@ -55,6 +88,7 @@ class CifarResNet(nn.Module):
   dense: ModuleDef = nn.Dense
   act: ModuleDef = quant.QuantReLU
   dtype: Any = jnp.float32
+  block: ModuleDef = BasicBlock
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
@@ -68,7 +102,7 @@ class CifarResNet(nn.Module):
     for i, (blocks, filters) in enumerate(zip(self.stage_sizes, self.stage_filters)):
       for j in range(blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = BasicBlock(filters, conv=conv, norm=norm, act=self.act, strides=strides)(x)
+        x = self.block(filters, conv=conv, norm=norm, act=self.act, strides=strides)(x)
     x = jnp.mean(x, axis=(1, 2))
     x = self.dense(self.num_classes, dtype=self.dtype)(x)
     return jnp.asarray(x, jnp.float32)
@@ -78,28 +112,64 @@ ResNet20 = functools.partial(CifarResNet, stage_sizes=(3, 3, 3), stage_filters=(
 ResNet18 = functools.partial(CifarResNet, stage_sizes=(2, 2, 2, 2),
                              stage_filters=(64, 128, 256, 512))
 
-MODELS: dict[str, Callable[..., CifarResNet]] = {"resnet20": ResNet20, "resnet18": ResNet18}
+ResNet20OptionA = functools.partial(CifarResNet, stage_sizes=(3, 3, 3),
+                                    stage_filters=(16, 32, 64), block=BasicBlockOptionA)
+ResNet18Reference = reference_resnet.ReferenceResNet18
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet20": ResNet20, "resnet18": ResNet18, "resnet18_reference": ResNet18Reference,
+    "resnet20_option_a": ResNet20OptionA}
+"""``resnet20``, ``resnet18``: brjax's CIFAR ResNets (1x1 projection shortcuts, one
+quantized ReLU per call site). ``resnet20_option_a``: He et al.'s CIFAR ResNet-20 with
+parameter-free shortcuts (0.27M parameters). ``resnet18_reference``: the reference
+package's layout (``brjax.reference_resnet``: shared per-block ReLU, PyTorch padding and
+BatchNorm, PyTorch state_dict names)."""
+
+ACT_GRAD_SCALES = ("example", "batch")
 
 
 def create_model(name: str, *, bits_w: int = 32, bits_a: int = 32, clip: float | None = None,
-                 num_classes: int = 10, dtype: Any = jnp.float32) -> CifarResNet:
+                 num_classes: int = 10, dtype: Any = jnp.float32, width: int | None = None,
+                 act_grad_scale: str = "example",
+                 param_dtype: Any = jnp.float32) -> nn.Module:
   """A CIFAR ResNet with ``bits_w``-bit weights and ``bits_a``-bit activations.
 
   Args:
-    name: ``"resnet20"`` or ``"resnet18"``.
-    bits_w: weight bit width of every conv and the dense layer (2..8, 32 = float).
-    bits_a: activation bit width of every ReLU (2..8, 32 = float).
+    name: one of :data:`MODELS`.
+    bits_w: weight bit width of every conv and the dense layer (1..8, 32 = float; 1 bit
+      is ternary, levels -1, 0, 1).
+    bits_a: activation bit width of every ReLU (1..8, 32 = float; 1 bit is binary).
     clip: optional ReLU clip value (6.0 gives ReLU6).
     num_classes: size of the output.
     dtype: computation dtype (parameters stay float32).
+    width: ``resnet18_reference`` only: channels of its first stage (default 64, the
+      reference's).
+    act_grad_scale: ``"example"`` (LSQ paper: one example's element count in the
+      activation step size's gradient scale) or ``"batch"`` (the reference's: the batch's).
+    param_dtype: ``resnet18_reference`` only: dtype of its parameters (float64 to replay
+      a float64 PyTorch run).
   """
   if name not in MODELS:
     raise ValueError(f"model={name!r} is not supported: use one of {sorted(MODELS)}")
+  if act_grad_scale not in ACT_GRAD_SCALES:
+    raise ValueError(f"act_grad_scale={act_grad_scale!r} is not supported: use one of "
+                     f"{ACT_GRAD_SCALES}")
   quant.check_layer_bits(bits_w)
   quant.check_layer_bits(bits_a)
-  return MODELS[name](
-      num_classes=num_classes,
-      conv=functools.partial(quant.QuantConv, bits=bits_w),
-      dense=functools.partial(quant.QuantDense, bits=bits_w),
-      act=functools.partial(quant.QuantReLU, bits=bits_a, clip=clip),
-      dtype=dtype)
+  act = functools.partial(quant.QuantReLU, bits=bits_a, clip=clip,
+                          batch_grad_scale=act_grad_scale == "batch")
+  layers = dict(conv=functools.partial(quant.QuantConv, bits=bits_w),
+                dense=functools.partial(quant.QuantDense, bits=bits_w))
+  if name == "resnet18_reference":
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int)
+                              or width < 1):
+      raise ValueError(f"width={width!r} is not supported: use an integer >= 1 (64 = the "
+                       "reference)")
+    return ResNet18Reference(
+        width=64 if width is None else width, num_classes=num_classes,
+        act=functools.partial(act, keep_last_call=True), dtype=dtype,
+        param_dtype=param_dtype, **layers)
+  if width is not None:
+    raise ValueError(f"width={width!r} is not supported for model={name!r}: only "
+                     "resnet18_reference has a width option")
+  return MODELS[name](num_classes=num_classes, act=act, dtype=dtype, **layers)

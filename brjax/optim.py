@@ -1,9 +1,14 @@
 """Optimizer, learning-rate schedule, and step-size labels for freezing.
 
+The optimizer and schedule are the run's recipe (``brjax.recipes``, resolved into the
+Config): SGD with momentum or Adam, with coupled weight decay (``g + wd * w``, as PyTorch's
+``weight_decay``) on the weights and, if ``decay_alphas``, on the step sizes too.
+
 Every parameter gets one of three labels: ``alpha_w`` (a weight step size: an ``alpha``
 beside a ``kernel``), ``alpha_a`` (any other ``alpha``: an activation step size), or
-``weights`` (everything else). ``optax.multi_transform`` gives each label SGD with momentum;
-a frozen label's updates are then zeroed by ``optax.set_to_zero``. Unfrozen labels end in
+``weights`` (everything else). ``optax.multi_transform`` gives each label the optimizer;
+a frozen label's updates are then zeroed by ``optax.set_to_zero`` (after the weight decay
+and the optimizer: a frozen step size moves by exactly 0). Unfrozen labels end in
 ``optax.identity`` instead, so the optimizer state has the same structure in both training
 phases and carries across the switch (and through checkpoints) unchanged.
 """
@@ -12,8 +17,11 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import math
+
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import optax
 
 from brjax.config import Config
@@ -54,8 +62,43 @@ def _key_name(key: Any) -> Any:
 
 
 def learning_rate_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
-  """Cosine decay from ``config.lr`` to 0 over the whole run (both phases), per step."""
-  return optax.cosine_decay_schedule(config.lr, config.epochs * steps_per_epoch)
+  """The learning rate of each optimizer step (0-based), by ``config.schedule``.
+
+  With ``lr = config.lr``, ``E = config.epochs``, ``e = step // steps_per_epoch`` the
+  0-based epoch and ``W`` the warmup epochs (0 for a float run):
+
+  * ``cosine``: per step, ``lr * (1 + cos(pi * step / (E * steps_per_epoch))) / 2``;
+  * ``constant_cosine`` (the reference's QAT): per epoch, ``lr`` for ``e < W``, then
+    ``lr * (1 + cos(pi * k / T)) / 2`` with ``k = e - W``, ``T = E - W`` (PyTorch's
+    ``CosineAnnealingLR(T_max=T)`` stepped after each BR epoch);
+  * ``step`` (the reference's baseline): per epoch, ``lr * 0.1^j`` with ``j`` the number of
+    milestones ``int(0.5 E), int(0.75 E)`` that are ``<= e`` (``MultiStepLR``).
+
+  ``schedule(state.step)`` at the start of an epoch is the rate the whole epoch uses for
+  the per-epoch schedules.
+  """
+  lr, epochs = config.lr, config.epochs
+  if config.schedule == "cosine":
+    return optax.cosine_decay_schedule(lr, epochs * steps_per_epoch)
+  if config.schedule == "constant_cosine":
+    warmup = config.warmup_epochs if config.quantized else 0
+    total = max(epochs - warmup, 1)
+
+    def constant_cosine(step):
+      k = jnp.maximum(step // steps_per_epoch - warmup, 0)
+      return lr * (1.0 + jnp.cos(math.pi * k / total)) / 2.0
+
+    return constant_cosine
+  if config.schedule == "step":
+    milestones = (int(epochs * 0.5), int(epochs * 0.75))
+
+    def step_decay(step):
+      epoch = jnp.asarray(step) // steps_per_epoch
+      return lr * 0.1**sum((epoch >= m).astype(jnp.int32) for m in milestones)
+
+    return step_decay
+  raise ValueError(f"--schedule={config.schedule} is not accepted: use one of cosine, "
+                   "constant_cosine, step")
 
 
 def frozen_labels(config: Config) -> frozenset[str]:
@@ -67,12 +110,16 @@ def frozen_labels(config: Config) -> frozenset[str]:
 
 def create_optimizer(config: Config, steps_per_epoch: int,
                      frozen: Iterable[str] = ()) -> optax.GradientTransformation:
-  """SGD with momentum and a cosine schedule; weight decay on weights only.
+  """The recipe's optimizer (SGD with momentum, or Adam) with its schedule and weight decay.
 
-  Step sizes get no weight decay: it would pull every quantization grid towards zero.
+  ``chain(add_decayed_weights, sgd | adam, identity | set_to_zero)`` per label. Weight
+  decay reaches the step sizes only with ``config.decay_alphas`` (the reference recipe):
+  otherwise it would pull every quantization grid towards zero. Adam is PyTorch's
+  (``b1=0.9, b2=0.999``, ``eps`` added to ``sqrt(v_hat)``).
 
   Args:
-    config: the run's configuration (lr, momentum, weight_decay, epochs).
+    config: the run's configuration (optimizer, lr, momentum, weight_decay, decay_alphas,
+      adam_eps, schedule, epochs).
     steps_per_epoch: optimizer steps in one epoch.
     frozen: labels whose updates are zeroed (``optax.set_to_zero``).
   """
@@ -81,11 +128,15 @@ def create_optimizer(config: Config, steps_per_epoch: int,
   if unknown:
     raise ValueError(f"unknown labels {sorted(unknown)}: use {LABELS}")
   schedule = learning_rate_schedule(config, steps_per_epoch)
-  sgd = optax.sgd(schedule, momentum=config.momentum)
+  if config.optimizer == "adam":
+    opt = optax.adam(schedule, b1=0.9, b2=0.999, eps=config.adam_eps)
+  else:
+    opt = optax.sgd(schedule, momentum=config.momentum)
 
   def transform(label):
-    decay = optax.add_decayed_weights(config.weight_decay if label == WEIGHTS else 0.0)
+    decayed = label == WEIGHTS or config.decay_alphas
+    decay = optax.add_decayed_weights(config.weight_decay if decayed else 0.0)
     last = optax.set_to_zero() if label in frozen else optax.identity()
-    return optax.chain(decay, sgd, last)
+    return optax.chain(decay, opt, last)
 
   return optax.multi_transform({label: transform(label) for label in LABELS}, param_labels)

@@ -1,6 +1,8 @@
 """TensorBoard summaries of a run, written with tensorboardX (``--tensorboard``).
 
-Scalars every epoch: losses, BR_W, BR_A, accuracies, learning rate, every step size.
+Scalars every epoch: losses, BR_W, BR_A, accuracies, learning rate, every step size, and
+the reference package's BR metrics (``br/<kind>/<metric>``: layer averages of effectiveness,
+pct_near, mean_distance, mse; ``effectiveness/<kind>/<layer>`` per layer).
 Histograms every few epochs: float weights, quantized weights, pre-quantization
 activations. Events go to ``<workdir>/tensorboard``; ``tensorboard --logdir <workdir>``.
 """
@@ -38,6 +40,22 @@ def write_scalars(writer: SummaryWriter, epoch: int, metrics: dict, params: Any)
   for path, value in traverse_util.flatten_dict(jax.device_get(params)).items():
     if quant.is_alpha_path(path):
       writer.add_scalar(f"{path[-1]}/{_name(path[:-1])}", float(np.mean(value)), epoch)
+  write_reference_metrics(writer, epoch, metrics)
+
+
+def write_reference_metrics(writer: SummaryWriter, epoch: int, metrics: dict) -> None:
+  """The reference's BR metrics of an epoch's ``metrics`` (its ``"quant"`` entry, see
+  ``brjax.metrics.reference_br_metrics``): layer averages and per-layer effectiveness."""
+  from brjax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  per_layer = metrics.get("quant") or {}
+  for kind, values in metrics_lib.reference_summary(per_layer).items():
+    for key, value in values.items():
+      writer.add_scalar(f"br/{kind}/{key}", value, epoch)
+  for kind in ("weights", "activations"):
+    for layer, m in per_layer.get(kind, {}).items():
+      if "effectiveness" in m:
+        writer.add_scalar(f"effectiveness/{kind}/{layer}", float(np.asarray(m["effectiveness"])),
+                          epoch)
 
 
 def write_histograms(writer: SummaryWriter, epoch: int, params: Any, collection: Any) -> None:

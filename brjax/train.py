@@ -38,9 +38,10 @@ from brjax import models
 from brjax import optim
 from brjax import quant
 from brjax import regularizer
+from brjax import recipes
 from brjax import sites
 from brjax import summary
-from brjax.config import Config
+from brjax.config import Config, PRETRAINED_SUFFIXES
 
 WARMUP, BR, FLOAT = "WARMUP", "BR", "FLOAT"
 RULE = "=" * 80
@@ -202,24 +203,61 @@ def create_train_state(config: Config, model: flax.linen.Module, ds: input_pipel
                        steps_per_epoch: int, frozen=()) -> TrainState:
   """A fresh state; every step size initialized the LSQ way from weights and one batch.
 
-  With ``config.pretrained`` the float weights and BatchNorm statistics of that run are
-  loaded first, and the step sizes are initialized from them.
+  With ``config.pretrained`` the weights and BatchNorm statistics of that run (a brjax
+  workdir, or a reference ``.pth`` via ``brjax.torch_import``) are loaded first. The step
+  sizes then come from ``config.alpha_init``:
+
+  * ``calibrate`` (brjax): ``model.init`` in train mode on the first ``batch_size``
+    unaugmented training images; after loading pretrained weights, an eval-mode pass
+    (their BatchNorm statistics are meaningful);
+  * ``first_step`` (the reference): a train-mode pass on the first training batch, the
+    augmented batch step 1 trains on (``quant.init_alphas(..., train=True)``: BatchNorm
+    statistics untouched), as the reference initializes in its first training forward.
+
+  A ``.pth`` that holds every step size (a reference QAT checkpoint) keeps them.
   """
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
   batch = _first_batch(ds, config.batch_size)
   variables = jax.jit(functools.partial(model.init, train=True))(init_rng, batch)
+  has_alphas = False
   if config.pretrained is not None:
-    variables = _load_pretrained(config.pretrained, variables)
-    variables = jax.jit(functools.partial(quant.init_alphas, model, train=False))(
-        variables, batch, rng=init_rng)
+    variables, has_alphas = _load_pretrained(config.pretrained, variables)
+  if config.quantized and not has_alphas:
+    if config.alpha_init == "first_step":
+      first = next(input_pipeline.train_batches(ds, config.batch_size, seed=config.seed,
+                                                epoch=1))
+      variables = jax.jit(functools.partial(quant.init_alphas, model, train=True))(
+          variables, jnp.asarray(first["image"]), rng=init_rng)
+    elif config.pretrained is not None:
+      variables = jax.jit(functools.partial(quant.init_alphas, model, train=False))(
+          variables, batch, rng=init_rng)
   tx = optim.create_optimizer(config, steps_per_epoch, frozen)
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables["batch_stats"], rng=state_rng)
 
 
-def _load_pretrained(path: str, variables: dict) -> dict:
-  """``variables`` with every non-alpha parameter and BatchNorm statistic from ``path``."""
+def create_model(config: Config, num_classes: int) -> flax.linen.Module:
+  """The run's model: ``models.create_model`` with the config's layout options."""
+  return models.create_model(config.model, bits_w=config.bits_w, bits_a=config.bits_a,
+                             clip=config.clip, num_classes=num_classes, width=config.width,
+                             act_grad_scale=config.act_grad_scale)
+
+
+def _load_pretrained(path: str, variables: dict) -> tuple[dict, bool]:
+  """``variables`` with every non-alpha parameter and BatchNorm statistic from ``path``.
+
+  Returns the variables and whether the step sizes came from ``path`` too (a reference
+  QAT ``.pth``); a brjax workdir's step sizes are never taken (it is a float run).
+  """
+  if path.endswith(PRETRAINED_SUFFIXES):
+    from brjax import torch_import  # pylint: disable=g-import-not-at-top
+    try:
+      loaded, has_alphas = torch_import.load_state_dict(
+          variables, torch_import.read_pth(path), source=f"--pretrained={path}")
+    except ImportError as e:
+      raise ValueError(f"--pretrained={path} is not accepted: {e}") from None
+    return jax.tree.map(jnp.asarray, loaded), has_alphas
   loaded, _ = checkpoint.restore_pretrained(path)
   flat_new = {c: flax.traverse_util.flatten_dict(variables[c]) for c in variables}
   flat_old = {c: flax.traverse_util.flatten_dict(loaded.get(c, {})) for c in loaded}
@@ -238,7 +276,7 @@ def _load_pretrained(path: str, variables: dict) -> dict:
             f"{found} (train the float baseline with the same --model)")
       out[p] = jnp.asarray(old, value.dtype)
     merged[collection] = flax.traverse_util.unflatten_dict(out)
-  return merged
+  return merged, False
 
 
 def _banner(config: Config, topology: Topology, ds: input_pipeline.Dataset) -> str:
@@ -266,9 +304,9 @@ def _banner(config: Config, topology: Topology, ds: input_pipeline.Dataset) -> s
         "update alpha",
     ]
   lines += [
+      f"Recipe: {recipes.describe(config.recipe_parts, config.recipe)}",
       f"Data: {len(ds.train_labels)} train / {len(ds.test_labels)} test images, "
-      f"{ds.num_classes} classes; batch {config.batch_size}, lr {config.lr:g} (cosine), "
-      f"weight decay {config.weight_decay:g}, seed {config.seed}",
+      f"{ds.num_classes} classes; batch {config.batch_size}, seed {config.seed}",
       f"Devices: {len(devices)} x {devices[0].platform}",
       RULE,
   ]
@@ -349,7 +387,7 @@ def evaluate_run(workdir: str, *, prefer: str = "best", data_dir: str | None = N
                              std=np.asarray(data["std"], np.float32))
   model = models.create_model(config["model"], bits_w=config["bits_w"],
                               bits_a=config["bits_a"], clip=config.get("clip"),
-                              num_classes=ds.num_classes)
+                              num_classes=ds.num_classes, width=config.get("width"))
   topology = Topology.create(devices)
   batch_size = batch_size or config["batch_size"]
   batch_size = max(batch_size - batch_size % topology.mesh.size, topology.mesh.size)
@@ -416,7 +454,8 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   """Runs (or resumes) a whole training run; returns the last epoch's metrics.
 
   Writes ``<workdir>/metrics.jsonl`` (one JSON object per epoch, with per-layer
-  quantization metrics under ``"quant"``) and the checkpoints of ``brjax.checkpoint``;
+  quantization metrics under ``"quant"`` and the reference's layer averages under
+  ``"br_summary"``) and the checkpoints of ``brjax.checkpoint``;
   with ``tensorboard``, event files under ``<workdir>/tensorboard`` (histograms every
   ``histogram_every`` epochs and at the last). Without ``resume``, a workdir that already
   holds checkpoints is an error (nothing is overwritten).
@@ -439,6 +478,7 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
 
   ds = input_pipeline.load_dataset(config.dataset, config.data_dir, config.train_examples,
                                    config.test_examples)
+  ds = recipes.normalize_dataset(ds, config.normalization)
   steps_per_epoch = input_pipeline.num_train_steps(ds, config.batch_size)
   if steps_per_epoch < 1:
     raise ValueError(f"--batch_size={config.batch_size} is not accepted: the training set "
@@ -447,8 +487,7 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   if config.batch_size % topology.mesh.size:
     raise ValueError(f"--batch_size={config.batch_size} is not accepted: use a multiple of "
                      f"the {topology.mesh.size} devices")
-  model = models.create_model(config.model, bits_w=config.bits_w, bits_a=config.bits_a,
-                              clip=config.clip, num_classes=ds.num_classes)
+  model = create_model(config, ds.num_classes)
 
   start_epoch, best_acc, meta = 0, 0.0, {}
   frozen_br = optim.frozen_labels(config)
@@ -493,6 +532,7 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
     m.update(evaluate(eval_fn, variables, ds, config.batch_size, topology))
     if config.quantized:
       m["quant"] = metrics.to_python(quant_fn(variables, probe))
+      m["br_summary"] = metrics.reference_summary(m["quant"])  # the reference's averages
     is_best = m["test_acc"] > best_acc
     best_acc = max(best_acc, m["test_acc"])
     m["best_test_acc"] = best_acc

@@ -187,10 +187,12 @@ def load_run(workdir: str, flag: str, history: list[dict], data_dir: str | None,
   num_classes, batch = cache[data_key]
 
   bits_w, bits_a = config["bits_w"], config["bits_a"]
-  model_key = (config["model"], bits_w, bits_a, config.get("clip"), num_classes)
+  model_key = (config["model"], bits_w, bits_a, config.get("clip"), num_classes,
+               config.get("width"))
   if model_key not in cache:
     model = models.create_model(config["model"], bits_w=bits_w, bits_a=bits_a,
-                                clip=config.get("clip"), num_classes=num_classes)
+                                clip=config.get("clip"), num_classes=num_classes,
+                                width=config.get("width"))
 
     order: list[str] = []
 
@@ -406,6 +408,30 @@ def metrics_table(run: dict) -> list[str]:
   return lines
 
 
+def reference_metrics_table(run: dict) -> list[str]:
+  """Markdown lines: the reference package's BR metrics per layer, then its layer averages
+  (``brjax.metrics.reference_br_metrics``, ``reference_summary``)."""
+  from brjax import metrics  # pylint: disable=g-import-not-at-top
+  lines = ["BR metrics as the reference package logs them: effectiveness = 100 (1 - mean "
+           "distance / (alpha/2)), pct_near = % within 1% of alpha of its level, bins used, "
+           "per-bin count / mean / std.", "",
+           "| layer | kind | effectiveness | pct_near | mean_distance | bins_used | "
+           "bin_count | bin_mean | bin_std |", "|---|---|---|---|---|---|---|---|---|"]
+  for kind, label in (("weights", "weight"), ("activations", "activation")):
+    for name in sort_layers(run["quant"][kind], run["order"]):
+      m = run["quant"][kind][name]
+      if "effectiveness" not in m:
+        continue
+      per_bin = lambda key: " ".join(f"{float(x):.4g}" for x in m[key])
+      lines.append(f"| {name} | {label} | {_fmt(m['effectiveness'])} | {_fmt(m['pct_near'])} "
+                   f"| {_fmt(m['mean_distance'])} | {int(float(m['bins_used']))} | "
+                   f"{per_bin('bin_count')} | {per_bin('bin_mean')} | {per_bin('bin_std')} |")
+  for kind, values in metrics.reference_summary(run["quant"]).items():
+    lines.append(f"| average | {kind} | {_fmt(values['effectiveness'])} | "
+                 f"{_fmt(values['pct_near'])} | {_fmt(values['mean_distance'])} | | | | |")
+  return lines
+
+
 def write_markdown(runs: list[dict], path: str) -> str:
   lines = ["# Quantization metrics", "",
            "Recomputed from each run's checkpoint with `brjax.metrics.quant_metrics`. "
@@ -421,6 +447,7 @@ def write_markdown(runs: list[dict], path: str) -> str:
               f"- bits: W{config['bits_w']} A{config['bits_a']}; activations on the first "
               f"{run['examples']} test images of `{run['data_dir']}`", ""]
     lines += metrics_table(run) + [""]
+    lines += reference_metrics_table(run) + [""]
   with open(path, "w") as f:
     f.write("\n".join(lines))
   return path

@@ -14,13 +14,20 @@ from absl import flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from brjax import cli  # pylint: disable=g-import-not-at-top
-from brjax.config import Config  # pylint: disable=g-import-not-at-top
+from brjax import recipes  # pylint: disable=g-import-not-at-top
+from brjax.config import Config, MODELS  # pylint: disable=g-import-not-at-top
 
 _D = Config()
 FLAGS = flags.FlagValues()
-flags.DEFINE_enum("model", _D.model, ["resnet20", "resnet18"], "CIFAR ResNet.", flag_values=FLAGS)
-flags.DEFINE_integer("bits", _D.bits_w, "Bit width of weights and activations: 2..8, or 32 "
-                     "(float).", flag_values=FLAGS)
+flags.DEFINE_enum("model", _D.model, list(MODELS), "CIFAR ResNet: resnet20, resnet18 "
+                  "(brjax's), resnet20_option_a (He et al.'s parameter-free shortcuts), "
+                  "resnet18_reference (the reference package's layout; reads its .pth).",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("width", None, "resnet18_reference: channels of the first stage "
+                     "(default 64, the reference's).", flag_values=FLAGS)
+flags.DEFINE_integer("bits", _D.bits_w, "Bit width of weights and activations: 1..8, or 32 "
+                     "(float). 1 bit: ternary weights (-1, 0, 1), binary activations (0, 1).",
+                     flag_values=FLAGS)
 flags.DEFINE_integer("bits_w", None, "Weight bit width (default: --bits).", flag_values=FLAGS)
 flags.DEFINE_integer("bits_a", None, "Activation bit width (default: --bits).",
                      flag_values=FLAGS)
@@ -41,11 +48,38 @@ flags.DEFINE_bool("freeze_alpha_a", False, "Freeze activation alphas after warmu
 flags.DEFINE_bool("br_alpha_grad_a", _D.br_alpha_grad_a,
                   "Let A-BR gradients reach activation alphas (W-BR's always do).",
                   flag_values=FLAGS)
-flags.DEFINE_float("lr", _D.lr, "Peak learning rate (cosine decay to 0).", flag_values=FLAGS)
-flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.", flag_values=FLAGS)
-flags.DEFINE_float("weight_decay", _D.weight_decay, "Weight decay (not on alphas).",
+flags.DEFINE_enum("recipe", _D.recipe, list(recipes.RECIPES), "Training recipe: brjax (SGD "
+                  "0.1, per-step cosine, ...), reference (the reference package's QAT: Adam "
+                  "0.01, constant-then-cosine per epoch, ...), reference_baseline (its float "
+                  "baseline: SGD 0.1, step decay). The flags below override its parts.",
+                  flag_values=FLAGS)
+flags.DEFINE_float("lr", None, "Peak learning rate (default: the recipe's).", flag_values=FLAGS)
+flags.DEFINE_enum("optimizer", None, list(recipes.OPTIMIZERS), "Optimizer (default: the "
+                  "recipe's).", flag_values=FLAGS)
+flags.DEFINE_enum("schedule", None, list(recipes.SCHEDULES), "LR schedule (default: the "
+                  "recipe's): cosine = per step to 0 over the run; constant_cosine = constant "
+                  "through warmup, then cosine per epoch over the BR epochs; step = x0.1 "
+                  "after 50% and 75% of the epochs.", flag_values=FLAGS)
+flags.DEFINE_float("weight_decay", None, "L2 weight decay added to the gradient (default: "
+                   "the recipe's).", flag_values=FLAGS)
+flags.DEFINE_bool("decay_alphas", None, "Weight decay on the step sizes too (default: the "
+                  "recipe's).", flag_values=FLAGS)
+flags.DEFINE_float("momentum", None, "SGD momentum (default: the recipe's).",
                    flag_values=FLAGS)
-flags.DEFINE_float("momentum", _D.momentum, "SGD momentum.", flag_values=FLAGS)
+flags.DEFINE_float("adam_eps", None, "Adam epsilon (default: the recipe's).",
+                   flag_values=FLAGS)
+flags.DEFINE_enum("act_grad_scale", None, list(recipes.ACT_GRAD_SCALES), "Activation step "
+                  "size gradient scale 1/sqrt(N*qp): N per example (LSQ paper) or per batch "
+                  "(the reference) (default: the recipe's).", flag_values=FLAGS)
+flags.DEFINE_enum("alpha_init", None, list(recipes.ALPHA_INITS), "Step-size init: calibrate "
+                  "(first unaugmented images; eval mode after --pretrained) or first_step "
+                  "(train-mode forward of the first training batch, as the reference) "
+                  "(default: the recipe's).", flag_values=FLAGS)
+flags.DEFINE_enum("normalization", None, list(recipes.NORMALIZATIONS), "Input normalization: "
+                  "dataset (the training set's mean and std) or reference (the reference "
+                  "package's CIFAR-10 constants, which its .pth baselines expect) (default: "
+                  "the recipe's).", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.", flag_values=FLAGS)
 flags.DEFINE_integer("seed", _D.seed, "Random seed (init, shuffling, augmentation).",
                      flag_values=FLAGS)
 flags.DEFINE_string("dataset", _D.dataset, "tensorflow-datasets name, used without "
@@ -56,8 +90,9 @@ flags.DEFINE_integer("train_examples", 0, "Use the first N training images (0 = 
                      flag_values=FLAGS)
 flags.DEFINE_integer("test_examples", 0, "Use the first N test images (0 = all).",
                      flag_values=FLAGS)
-flags.DEFINE_string("pretrained", None, "Workdir of a float run to start from.",
-                    flag_values=FLAGS)
+flags.DEFINE_string("pretrained", None, "Workdir of a float run to start from, or a "
+                    "reference package .pth (its ResNet-18 state_dict; with "
+                    "--model=resnet18_reference; needs PyTorch).", flag_values=FLAGS)
 flags.DEFINE_string("workdir", None, "Output folder (default: checkpoints/<run name>).",
                     flag_values=FLAGS)
 flags.DEFINE_bool("tensorboard", False, "Write TensorBoard events to <workdir>/tensorboard.",
@@ -76,16 +111,20 @@ def config_from_flags(values: flags.FlagValues) -> Config:
   """Builds (and so validates) the Config from parsed flags."""
   bits_w = values.bits if values.bits_w is None else values.bits_w
   bits_a = values.bits if values.bits_a is None else values.bits_a
-  if not (2 <= values.bits <= 8 or values.bits == 32):
-    raise ValueError(f"--bits={values.bits} is not accepted: use an integer in 2..8, or 32 "
+  if not (1 <= values.bits <= 8 or values.bits == 32):
+    raise ValueError(f"--bits={values.bits} is not accepted: use an integer in 1..8, or 32 "
                      "for float")
   return Config(
-      model=values.model, bits_w=bits_w, bits_a=bits_a, clip=values.clip,
+      model=values.model, width=values.width, bits_w=bits_w, bits_a=bits_a, clip=values.clip,
       lambda_w=values.lambda_w, lambda_a=values.lambda_a,
       warmup_epochs=values.warmup_epochs, epochs=values.epochs,
       freeze_alpha_w=values.freeze_alpha or values.freeze_alpha_w,
       freeze_alpha_a=values.freeze_alpha or values.freeze_alpha_a,
-      br_alpha_grad_a=values.br_alpha_grad_a, lr=values.lr, batch_size=values.batch_size,
+      br_alpha_grad_a=values.br_alpha_grad_a, recipe=values.recipe, lr=values.lr,
+      optimizer=values.optimizer, schedule=values.schedule, decay_alphas=values.decay_alphas,
+      act_grad_scale=values.act_grad_scale, alpha_init=values.alpha_init,
+      normalization=values.normalization,
+      adam_eps=values.adam_eps, batch_size=values.batch_size,
       weight_decay=values.weight_decay, momentum=values.momentum, seed=values.seed,
       dataset=values.dataset, data_dir=values.data_dir,
       train_examples=values.train_examples, test_examples=values.test_examples,

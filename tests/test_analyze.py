@@ -43,8 +43,7 @@ def recomputed(tiny_run) -> dict:
   batch = next(input_pipeline.eval_batches(ds, EXAMPLES))
   model = models.create_model(config["model"], bits_w=config["bits_w"], bits_a=config["bits_a"],
                               clip=config["clip"], num_classes=ds.num_classes)
-  fn = jax.jit(functools.partial(metrics.quant_metrics, model, bits_w=config["bits_w"],
-                                 bits_a=config["bits_a"]))
+  fn = jax.jit(functools.partial(metrics.quant_metrics, model))
   return metrics.to_python(fn(variables, batch))
 
 
@@ -78,15 +77,16 @@ def hist_pixels(analyze, num_panels: int) -> tuple[int, int]:
 
 def parse_markdown(text: str) -> dict[str, dict[tuple[str, str], dict]]:
   """``{section title: {(kind, layer): row}}`` from the tables under each ``## `` heading."""
-  sections, rows = {}, None
+  sections, rows, main = {}, None, False
   for line in text.splitlines():
     if line.startswith("## "):
       rows = sections.setdefault(line[3:].strip(), {})
     elif line.startswith("|") and rows is not None:
       cells = [c.strip() for c in line.strip().strip("|").split("|")]
-      if cells[0] == "layer" or set(cells[0]) <= {"-"}:
-        assert cells[0] != "layer" or cells == ["layer", "kind", "alpha", "mse", "near_frac",
-                                                "occupancy"]
+      if cells[0] == "layer":  # the metrics table, or the reference's BR metrics after it
+        main = cells == ["layer", "kind", "alpha", "mse", "near_frac", "occupancy"]
+        assert main or cells[2] == "effectiveness", cells
+      if cells[0] == "layer" or set(cells[0]) <= {"-"} or not main:
         continue
       layer, kind, alpha, mse, near, occupancy = cells
       rows[(kind, layer)] = {"alpha": float(alpha), "mse": float(mse),
@@ -136,6 +136,13 @@ def test_analyze_one_run(tiny_run, recomputed, analyze, tmp_path):
   assert layers[0] == "conv_init" and layers[len(recomputed["weights"]) - 1] == "QuantDense_0"
   assert layers[len(recomputed["weights"])] == "act_init"
   assert f"first {EXAMPLES} test images" in text
+  # The reference's BR metrics: one row per layer, then the averages.
+  ref = {(c[1], c[0]): c for c in (
+      [x.strip() for x in line.strip().strip("|").split("|")] for line in text.splitlines()
+      if line.startswith("|") and line.count("|") == 10) if c[0] not in ("layer", "---")}
+  assert len(ref) == len(recomputed["weights"]) + len(recomputed["activations"]) + 2
+  np.testing.assert_allclose(float(ref[("weight", "conv_init")][2]),
+                             recomputed["weights"]["conv_init"]["effectiveness"], rtol=1e-5)
 
 
 def test_analyze_compare(tiny_run, recomputed, analyze, tmp_path):

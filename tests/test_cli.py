@@ -25,7 +25,7 @@ cli = _load_cli()
 
 
 @pytest.mark.parametrize("argv,flag", [
-    (["--bits=1"], "--bits=1"),
+    (["--bits=0"], "--bits=0"),
     (["--bits=9"], "--bits=9"),
     (["--bits=16"], "--bits=16"),
     (["--bits_w=0"], "--bits_w=0"),
@@ -38,6 +38,13 @@ cli = _load_cli()
     (["--batch_size=-4"], "--batch_size=-4"),
     (["--lr=0"], "--lr=0.0"),
     (["--model=vgg16"], "--model"),
+    (["--recipe=pytorch"], "--recipe"),
+    (["--schedule=linear"], "--schedule"),
+    (["--optimizer=rmsprop"], "--optimizer"),
+    (["--width=8"], "--width=8"),
+    (["--model=resnet18_reference", "--width=0"], "--width=0"),
+    (["--model=resnet18_reference", "--pretrained=/no/such.pth"], "--pretrained=/no/such.pth"),
+    (["--pretrained=/no/such.pth"], "--pretrained=/no/such.pth"),
     (["--clip=-1"], "--clip=-1.0"),
     (["--train_examples=-1"], "--train_examples=-1"),
     (["--pretrained=/no/such/run"], "--pretrained=/no/such/run"),
@@ -54,12 +61,27 @@ def test_bad_flag_is_one_line_error_before_any_work(argv, flag, capsys, tmp_path
   assert not workdir.exists()
 
 
+def test_recipe_flags_resolve_and_explicit_flags_override():
+  cli.cli.parse_flags(cli.FLAGS, ["train.py", "--recipe=reference", "--bits=1",
+                                  "--schedule=step", "--momentum=0.5"])
+  config = cli.config_from_flags(cli.FLAGS)
+  assert (config.bits_w, config.bits_a) == (1, 1)
+  assert (config.optimizer, config.lr, config.weight_decay, config.decay_alphas) == (
+      "adam", 0.01, 1e-4, True)
+  assert (config.act_grad_scale, config.alpha_init) == ("batch", "first_step")
+  assert (config.schedule, config.momentum) == ("step", 0.5)  # explicit flags win
+  cli.cli.parse_flags(cli.FLAGS, ["train.py"])
+  config = cli.config_from_flags(cli.FLAGS)
+  assert (config.recipe, config.optimizer, config.lr, config.schedule) == (
+      "brjax", "sgd", 0.1, "cosine")
+
+
 def test_bad_flag_exit_code_in_a_real_process(tmp_path):
   proc = subprocess.run([sys.executable, str(SCRIPT), "--bits=3", "--bits_a=40",
                          f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 2
-  assert proc.stderr.strip() == ("error: --bits_a=40 is not accepted: use an integer in 2..8, "
+  assert proc.stderr.strip() == ("error: --bits_a=40 is not accepted: use an integer in 1..8, "
                                  "or 32 for float")
   assert proc.stdout == ""
 

@@ -17,10 +17,10 @@ def test_defaults_are_valid_and_named():
 
 
 @pytest.mark.parametrize("field,value,accepted", [
-    ("bits_w", 1, "2..8, or 32"),
-    ("bits_w", 16, "2..8, or 32"),
-    ("bits_a", 9, "2..8, or 32"),
-    ("bits_a", 2.0, "2..8, or 32"),
+    ("bits_w", 0, "1..8, or 32"),
+    ("bits_w", 16, "1..8, or 32"),
+    ("bits_a", 9, "1..8, or 32"),
+    ("bits_a", 2.0, "1..8, or 32"),
     ("lambda_w", -0.1, ">= 0"),
     ("lambda_a", -1.0, ">= 0"),
     ("lambda_a", float("nan"), ">= 0"),

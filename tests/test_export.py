@@ -38,11 +38,11 @@ MAX_FLIP_RATE = 1e-5
 
 
 @pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("bits", range(1, 9))
 def test_pack_round_trip(bits, signed):
   qn, qp = quant.qrange(bits, signed)
   rng = np.random.default_rng(bits)
-  width = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}[bits]
+  width = {1: 2, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}[bits]
   assert export.packed_bits(bits) == width
   for shape in [(0,), (1,), (3,), (7,), (13,), (3, 5, 7), (2, 1, 3, 3)]:
     codes = rng.integers(qn, qp + 1, shape)
@@ -267,6 +267,35 @@ def test_integer_forward_matches_fake_quant(bits_w, bits_a, clip, random_images,
     _, flips, _ = _compare(loaded, inputs, fq_logits, fq_codes, teacher_forced)
     if bits_a <= 4:  # at 8 bits flips are ~30x likelier, and cascade in a random net
       assert np.sum(flips > 0) <= 2  # measured: 0 or 1 example of 16 touched by a flip
+
+
+def test_one_bit_exports_ternary_weights_and_binary_activations(random_images, tmp_path):
+  """W1A1: weight codes in {-1, 0, 1} (2-bit containers), activation codes in {0, 1}; the
+  integer forward reproduces the fake-quant model."""
+  pixels, images = random_images
+  model = models.create_model("resnet20", bits_w=1, bits_a=1)
+  variables = _random_variables(model, images, seed=1)
+  fq_logits, fq_codes, _ = _fake_quant(model, variables, images)
+  for name, c in fq_codes.items():
+    assert set(np.unique(c)) <= {0, 1}, name
+  exported = export.export_model(variables, model="resnet20", bits_w=1, bits_a=1, mean=MEAN,
+                                 std=STD)
+  export.save(str(tmp_path / "w1a1.npz"), exported)
+  loaded = export.load(str(tmp_path / "w1a1.npz"))
+  layers = [l for l in loaded.header["layers"] if "shape" in l]
+  assert layers and all(l["packed_bits"] == 2 for l in layers)
+  for layer in layers:
+    codes = loaded.arrays[f"{layer['name']}/codes"]
+    assert set(np.unique(codes)) <= {-1, 0, 1} and -1 in codes and 1 in codes, layer["name"]
+  for inputs, teacher_forced in ((pixels, True), (images, False)):
+    _, flips, _ = _compare(loaded, inputs, fq_logits, fq_codes, teacher_forced)
+    assert np.sum(flips > 0) <= 2
+
+
+def test_export_refuses_other_layouts():
+  for name in ("resnet18_reference", "resnet20_option_a"):
+    with pytest.raises(ValueError, match=f"model='{name}' is not exportable"):
+      export.export_model({}, model=name, bits_w=2, bits_a=2)
 
 
 def test_export_refuses_unquantized_or_mismatched(random_images):

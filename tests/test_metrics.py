@@ -33,7 +33,10 @@ def np_layer_metrics(v, alpha, qn, qp, where=None) -> dict:
 
 def assert_metrics_close(got, want, **tol):
   tol = {"rtol": 1e-5, "atol": 1e-7, **tol}
-  assert set(got) == {"alpha", "mse", "near_frac", "occupancy"}
+  base = {"alpha", "mse", "near_frac", "occupancy"}
+  # The collectors add the reference's metrics (tested below) to layer_metrics'.
+  assert set(got) in (base, base | {"mean_distance", "effectiveness", "pct_near", "bins_used",
+                                    "bin_count", "bin_mean", "bin_std"})
   for key in want:
     np.testing.assert_allclose(np.asarray(got[key]), want[key], err_msg=key, **tol)
 
@@ -334,3 +337,101 @@ def test_to_python_types():
   tree = {1: (np.int32(3), np.bool_(True)), "a": [jnp.ones((2, 2)), None, "s", 2.5]}
   assert metrics.to_python(tree) == {"1": [3, True], "a": [[[1.0, 1.0], [1.0, 1.0]], None, "s",
                                                            2.5]}
+
+
+# ------------------------------------------------- the reference package's BR metrics
+
+
+def _reference_numpy(v, alpha, qn, qp):
+  """The reference's BinRegularizer metrics, transcribed to numpy (loop over bins)."""
+  v = np.asarray(v, np.float64).reshape(-1)
+  m = np.round(np.clip(v / alpha, qn, qp))
+  d = np.abs(v - m * alpha)
+  out = {"mean_distance": d.mean(),
+         "effectiveness": np.clip(100 * (1 - d.mean() / (alpha * 0.5 + 1e-12)), 0, 100),
+         "pct_near": 100 * np.mean(d < 0.01 * alpha)}
+  counts, means, stds = [], [], []
+  for k in range(qn, qp + 1):
+    b = v[m == k]
+    counts.append(b.size)
+    means.append(b.mean() if b.size else 0.0)
+    stds.append(b.std(ddof=1) if b.size > 1 else 0.0)
+  out.update(bins_used=sum(c > 0 for c in counts), bin_count=counts, bin_mean=means,
+             bin_std=stds)
+  return out
+
+
+@pytest.mark.parametrize("bits,signed", [(1, True), (1, False), (2, True), (2, False),
+                                         (4, True), (3, False)])
+def test_reference_br_metrics_match_the_reference_definitions(bits, signed):
+  qn, qp = quant.qrange(bits, signed)
+  rng = np.random.default_rng(bits)
+  alpha = 0.3
+  # Values on levels, near levels and spread, a few clipped far outside.
+  v = np.concatenate([rng.integers(qn, qp + 1, 40) * alpha,
+                      rng.integers(qn, qp + 1, 30) * alpha + rng.normal(0, 0.001, 30),
+                      rng.uniform(qn * alpha, qp * alpha, 50), [qp * alpha * 3]])
+  if qn < 0:
+    v = np.concatenate([v, [qn * alpha * 3]])
+  got = jax.jit(metrics.reference_br_metrics, static_argnums=(2, 3))(
+      jnp.asarray(v, jnp.float32), jnp.float32(alpha), qn, qp)
+  want = _reference_numpy(v.astype(np.float32), np.float32(alpha), qn, qp)
+  assert set(got) == set(want)
+  for key, value in want.items():
+    np.testing.assert_allclose(got[key], value, rtol=2e-5, atol=1e-6, err_msg=key)
+  assert 0 < float(got["effectiveness"]) < 100 and 30 < float(got["pct_near"]) < 80
+
+
+def test_reference_br_metrics_extremes_and_mask():
+  on = jnp.array([0.0, 0.5, 0.5, 1.0, 1.5])
+  got = metrics.reference_br_metrics(on, 0.5, 0, 3)
+  assert float(got["effectiveness"]) == 100.0 and float(got["pct_near"]) == 100.0
+  np.testing.assert_allclose(got["bin_count"], [1, 2, 1, 1])
+  np.testing.assert_allclose(got["bin_std"], [0, 0, 0, 0])
+  half = jnp.array([0.25, 0.75, 1.25])  # every value half a step from a level
+  assert float(metrics.reference_br_metrics(half, 0.5, 0, 3)["effectiveness"]) == 0.0
+  mixed = jnp.array([[0.0, 0.5], [0.25, 0.75]])
+  masked = metrics.reference_br_metrics(mixed, 0.5, 0, 3, where=jnp.array([[True], [False]]))
+  assert float(masked["effectiveness"]) == 100.0 and float(masked["bins_used"]) == 2.0
+
+
+def test_collectors_carry_the_reference_metrics_and_the_summary_averages_layers():
+  model = models.create_model("resnet20", bits_w=2, bits_a=2)
+  images = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  variables = model.init(jax.random.key(1), images, train=False)
+  got = metrics.to_python(metrics.quant_metrics(model, variables, images))
+  for kind in ("weights", "activations"):
+    for layer in got[kind].values():
+      assert {"effectiveness", "pct_near", "mean_distance", "bins_used", "bin_count",
+              "bin_mean", "bin_std"} <= set(layer)
+  summary = metrics.reference_summary(got)
+  for kind in ("weights", "activations"):
+    want = np.mean([m["effectiveness"] for m in got[kind].values()])
+    assert summary[kind]["effectiveness"] == pytest.approx(want)
+    assert set(summary[kind]) == set(metrics.REFERENCE_SUMMARY_KEYS)
+  assert metrics.reference_summary({"weights": {}, "activations": {}}) == {}
+
+
+def test_tensorboard_gets_the_reference_metrics():
+  from brjax import summary  # pylint: disable=g-import-not-at-top
+
+  class Writer:
+
+    def __init__(self):
+      self.scalars = {}
+
+    def add_scalar(self, tag, value, step):
+      self.scalars[tag] = (float(value), step)
+
+  quant_tree = {"weights": {"conv": {"effectiveness": 80.0, "pct_near": 10.0, "mse": 0.1,
+                                     "mean_distance": 0.05}},
+                "activations": {"act": {"effectiveness": 60.0, "pct_near": 30.0, "mse": 0.2,
+                                        "mean_distance": 0.1}}}
+  writer = Writer()
+  summary.write_reference_metrics(writer, 3, {"quant": quant_tree})
+  assert writer.scalars["br/weights/effectiveness"] == (80.0, 3)
+  assert writer.scalars["br/activations/pct_near"] == (30.0, 3)
+  assert writer.scalars["effectiveness/activations/act"] == (60.0, 3)
+  writer = Writer()
+  summary.write_reference_metrics(writer, 1, {})  # a float run: nothing
+  assert writer.scalars == {}
