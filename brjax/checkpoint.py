@@ -128,8 +128,14 @@ def _unreadable(manager: ocp.CheckpointManager, epoch: int, error: Exception) ->
 
 
 def check_compatible(saved: dict, config: Config, path: str) -> None:
-  """Raises CheckpointError if ``config`` differs from the saved one (beyond data paths)."""
+  """Raises CheckpointError if ``config`` differs from the saved one (beyond data paths).
+
+  A field the saved config lacks (written before the field existed) counts as the value
+  that run used: the default of a ``Config()``, whose recipe is the only one there was.
+  """
   current = dataclasses.asdict(config)
+  defaults = dataclasses.asdict(Config())
+  saved = {**defaults, **saved}
   diffs = [f"--{k}={saved.get(k)!r} there, --{k}={v!r} here" for k, v in current.items()
            if k not in RESUMABLE_CHANGES and saved.get(k) != v]
   if diffs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 
 from brjax import recipes
 
@@ -41,6 +42,9 @@ class Config:
   freeze_alpha_w: bool = False
   freeze_alpha_a: bool = False
   br_alpha_grad_a: bool = False
+  abr_layers: str | None = None
+  abr_exclude_first: bool = False
+  abr_exclude_last: bool = False
   # Optimization: a recipe (brjax.recipes), each part overridable.
   recipe: str = "brjax"
   epochs: int = 100
@@ -65,6 +69,12 @@ class Config:
   pretrained: str | None = None
 
   def __post_init__(self):
+    if self.abr_layers is not None:
+      try:
+        re.compile(self.abr_layers)
+      except (re.error, TypeError) as e:
+        raise ValueError(f"--abr_layers={self.abr_layers} is not accepted: use a regular "
+                         f"expression on module paths ({e})") from None
     _check(self.recipe in recipes.RECIPES, "recipe", self.recipe,
            f"use one of {', '.join(recipes.RECIPES)}")
     recipe = recipes.RECIPES[self.recipe]

@@ -19,7 +19,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator
+import re
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import flax
 from flax import struct
@@ -69,14 +70,60 @@ def phase_of(config: Config, epoch: int) -> str:
   return WARMUP if epoch <= config.warmup_epochs else BR
 
 
-def br_settings(config: Config, phase: str) -> BRSettings:
-  """The loss terms of a phase: none outside BR; a zero lambda drops its term entirely."""
+def br_settings(config: Config, phase: str,
+                abr_sites: Sequence[str] | None = None) -> BRSettings:
+  """The loss terms of a phase: none outside BR; a zero lambda drops its term entirely.
+
+  ``abr_sites``: the activation sites A-BR sums over (see :func:`select_abr_sites`);
+  None means every site.
+  """
   if phase != BR:
     return BRSettings()
+  pattern = None
+  if abr_sites is not None:
+    pattern = "^(?:" + "|".join(re.escape(s) for s in abr_sites) + ")$"
   return BRSettings(
       lambda_w=config.lambda_w if config.bits_w != quant.FLOAT_BITS else 0.0,
       lambda_a=config.lambda_a if config.bits_a != quant.FLOAT_BITS else 0.0,
-      alpha_grad_a=config.br_alpha_grad_a)
+      alpha_grad_a=config.br_alpha_grad_a, abr_layers=pattern)
+
+
+def activation_sites(model: flax.linen.Module, variables: dict, images: jax.Array) -> list[str]:
+  """The module paths of a model's activation sites, in the order the forward pass runs them.
+
+  Traced only (``jax.eval_shape``): no computation. A path called several times appears once.
+  """
+  order = []
+
+  def record(variables, images):
+    _, state = model.apply(variables, images, train=False, mutable=[sites.COLLECTION])
+    for path, _, _ in sites.iterate(state.get(sites.COLLECTION, {}), (sites.INPUT, sites.OUTPUT)):
+      if path not in order:
+        order.append(path)
+
+  jax.eval_shape(record, variables, images)
+  return order
+
+
+def select_abr_sites(config: Config, every: Sequence[str]) -> list[str] | None:
+  """The activation sites A-BR regularizes: ``--abr_layers`` (a regex, ``re.search`` on the
+  module path), then ``--abr_exclude_first`` / ``--abr_exclude_last`` in forward order.
+
+  Returns None when no selection is asked for (every site). Raises ValueError when the
+  selection is empty: A-BR would be a silent zero.
+  """
+  if config.abr_layers is None and not (config.abr_exclude_first or config.abr_exclude_last):
+    return None
+  chosen = [s for s in every if config.abr_layers is None or re.search(config.abr_layers, s)]
+  if config.abr_exclude_first and every:
+    chosen = [s for s in chosen if s != every[0]]
+  if config.abr_exclude_last and every:
+    chosen = [s for s in chosen if s != every[-1]]
+  if not chosen:
+    raise ValueError(f"--abr_layers={config.abr_layers} (exclude first: "
+                     f"{config.abr_exclude_first}, last: {config.abr_exclude_last}) selects "
+                     f"no activation site of {config.model}; its sites are: {', '.join(every)}")
+  return chosen
 
 
 def train_step(state: TrainState, batch: dict, br: BRSettings) -> tuple[TrainState, dict]:
@@ -279,7 +326,8 @@ def _load_pretrained(path: str, variables: dict) -> tuple[dict, bool]:
   return merged, False
 
 
-def _banner(config: Config, topology: Topology, ds: input_pipeline.Dataset) -> str:
+def _banner(config: Config, topology: Topology, ds: input_pipeline.Dataset,
+            abr_line: str | None = None) -> str:
   devices = topology.mesh.devices.ravel()
   lines = [RULE]
   if not config.quantized:
@@ -297,6 +345,8 @@ def _banner(config: Config, topology: Topology, ds: input_pipeline.Dataset) -> s
         "    └─> gradients to alpha: always (paper-faithful)",
         f"  - A-BR (activations): lambda={config.lambda_a:g} [{on(config.lambda_a)}]",
         f"    └─> gradients to alpha: {config.br_alpha_grad_a} (--br_alpha_grad_a)",
+    ] + ([f"    └─> activation sites: {abr_line} (--abr_layers, --abr_exclude_first/last)"]
+         if abr_line else []) + [
         "Alpha control (after warmup):",
         f"  - freeze weight alphas: {config.freeze_alpha_w}",
         f"  - freeze activation alphas: {config.freeze_alpha_a}",
@@ -501,12 +551,19 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   elif is_chief and os.path.exists(metrics_path):
     os.remove(metrics_path)  # metrics of a run that never saved a checkpoint
   state = jax.device_put(state, topology.replicated)
+  probe = next(input_pipeline.eval_batches(ds, config.batch_size))
+  abr_sites, abr_line = None, None
+  if br_settings(config, BR).lambda_a > 0:
+    every = activation_sites(model, {"params": state.params, "batch_stats": state.batch_stats},
+                             jnp.asarray(probe["image"]))
+    abr_sites = select_abr_sites(config, every)
+    abr_line = (f"all {len(every)}" if abr_sites is None else
+                f"{len(abr_sites)} of {len(every)}: {', '.join(abr_sites)}")
 
-  log(_banner(config, topology, ds))
+  log(_banner(config, topology, ds, abr_line))
   eval_fn = jit_eval_step(topology, model.apply)
   # Per-layer quantization metrics, every epoch, on the first test batch.
   quant_fn = jax.jit(functools.partial(metrics.quant_metrics, model))
-  probe = next(input_pipeline.eval_batches(ds, config.batch_size))
   writer = summary.create_writer(workdir) if tensorboard and is_chief else None
   step_fns = {}
   schedule = optim.learning_rate_schedule(config, steps_per_epoch)
@@ -517,7 +574,8 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
       if epoch == config.warmup_epochs + 1:
         log(_freeze_banner(config))
       state = state.replace(tx=optim.create_optimizer(config, steps_per_epoch, frozen_br))
-    step_fn = step_fns.setdefault(phase, jit_train_step(topology, br_settings(config, phase)))
+    step_fn = step_fns.setdefault(
+        phase, jit_train_step(topology, br_settings(config, phase, abr_sites)))
 
     start = time.time()
     lr = float(schedule(int(state.step)))

@@ -48,6 +48,13 @@ flags.DEFINE_bool("freeze_alpha_a", False, "Freeze activation alphas after warmu
 flags.DEFINE_bool("br_alpha_grad_a", _D.br_alpha_grad_a,
                   "Let A-BR gradients reach activation alphas (W-BR's always do).",
                   flag_values=FLAGS)
+flags.DEFINE_string("abr_layers", None, "A-BR only on activation sites whose module path "
+                    "matches this regular expression (re.search), e.g. 'BasicBlock_[0-4]/'; "
+                    "unset: every site.", flag_values=FLAGS)
+flags.DEFINE_bool("abr_exclude_first", False, "Leave the first activation site (in forward "
+                  "order) out of A-BR.", flag_values=FLAGS)
+flags.DEFINE_bool("abr_exclude_last", False, "Leave the last activation site out of A-BR.",
+                  flag_values=FLAGS)
 flags.DEFINE_enum("recipe", _D.recipe, list(recipes.RECIPES), "Training recipe: brjax (SGD "
                   "0.1, per-step cosine, ...), reference (the reference package's QAT: Adam "
                   "0.01, constant-then-cosine per epoch, ...), reference_baseline (its float "
@@ -120,7 +127,9 @@ def config_from_flags(values: flags.FlagValues) -> Config:
       warmup_epochs=values.warmup_epochs, epochs=values.epochs,
       freeze_alpha_w=values.freeze_alpha or values.freeze_alpha_w,
       freeze_alpha_a=values.freeze_alpha or values.freeze_alpha_a,
-      br_alpha_grad_a=values.br_alpha_grad_a, recipe=values.recipe, lr=values.lr,
+      br_alpha_grad_a=values.br_alpha_grad_a, abr_layers=values.abr_layers,
+      abr_exclude_first=values.abr_exclude_first, abr_exclude_last=values.abr_exclude_last,
+      recipe=values.recipe, lr=values.lr,
       optimizer=values.optimizer, schedule=values.schedule, decay_alphas=values.decay_alphas,
       act_grad_scale=values.act_grad_scale, alpha_init=values.alpha_init,
       normalization=values.normalization,

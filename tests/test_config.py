@@ -62,3 +62,22 @@ def test_warmup_bound_applies_to_quantized_runs_only():
     Config(bits_w=2, bits_a=32, epochs=10)
   with pytest.raises(ValueError, match=r"^--warmup_epochs=-1 is not accepted"):
     Config(bits_w=32, bits_a=32, epochs=10, warmup_epochs=-1)
+
+
+def test_a_checkpoint_from_before_a_field_existed_resumes():
+  """Configs saved before the recipe and A-BR site fields resume as the brjax recipe."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from brjax import checkpoint  # pylint: disable=g-import-not-at-top
+  old = dataclasses.asdict(Config())
+  for newer in ("recipe", "optimizer", "schedule", "abr_layers", "abr_exclude_first"):
+    old.pop(newer)
+  checkpoint.check_compatible(old, Config(), "old")
+  with pytest.raises(checkpoint.CheckpointError, match="--recipe='brjax' there"):
+    checkpoint.check_compatible(old, Config(recipe="reference"), "old")
+  with pytest.raises(checkpoint.CheckpointError, match="--abr_layers=None there"):
+    checkpoint.check_compatible(old, Config(abr_layers="Block"), "old")
+
+
+def test_abr_layers_must_be_a_regex():
+  with pytest.raises(ValueError, match=r"--abr_layers=\( is not accepted: use a regular"):
+    Config(abr_layers="(")

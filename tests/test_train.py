@@ -1,5 +1,6 @@
 """Tests of brjax.train and brjax.checkpoint: steps, phases, checkpoints, resume."""
 
+import dataclasses
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from brjax import models
 from brjax import optim
 from brjax import quant
 from brjax import regularizer
+from brjax import sites
 from brjax import train
 from brjax.config import Config
 
@@ -239,3 +241,28 @@ def test_tensorboard_events_are_read_by_tensorboard(tiny_record):
   assert {"weights/conv_init", "quantized_weights/conv_init", "activations/act_init"} <= \
       histograms
   assert len([t for t in histograms if t.startswith("activations/")]) == 19
+
+
+def test_abr_site_selection(small_setup):
+  config, model, state, batch = small_setup
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  every = train.activation_sites(model, variables, batch["image"])
+  assert len(every) == 19 and every[0] == "act_init" and every[-1] == "BasicBlock_8/QuantReLU_1"
+  assert train.select_abr_sites(config, every) is None  # no selection: every site
+  pick = lambda **kw: train.select_abr_sites(dataclasses.replace(config, **kw), every)
+  assert pick(abr_layers="BasicBlock_8/") == ["BasicBlock_8/QuantReLU_0",
+                                              "BasicBlock_8/QuantReLU_1"]
+  assert pick(abr_exclude_first=True, abr_exclude_last=True) == every[1:-1]
+  with pytest.raises(ValueError, match="selects no activation site of resnet20; its sites "
+                                       "are: act_init, "):
+    pick(abr_layers="act_init", abr_exclude_first=True)
+  # The step's A-BR sums exactly the selected sites.
+  chosen = pick(abr_layers="BasicBlock_8/")
+  settings = train.br_settings(config, train.BR, chosen)
+  _, recorded = model.apply(variables, batch["image"], train=True,
+                            mutable=["quant", "batch_stats"])
+  want = sum(regularizer.site_br(s, alpha_grad=False)
+             for path, _, s in sites.iterate(recorded["quant"], ("output",)) if path in chosen)
+  np.testing.assert_allclose(regularizer.activation_br(recorded["quant"],
+                                                       layers=settings.abr_layers), want,
+                             rtol=1e-6)
