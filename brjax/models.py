@@ -23,55 +23,42 @@ BN_MOMENTUM = 0.9
 
 
 class BasicBlock(nn.Module):
-  """Two 3x3 convolutions with a residual connection (He et al., 2016)."""
-  filters: int
-  conv: ModuleDef
-  norm: ModuleDef
-  act: ModuleDef
-  strides: int = 1
+  """Two 3x3 convolutions with a residual connection (He et al., 2016).
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    residual = x
-    y = self.conv(self.filters, (3, 3), self.strides)(x)
-    y = self.norm()(y)
-    y = self.act()(y)
-    y = self.conv(self.filters, (3, 3))(y)
-    y = self.norm(scale_init=nn.initializers.zeros_init())(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
-      residual = self.norm(name="norm_proj")(residual)
-    return self.act()(residual + y)
-
-
-class BasicBlockOptionA(nn.Module):
-  """He et al.'s CIFAR basic block with the parameter-free "option A" shortcut.
-
-  Where the shape changes, the shortcut takes every other pixel (``x[:, ::2, ::2]``) and
-  zero-pads the new channels equally on both sides; every 3x3 conv pads 1 pixel on both
-  sides, so that at stride 2 the conv samples the pixels the shortcut keeps.
+  ``shortcut`` where the shape changes: ``"projection"`` (option B: 1x1 conv + BN, named
+  ``conv_proj``/``norm_proj``), or ``"option_a"`` (He et al.'s parameter-free CIFAR
+  shortcut: every other pixel, ``x[:, ::2, ::2]``, and the new channels zero-padded
+  equally on both sides; the 3x3 convs then pad 1 pixel on both sides, so that at stride 2
+  they sample the pixels the shortcut keeps).
   """
   filters: int
   conv: ModuleDef
   norm: ModuleDef
   act: ModuleDef
   strides: int = 1
+  shortcut: str = "projection"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    pad = ((1, 1), (1, 1))
-    y = self.conv(self.filters, (3, 3), self.strides, padding=pad)(x)
+    pad = {"padding": ((1, 1), (1, 1))} if self.shortcut == "option_a" else {}
+    y = self.conv(self.filters, (3, 3), self.strides, **pad)(x)
     y = self.norm()(y)
     y = self.act()(y)
-    y = self.conv(self.filters, (3, 3), padding=pad)(y)
+    y = self.conv(self.filters, (3, 3), **pad)(y)
     y = self.norm(scale_init=nn.initializers.zeros_init())(y)
     residual = x
-    if self.strides != 1:
+    if self.shortcut == "option_a":
       residual = residual[:, ::self.strides, ::self.strides, :]
-    extra = self.filters - residual.shape[-1]
-    if extra:
-      residual = jnp.pad(residual, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+      extra = self.filters - residual.shape[-1]
+      if extra:
+        residual = jnp.pad(residual, ((0, 0),) * 3 + ((extra // 2, extra - extra // 2),))
+    elif residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
+      residual = self.norm(name="norm_proj")(residual)
     return self.act()(residual + y)
+
+
+BasicBlockOptionA = functools.partial(BasicBlock, shortcut="option_a")
 
 
 class CifarResNet(nn.Module):
@@ -79,7 +66,7 @@ class CifarResNet(nn.Module):
 
   Input: float images ``(B, H, W, C)``; output: float32 logits ``(B, num_classes)``.
   ``block`` is :class:`BasicBlock` (1x1 conv + BN projection where the shape changes,
-  "option B") or :class:`BasicBlockOptionA`.
+  "option B") or ``BasicBlockOptionA`` (its parameter-free "option A" shortcut).
   """
   stage_sizes: Sequence[int]
   stage_filters: Sequence[int]
