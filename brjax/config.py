@@ -35,6 +35,7 @@ class Config:
   bits_w: int = 2
   bits_a: int = 2
   clip: float | None = None
+  per_channel: bool = False
   # Bin Regularization and step-size control.
   lambda_w: float = 1.0
   lambda_a: float = 1.0

@@ -262,11 +262,12 @@ def weight_codes(kernel: np.ndarray, alpha: float | np.ndarray, bits: int) -> np
 
   Args:
     kernel: float32 weights of any shape.
-    alpha: the layer's (scalar) weight step size.
-    bits: the weight bit width, 2..8 (signed codes).
+    alpha: the layer's weight step size: a scalar, or one per output channel (shape
+      ``(O,)`` or the kernel's rank with ones elsewhere).
+    bits: the weight bit width, 1..8 (signed codes).
   """
   qn, qp = quant.qrange(bits, signed=True)
-  a = np.float32(quant.safe_alpha(jnp.float32(alpha)))
+  a = np.asarray(quant.safe_alpha(jnp.asarray(alpha, jnp.float32)), np.float32)
   return np.round(np.clip(np.asarray(kernel, np.float32) / a, qn, qp)).astype(np.int8)
 
 
@@ -360,6 +361,16 @@ def export_model(variables: Mapping[str, Any], *, model: str, bits_w: int, bits_
   def alpha(path: str) -> float:
     return float(quant.safe_alpha(jnp.asarray(get("params", f"{path}/alpha", ()))))
 
+  def weight_alpha(path: str, channels: int) -> float | list[float]:
+    """A kernel's step size: a float, or (per channel) a list of ``channels`` floats."""
+    value = get("params", f"{path}/alpha")
+    if value.size == 1:
+      return alpha(path)
+    if value.size != channels or value.shape[-1] != channels:
+      raise ValueError(f"params/{path}/alpha has shape {value.shape}: expected a scalar or "
+                       f"one step size per output channel ({channels})")
+    return np.asarray(quant.safe_alpha(jnp.asarray(value.ravel()))).tolist()
+
   arrays: dict[str, np.ndarray] = {}
   layers: list[dict[str, Any]] = []
   activations: list[dict[str, Any]] = []
@@ -378,12 +389,13 @@ def export_model(variables: Mapping[str, Any], *, model: str, bits_w: int, bits_
     s, b = fold_batchnorm(get("params", f"{bn}/scale", (c,)), get("params", f"{bn}/bias", (c,)),
                           get("batch_stats", f"{bn}/mean", (c,)),
                           get("batch_stats", f"{bn}/var", (c,)))
-    arrays[f"{name}/codes"] = weight_codes(kernel, alpha(name), bits_w)
+    alpha_w = weight_alpha(name, c)
+    arrays[f"{name}/codes"] = weight_codes(kernel, alpha_w, bits_w)
     arrays[f"{name}/scale"] = s.astype(np.float32)
     arrays[f"{name}/bias"] = b.astype(np.float32)
     layers.append({"name": name, "kind": "conv", "shape": list(kernel.shape),
                    "strides": [strides, strides], "padding": "SAME", "bits": bits_w,
-                   "packed_bits": packed_bits(bits_w), "alpha": alpha(name),
+                   "packed_bits": packed_bits(bits_w), "alpha": alpha_w,
                    "input": source_act, "bn": bn})
 
   blocks = _block_plan(model, params)
@@ -400,11 +412,12 @@ def export_model(variables: Mapping[str, Any], *, model: str, bits_w: int, bits_
   kernel = get("params", "QuantDense_0/kernel")
   if kernel.ndim != 2:
     raise ValueError(f"params/QuantDense_0/kernel has shape {kernel.shape}, expected (in, out)")
-  arrays["QuantDense_0/codes"] = weight_codes(kernel, alpha("QuantDense_0"), bits_w)
+  dense_alpha = weight_alpha("QuantDense_0", kernel.shape[-1])
+  arrays["QuantDense_0/codes"] = weight_codes(kernel, dense_alpha, bits_w)
   arrays["QuantDense_0/bias"] = get("params", "QuantDense_0/bias", kernel.shape[-1:])
   layers.append({"name": "QuantDense_0", "kind": "dense", "shape": list(kernel.shape),
                  "bits": bits_w, "packed_bits": packed_bits(bits_w),
-                 "alpha": alpha("QuantDense_0"), "input": f"mean({act})", "bn": None})
+                 "alpha": dense_alpha, "input": f"mean({act})", "bn": None})
 
   unused = sorted(f"{c}/{p}" for c in flat for p in flat[c] if (c, p) not in used)
   if unused:
@@ -547,6 +560,11 @@ def _check_accumulator(layer: dict[str, Any], qp_in: int, terms: int) -> None:
     raise ValueError(f"layer {layer['name']}: |accumulator| may reach {bound} > 2^31 - 1")
 
 
+def _alpha(layer: Mapping[str, Any]) -> np.ndarray:
+  """A layer's weight step size as float64: a scalar, or ``(O,)`` per output channel."""
+  return np.asarray(layer["alpha"], np.float64)
+
+
 def _requantize(y: jax.Array, act: Mapping[str, Any]) -> jax.Array:
   """``QuantReLU``: ``round(clip(relu_or_clip(y) / alpha_a, 0, qp))`` as integer codes."""
   y = jax.nn.relu(y) if act["clip"] is None else jnp.clip(y, 0.0, act["clip"])
@@ -568,7 +586,7 @@ def _conv_bn(exported: Exported, layer: Mapping[str, Any], codes: jax.Array,
   w = exported.arrays[f"{name}/codes"]
   _check_accumulator(layer, qp_in, math.prod(w.shape[:3]))
   acc = _int_conv(codes, jnp.asarray(w), layer["strides"], codes.dtype)
-  m = np.asarray(exported.arrays[f"{name}/scale"], np.float64) * layer["alpha"] * alpha_in
+  m = np.asarray(exported.arrays[f"{name}/scale"], np.float64) * _alpha(layer) * alpha_in
   return acc.astype(jnp.float32) * m.astype(np.float32) + exported.arrays[f"{name}/bias"]
 
 
@@ -603,7 +621,7 @@ def _stem(exported: Exported, layer: Mapping[str, Any], images: jax.Array) -> ja
                                    tuple(layer["strides"]), "SAME",
                                    dimension_numbers=_CONV_DIMS,
                                    preferred_element_type=jnp.float32)
-    return acc * (s * layer["alpha"]).astype(np.float32) + b.astype(np.float32)
+    return acc * (s * _alpha(layer)).astype(np.float32) + b.astype(np.float32)
   norm = exported.header["normalization"]
   if norm is None:
     raise ValueError("uint8 images need the input normalization, and this export has none: "
@@ -620,7 +638,7 @@ def _stem(exported: Exported, layer: Mapping[str, Any], images: jax.Array) -> ja
   acc = _int_conv(shifted, grouped, layer["strides"], jnp.int8, groups=cin)
   acc = acc.reshape(*acc.shape[:3], cin, cout)  # S_c[o], exact int32 per input channel
   taps = _inside_taps(images.shape[1:3], w, layer["strides"])  # T_c[o]: (H', W', C, O)
-  scale = s * layer["alpha"]  # (O,)
+  scale = s * _alpha(layer)  # (O,)
   m = (a[:, None] * scale[None, :]).astype(np.float32)  # (C, O)
   offset = (np.einsum("hwco,c->hwo", taps, d) * scale + b).astype(np.float32)  # (H, W, O)
   return jnp.einsum("bhwco,co->bhwo", acc.astype(jnp.float32), m) + offset
@@ -665,7 +683,7 @@ def _forward(exported: Exported, images: jax.Array,
   pooled = jnp.sum(x.astype(jnp.int32), axis=(1, 2))  # (B, C): sum of codes, exact
   acc = lax.dot_general(pooled, jnp.asarray(exported.arrays["QuantDense_0/codes"], jnp.int32),
                         (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-  m = np.float32(np.float64(a["alpha"]) * dense["alpha"] / positions)
+  m = (np.float64(a["alpha"]) * _alpha(dense) / positions).astype(np.float32)
   logits = acc.astype(jnp.float32) * m + exported.arrays["QuantDense_0/bias"]
   return logits, codes
 

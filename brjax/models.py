@@ -117,7 +117,7 @@ ACT_GRAD_SCALES = ("example", "batch")
 
 def create_model(name: str, *, bits_w: int = 32, bits_a: int = 32, clip: float | None = None,
                  num_classes: int = 10, dtype: Any = jnp.float32, width: int | None = None,
-                 act_grad_scale: str = "example",
+                 act_grad_scale: str = "example", per_channel: bool = False,
                  param_dtype: Any = jnp.float32) -> nn.Module:
   """A CIFAR ResNet with ``bits_w``-bit weights and ``bits_a``-bit activations.
 
@@ -133,6 +133,8 @@ def create_model(name: str, *, bits_w: int = 32, bits_a: int = 32, clip: float |
       reference's).
     act_grad_scale: ``"example"`` (LSQ paper: one example's element count in the
       activation step size's gradient scale) or ``"batch"`` (the reference's: the batch's).
+    per_channel: one weight step size per output channel of every conv and the dense
+      layer (else one per kernel).
     param_dtype: ``resnet18_reference`` only: dtype of its parameters (float64 to replay
       a float64 PyTorch run).
   """
@@ -145,8 +147,8 @@ def create_model(name: str, *, bits_w: int = 32, bits_a: int = 32, clip: float |
   quant.check_layer_bits(bits_a)
   act = functools.partial(quant.QuantReLU, bits=bits_a, clip=clip,
                           batch_grad_scale=act_grad_scale == "batch")
-  layers = dict(conv=functools.partial(quant.QuantConv, bits=bits_w),
-                dense=functools.partial(quant.QuantDense, bits=bits_w))
+  layers = dict(conv=functools.partial(quant.QuantConv, bits=bits_w, per_channel=per_channel),
+                dense=functools.partial(quant.QuantDense, bits=bits_w, per_channel=per_channel))
   if name == "resnet18_reference":
     if width is not None and (isinstance(width, bool) or not isinstance(width, int)
                               or width < 1):
@@ -160,3 +162,15 @@ def create_model(name: str, *, bits_w: int = 32, bits_a: int = 32, clip: float |
     raise ValueError(f"width={width!r} is not supported for model={name!r}: only "
                      "resnet18_reference has a width option")
   return MODELS[name](num_classes=num_classes, act=act, dtype=dtype, **layers)
+
+
+def from_run_config(config: Any, num_classes: int) -> nn.Module:
+  """The model of a run, from its config: a ``brjax.config.Config`` or the dict of one
+  that a checkpoint's meta holds (fields a saved config lacks take their defaults)."""
+  get = (config.get if isinstance(config, dict) else
+         lambda name, default=None: getattr(config, name, default))
+  return create_model(get("model"), bits_w=get("bits_w", quant.FLOAT_BITS),
+                      bits_a=get("bits_a", quant.FLOAT_BITS), clip=get("clip"),
+                      num_classes=num_classes, width=get("width"),
+                      act_grad_scale=get("act_grad_scale") or "example",
+                      per_channel=bool(get("per_channel", False)))

@@ -286,9 +286,7 @@ def create_train_state(config: Config, model: flax.linen.Module, ds: input_pipel
 
 def create_model(config: Config, num_classes: int) -> flax.linen.Module:
   """The run's model: ``models.create_model`` with the config's layout options."""
-  return models.create_model(config.model, bits_w=config.bits_w, bits_a=config.bits_a,
-                             clip=config.clip, num_classes=num_classes, width=config.width,
-                             act_grad_scale=config.act_grad_scale)
+  return models.from_run_config(config, num_classes)
 
 
 def _load_pretrained(path: str, variables: dict) -> tuple[dict, bool]:
@@ -435,9 +433,7 @@ def evaluate_run(workdir: str, *, prefer: str = "best", data_dir: str | None = N
                        f"({data['class_names']}): pass the run's data")
     ds = dataclasses.replace(ds, mean=np.asarray(data["mean"], np.float32),
                              std=np.asarray(data["std"], np.float32))
-  model = models.create_model(config["model"], bits_w=config["bits_w"],
-                              bits_a=config["bits_a"], clip=config.get("clip"),
-                              num_classes=ds.num_classes, width=config.get("width"))
+  model = models.from_run_config(config, ds.num_classes)
   topology = Topology.create(devices)
   batch_size = batch_size or config["batch_size"]
   batch_size = max(batch_size - batch_size % topology.mesh.size, topology.mesh.size)

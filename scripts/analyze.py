@@ -188,11 +188,9 @@ def load_run(workdir: str, flag: str, history: list[dict], data_dir: str | None,
 
   bits_w, bits_a = config["bits_w"], config["bits_a"]
   model_key = (config["model"], bits_w, bits_a, config.get("clip"), num_classes,
-               config.get("width"))
+               config.get("width"), config.get("per_channel"))
   if model_key not in cache:
-    model = models.create_model(config["model"], bits_w=bits_w, bits_a=bits_a,
-                                clip=config.get("clip"), num_classes=num_classes,
-                                width=config.get("width"))
+    model = models.from_run_config(config, num_classes)
 
     order: list[str] = []
 

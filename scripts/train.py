@@ -48,6 +48,8 @@ flags.DEFINE_bool("freeze_alpha_a", False, "Freeze activation alphas after warmu
 flags.DEFINE_bool("br_alpha_grad_a", _D.br_alpha_grad_a,
                   "Let A-BR gradients reach activation alphas (W-BR's always do).",
                   flag_values=FLAGS)
+flags.DEFINE_bool("per_channel", False, "One weight step size per output channel (else one "
+                  "per kernel).", flag_values=FLAGS)
 flags.DEFINE_string("abr_layers", None, "A-BR only on activation sites whose module path "
                     "matches this regular expression (re.search), e.g. 'BasicBlock_[0-4]/'; "
                     "unset: every site.", flag_values=FLAGS)
@@ -123,6 +125,7 @@ def config_from_flags(values: flags.FlagValues) -> Config:
                      "for float")
   return Config(
       model=values.model, width=values.width, bits_w=bits_w, bits_a=bits_a, clip=values.clip,
+      per_channel=values.per_channel,
       lambda_w=values.lambda_w, lambda_a=values.lambda_a,
       warmup_epochs=values.warmup_epochs, epochs=values.epochs,
       freeze_alpha_w=values.freeze_alpha or values.freeze_alpha_w,

@@ -236,10 +236,13 @@ def random_images():
   return pixels, ((pixels / np.float32(255) - MEAN) / STD).astype(np.float32)
 
 
-@pytest.mark.parametrize("bits_w,bits_a,clip", [(2, 2, None), (4, 4, 2.0), (8, 8, None)])
-def test_integer_forward_matches_fake_quant(bits_w, bits_a, clip, random_images, tmp_path):
+@pytest.mark.parametrize("bits_w,bits_a,clip,per_channel", [
+    (2, 2, None, False), (4, 4, 2.0, False), (8, 8, None, False), (3, 4, None, True)])
+def test_integer_forward_matches_fake_quant(bits_w, bits_a, clip, per_channel, random_images,
+                                            tmp_path):
   pixels, images = random_images
-  model = models.create_model("resnet20", bits_w=bits_w, bits_a=bits_a, clip=clip)
+  model = models.create_model("resnet20", bits_w=bits_w, bits_a=bits_a, clip=clip,
+                              per_channel=per_channel)
   # LSQ's init puts 8-bit grids far above the data: shrink them so that codes reach qp.
   variables = _random_variables(model, images, seed=bits_w,
                                 alpha_scale=0.25 if bits_a == 8 else 1.0)
@@ -253,6 +256,9 @@ def test_integer_forward_matches_fake_quant(bits_w, bits_a, clip, random_images,
   assert max(c.max() for c in fq_codes.values()) > 127 or bits_a < 8  # int16 codes
   exported = export.export_model(variables, model="resnet20", bits_w=bits_w, bits_a=bits_a,
                                  clip=clip, mean=MEAN, std=STD)
+  if per_channel:  # one step size per output channel, in the header
+    stem = next(l for l in exported.header["layers"] if l["name"] == "conv_init")
+    assert isinstance(stem["alpha"], list) and len(stem["alpha"]) == stem["shape"][-1]
   size = export.save(str(tmp_path / "model.npz"), exported)
   loaded = export.load(str(tmp_path / "model.npz"))
   assert loaded.header == json.loads(json.dumps(exported.header))
@@ -261,7 +267,10 @@ def test_integer_forward_matches_fake_quant(bits_w, bits_a, clip, random_images,
     np.testing.assert_array_equal(loaded.arrays[key], value)
   codes_bytes = sum(export.packed_size(v.size, bits_w) for k, v in exported.arrays.items()
                     if k.endswith("/codes"))
-  assert codes_bytes < size < codes_bytes + 40_000
+  # Per-channel step sizes travel in the JSON header: ~25 bytes of text each.
+  header_alphas = sum(len(l["alpha"]) for l in exported.header["layers"]
+                      if isinstance(l["alpha"], list))
+  assert codes_bytes < size < codes_bytes + 40_000 + 25 * header_alphas
   # Integer stem on uint8 pixels, float stem on normalized float images.
   for inputs, teacher_forced in ((pixels, True), (images, False)):
     _, flips, _ = _compare(loaded, inputs, fq_logits, fq_codes, teacher_forced)
