@@ -1,5 +1,6 @@
 """Tests of brjax.train and brjax.checkpoint: steps, phases, checkpoints, resume."""
 
+import dataclasses
 import json
 import os
 import re
@@ -25,7 +26,8 @@ from conftest import tiny_config
 
 EPOCH_LINE = re.compile(
     r"^Epoch (\d+)/(\d+) \[(WARMUP|BR|FLOAT)\] \(LR=\d+\.\d{6}\): Train Acc=\d+\.\d{2}%, "
-    r"Test Acc=\d+\.\d{2}%(, BR_W=\d+\.\d{6}, BR_A=\d+\.\d{6})?$")
+    r"Test Acc=\d+\.\d{2}%(, BR_W=\d+\.\d{6}, BR_A=\d+\.\d{6})? "
+    r"\(took \w+(; run: about \w+ left)?\)$")
 
 
 def _synthetic_dataset(n=64, classes=10, seed=0):
@@ -141,10 +143,79 @@ def _copy_run(tiny_run, tmp_path):
   return workdir
 
 
-def test_existing_workdir_needs_resume(tiny_run, tmp_path, cifar_tar):
-  workdir = _copy_run(tiny_run, tmp_path)
-  with pytest.raises(checkpoint.CheckpointError, match="already holds checkpoints.*--resume"):
-    train.train_and_evaluate(tiny_config(cifar_tar), workdir, log=lambda _: None)
+def _fake_run(workdir, config, epochs_done, best_test_acc=12.5):
+  """A workdir whose checkpoints are epochs 1..epochs_done of ``config``, without training:
+  a tiny state, the meta train_and_evaluate writes, and one metrics line per epoch."""
+  ckpts = checkpoint.RunCheckpoints(str(workdir))
+  for epoch in range(1, epochs_done + 1):
+    ckpts.save(epoch, {"x": np.zeros(2, np.float32)},
+               {"epoch": epoch, "best_test_acc": best_test_acc,
+                "config": dataclasses.asdict(config)}, is_best=epoch == 1)
+  ckpts.close()
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    for epoch in range(1, epochs_done + 1):
+      f.write(json.dumps({"epoch": epoch, "test_acc": best_test_acc}) + "\n")
+
+
+@pytest.fixture(name="no_data")
+def no_data_fixture(tmp_path):
+  """A --data_dir that exists but holds no images: loading it is an error."""
+  path = tmp_path / "no_images"
+  path.mkdir()
+  return str(path)
+
+
+def test_finished_run_without_resume_says_nothing_is_left(tmp_path, no_data):
+  config = tiny_config(no_data)
+  _fake_run(tmp_path / "run", config, epochs_done=2)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"holds a finished run \(all 2 epochs, best test acc 12.50%\): "
+                           "nothing is left to continue"):
+    train.train_and_evaluate(config, str(tmp_path / "run"), log=lambda _: None)
+
+
+def test_unfinished_run_without_resume_asks_for_resume(tmp_path, no_data):
+  config = tiny_config(no_data)
+  _fake_run(tmp_path / "run", config, epochs_done=1)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"already holds checkpoints \(epoch 1 of 2\): pass --resume"):
+    train.train_and_evaluate(config, str(tmp_path / "run"), log=lambda _: None)
+
+
+def test_resume_of_a_finished_run_says_so_and_does_no_work(tmp_path, no_data):
+  config = tiny_config(no_data)  # loading its data would fail: nothing is loaded
+  _fake_run(tmp_path / "run", config, epochs_done=2)
+  log = []
+  metrics = train.train_and_evaluate(config, str(tmp_path / "run"), resume=True,
+                                     log=log.append)
+  assert metrics == {"epoch": 2, "test_acc": 12.5}
+  assert len(log) == 1 and "has finished all 2 epochs (best test acc 12.50%): nothing to " \
+      "resume" in log[0], log
+
+
+def test_resume_without_checkpoint_says_so_and_a_data_error_leaves_no_workdir(tmp_path,
+                                                                             no_data):
+  workdir = tmp_path / "new_run"
+  log = []
+  with pytest.raises(ValueError, match="no_images"):
+    train.train_and_evaluate(tiny_config(no_data), str(workdir), resume=True, log=log.append)
+  assert log == [f"--resume: {workdir} holds no checkpoint (no epoch of a run there "
+                 "finished): starting from epoch 1"]
+  assert not workdir.exists()
+
+
+def test_unfinished_saves_are_removed_and_finished_checkpoints_kept(tmp_path):
+  _fake_run(tmp_path, tiny_config(str(tmp_path)), epochs_done=1)
+  latest = tmp_path / "checkpoints" / "latest"
+  (latest / "2.orbax-checkpoint-tmp-1234" / "state").mkdir(parents=True)  # a kill mid-save
+  ckpts = checkpoint.RunCheckpoints(str(tmp_path))  # orbax removes stale ones before a save
+  ckpts.save(2, {"x": np.ones(2, np.float32)}, {"epoch": 2}, is_best=False)
+  assert sorted(os.listdir(latest)) == ["1", "2"]
+  stale = latest / "3.orbax-checkpoint-tmp-5678"  # as a second Ctrl-C within a save leaves it
+  stale.mkdir()
+  assert ckpts.remove_unfinished() == [str(stale)]
+  ckpts.close()
+  assert sorted(os.listdir(latest)) == ["1", "2"] and ckpts.latest_epoch() == 2
 
 
 def test_incompatible_resume_is_refused_before_work(tiny_run, tmp_path, cifar_tar):
@@ -165,9 +236,10 @@ def test_corrupt_checkpoint_is_a_clear_error_and_the_good_ones_stay(tiny_run, tm
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
+  # Resuming a finished run reads no state; reading the broken one is a clear error.
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"latest/2 could not be read .*epochs \[1\]\) are kept"):
-    train.train_and_evaluate(tiny_config(cifar_tar), workdir, resume=True, log=lambda _: None)
+    train.evaluate_run(workdir, prefer="latest")
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "latest", "1"))
   # Moving the broken one away resumes from the good one.
   shutil.move(os.path.join(workdir, "checkpoints", "latest", "2"), str(tmp_path / "broken"))
