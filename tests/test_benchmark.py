@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from conftest import run_main
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = ("float", "warmup", "br")
 BITS = (2, 4, 8)
@@ -102,9 +104,8 @@ def test_no_warnings_on_stderr(quick_run):
 
 
 @pytest.mark.parametrize("flag", ["--batch_size=0", "--model=vgg", "--rounds=-1", "extra"])
-def test_bad_flags_are_one_line_errors(flag):
-  result = subprocess.run([sys.executable, "scripts/benchmark.py", flag], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
-  assert result.returncode == 2
-  assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
-  assert result.stdout == ""
+def test_bad_flags_are_one_line_errors(flag, capsys):
+  code, out, err = run_main("benchmark", [flag], capsys)
+  assert code == 2
+  assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+  assert out == ""

@@ -238,6 +238,7 @@ def random_images():
 
 
 @pytest.mark.parametrize("bits_w,bits_a,clip", [(2, 2, None), (4, 4, 2.0), (8, 8, None)])
+@pytest.mark.slow
 def test_integer_forward_matches_fake_quant(bits_w, bits_a, clip, random_images, tmp_path):
   pixels, images = random_images
   model = models.create_model("resnet20", bits_w=bits_w, bits_a=bits_a, clip=clip)

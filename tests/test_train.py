@@ -63,6 +63,7 @@ def _scatter_count(fn, *args):
   return str(jaxpr).count("scatter-add")
 
 
+@pytest.mark.slow
 def test_loss_terms_and_no_abr_work_without_lambda_a(small_setup):
   config, model, state, batch = small_setup
   settings = dict(bits_w=2, bits_a=2)
@@ -92,6 +93,7 @@ def test_loss_terms_and_no_abr_work_without_lambda_a(small_setup):
   assert counts["both"] - counts["w_only"] == 19 * per_tensor, counts
 
 
+@pytest.mark.slow
 def test_frozen_alphas_stay_put_in_the_br_phase(small_setup):
   config, _, state, batch = small_setup
   state = state.replace(tx=optim.create_optimizer(config, 4, optim.frozen_labels(config)))
@@ -250,6 +252,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_the_good_ones_stay(tiny_run, tm
     assert metrics[key] == pytest.approx(tiny_run[1][key], rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_pretrained_float_weights_and_lsq_alpha_init(tmp_path):
   ds = _synthetic_dataset()
   float_config = Config(bits_w=32, bits_a=32, batch_size=16)
