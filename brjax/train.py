@@ -492,23 +492,23 @@ def _train_epoch(step_fn: Callable, state: TrainState, ds: input_pipeline.Datase
   progress bar then counts finished steps, not dispatched ones, and shows the time left
   in the whole run. ``check()`` runs after every step (``_StopOnSigint.check``).
   """
-  sums, step_times = [], []
+  sums, step_times, last = [], [], 0.0
   batches = device_batches(
       input_pipeline.train_batches(ds, config.batch_size, seed=config.seed, epoch=epoch),
       topology)
   with tqdm.tqdm(total=steps_per_epoch, desc=f"Epoch {epoch}/{config.epochs}", leave=False,
                  file=sys.stderr, mininterval=2.0, unit="step") as bar:
-    last = time.perf_counter()
     for batch in batches:
       state, step_metrics = step_fn(state, batch)
       if sums:
         jax.block_until_ready(sums[-1])
         now = time.perf_counter()
-        step_times.append(now - last)
+        if len(sums) > 1:  # from the end of step 1 on: its compilation is not a typical step
+          step_times.append(now - last)
         last = now
       sums.append(step_metrics)
       if step_times:
-        step_s = statistics.median(step_times[-50:])  # the compile of step 1 is not typical
+        step_s = statistics.median(step_times[-50:])
         bar.set_postfix_str(f"run: {format_duration(clock.seconds_left(epoch, len(sums), step_s))}"
                             " left", refresh=False)
       bar.update()
