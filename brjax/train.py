@@ -483,34 +483,40 @@ class _RunClock:
 
 def _train_epoch(step_fn: Callable, state: TrainState, ds: input_pipeline.Dataset,
                  config: Config, epoch: int, topology: Topology, steps_per_epoch: int,
-                 clock: _RunClock, check: Callable[[], None] = lambda: None
-                 ) -> tuple[TrainState, dict]:
+                 clock: _RunClock, check: Callable[[], None] = lambda: None,
+                 compiles: bool = False) -> tuple[TrainState, dict]:
   """One epoch of training steps; returns the state and the epoch's mean metrics.
 
-  The per-step metrics stay on the device until the epoch ends. The loop waits for step
-  ``i - 1`` after dispatching step ``i`` (one step in flight, so no idle device): the
-  progress bar then counts finished steps, not dispatched ones, and shows the time left
-  in the whole run. ``check()`` runs after every step (``_StopOnSigint.check``).
+  The per-step metrics stay on the device until the epoch ends. Step 1 (which compiles
+  the step on its first use: ``compiles`` says so on the terminal) runs before the progress
+  bar starts, so that the bar's rate is that of ordinary steps; after that the loop waits
+  for step ``i - 1`` once step ``i`` is dispatched (one step in flight, no idle device), so
+  the bar counts computed steps, not dispatched ones. Its postfix is the time left in the
+  whole run. ``check()`` runs after every step (``_StopOnSigint.check``).
   """
-  sums, step_times, last = [], [], 0.0
-  batches = device_batches(
+  desc = f"Epoch {epoch}/{config.epochs}"
+  batches = iter(device_batches(
       input_pipeline.train_batches(ds, config.batch_size, seed=config.seed, epoch=epoch),
-      topology)
-  with tqdm.tqdm(total=steps_per_epoch, desc=f"Epoch {epoch}/{config.epochs}", leave=False,
-                 file=sys.stderr, mininterval=2.0, unit="step") as bar:
+      topology))
+  with tqdm.tqdm(desc=f"{desc}: compiling the step", bar_format="{desc} ({elapsed})",
+                 leave=False, file=sys.stderr, disable=not compiles):
+    state, first = step_fn(state, next(batches))
+    jax.block_until_ready(first)
+  check()
+  sums, step_times, last = [first], [], time.perf_counter()
+  with tqdm.tqdm(total=steps_per_epoch, initial=1, desc=desc, leave=False, file=sys.stderr,
+                 mininterval=2.0, unit="step") as bar:
     for batch in batches:
       state, step_metrics = step_fn(state, batch)
-      if sums:
+      if len(sums) > 1:  # wait for the previous step (step 1 is done)
         jax.block_until_ready(sums[-1])
         now = time.perf_counter()
-        if len(sums) > 1:  # from the end of step 1 on: its compilation is not a typical step
-          step_times.append(now - last)
+        step_times.append(now - last)
         last = now
       sums.append(step_metrics)
       if step_times:
-        step_s = statistics.median(step_times[-50:])
-        bar.set_postfix_str(f"run: {format_duration(clock.seconds_left(epoch, len(sums), step_s))}"
-                            " left", refresh=False)
+        left = clock.seconds_left(epoch, len(sums), statistics.median(step_times[-50:]))
+        bar.set_postfix_str(f"run: {format_duration(left)} left", refresh=False)
       bar.update()
       check()
   total = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
@@ -632,12 +638,13 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
           if epoch == config.warmup_epochs + 1:
             log(_freeze_banner(config))
           state = state.replace(tx=optim.create_optimizer(config, steps_per_epoch, frozen_br))
+        compiles = phase not in step_fns
         step_fn = step_fns.setdefault(phase, jit_train_step(topology, br_settings(config, phase)))
 
         start = time.time()
         lr = float(schedule(int(state.step)))
         state, m = _train_epoch(step_fn, state, ds, config, epoch, topology, steps_per_epoch,
-                                clock, stop.check)
+                                clock, stop.check, compiles)
         m.update(epoch=epoch, phase=phase, step=int(state.step), lr=lr)
         settings = br_settings(config, phase)
         if settings.lambda_w == 0:
