@@ -74,10 +74,14 @@ def _tiny_flags(cifar_tar, workdir):
 
 
 def _start(argv):
-  # Ctrl-C as in a terminal: Python's own SIGINT handling in the child, even where this
-  # process runs with SIGINT ignored (as background jobs do).
-  return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  """Starts a process that handles Ctrl-C as in a terminal, even where this one runs with
+  SIGINT ignored (as background jobs do): a handled signal is reset to its default by exec,
+  an ignored one would stay ignored."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.slow
