@@ -4,6 +4,7 @@ float baseline shipped in checkpoints/."""
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import re
 import shlex
@@ -132,6 +133,15 @@ def baseline_record() -> dict:
   assert path.exists(), f"the float baseline is not shipped: {path} is missing"
   with open(path) as f:
     return json.load(f)
+
+
+def test_reading_a_run_logs_no_orbax_warnings(caplog):
+  with caplog.at_level(logging.INFO):
+    checkpoint.restore_pretrained(str(BASELINE))
+    checkpoint.describe_pretrained(str(BASELINE))
+    checkpoint.peek_latest(str(BASELINE))
+  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert not warnings, warnings  # e.g. "Given directory is read only", "setting max_to_keep"
 
 
 def test_shipped_baseline_record_matches_its_checkpoint(baseline_record):

@@ -58,6 +58,20 @@ def test_phases():
   assert train.br_settings(Config(bits_w=32, bits_a=4), "BR").lambda_w == 0.0
 
 
+def test_banner_names_the_start_and_shows_only_settings_in_use():
+  ds, topology = _synthetic_dataset(), train.Topology.create()
+  text = train._banner(Config(lambda_a=0.0), topology, ds)  # pylint: disable=protected-access
+  assert "A-BR (activations): lambda=0 [DISABLED]" in text and "--br_alpha_grad_a" not in text
+  assert "Start: random initialization" in text
+  text = train._banner(Config(), topology, ds)  # pylint: disable=protected-access
+  assert "gradients to alpha: False (--br_alpha_grad_a)" in text
+  baseline = os.path.join(os.path.dirname(__file__), "..", "checkpoints",
+                          "resnet20_float_cifar10")
+  text = train._banner(Config(pretrained=baseline), topology, ds)  # pylint: disable=protected-access
+  assert (f"Start: weights of --pretrained={baseline} (best checkpoint, epoch 10, best test acc "
+          "82.03%), step sizes initialized the LSQ way") in text
+
+
 def _scatter_count(fn, *args):
   jaxpr = jax.make_jaxpr(fn)(*args)
   return str(jaxpr).count("scatter-add")
