@@ -15,8 +15,8 @@ model on the first ``--examples`` test images of the run's data, and writes into
 * ``metrics.md``: per-layer alpha, mse, near_frac and occupancy (``brjax.metrics``).
 
 With ``--compare`` both runs are drawn in every plot (labelled by kind and workdir name,
-e.g. ``LSQ (lsq_s0)`` vs ``LSQ+BR (lsq_br_s0)``) and ``metrics.md`` holds one table per run. Bad input stops with a one-line error
-(exit 2); the paths written are printed, one per line.
+e.g. ``LSQ (lsq_s0)`` vs ``LSQ+BR (lsq_br_s0)``) and ``metrics.md`` holds one table per run.
+Bad input stops with a one-line error (exit 2); the paths written are printed, one per line.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Tests of brjax.train and brjax.checkpoint: steps, phases, checkpoints, resume."""
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -59,15 +60,15 @@ def test_phases():
 
 
 def test_banner_names_the_start_and_shows_only_settings_in_use():
-  ds, topology = _synthetic_dataset(), train.Topology.create()
-  text = train._banner(Config(lambda_a=0.0), topology, ds)  # pylint: disable=protected-access
+  banner = functools.partial(train._banner,  # pylint: disable=protected-access
+                             topology=train.Topology.create(), ds=_synthetic_dataset())
+  text = banner(Config(lambda_a=0.0))
   assert "A-BR (activations): lambda=0 [DISABLED]" in text and "--br_alpha_grad_a" not in text
   assert "Start: random initialization" in text
-  text = train._banner(Config(), topology, ds)  # pylint: disable=protected-access
-  assert "gradients to alpha: False (--br_alpha_grad_a)" in text
+  assert "gradients to alpha: False (--br_alpha_grad_a)" in banner(Config())
   baseline = os.path.join(os.path.dirname(__file__), "..", "checkpoints",
                           "resnet20_float_cifar10")
-  text = train._banner(Config(pretrained=baseline), topology, ds)  # pylint: disable=protected-access
+  text = banner(Config(pretrained=baseline))
   assert (f"Start: weights of --pretrained={baseline} (best checkpoint, epoch 10, best test acc "
           "82.03%), step sizes initialized the LSQ way") in text
 
