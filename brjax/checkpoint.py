@@ -11,8 +11,12 @@ Each checkpoint holds the training state as a plain state dict (``state``) and a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
+import logging
 import os
+import shutil
 from typing import Any
 
 from flax import serialization
@@ -29,11 +33,62 @@ class CheckpointError(ValueError):
   """A checkpoint is missing, unreadable, or from an incompatible run."""
 
 
-def _manager(directory: str, max_to_keep: int, read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                         read_only=read_only,
+# Orbax names a checkpoint being written `<epoch>.orbax-checkpoint-tmp-<n>` until it is done.
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+class _DropReadOnlyNotice(logging.Filter):
+  """Drops orbax's "Given directory is read only" warning: reading is all we ask of it."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _quiet_read_only():
+  logger = logging.getLogger("absl")
+  quiet = _DropReadOnlyNotice()
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
+
+
+def _manager(directory: str, max_to_keep: int | None,
+             read_only: bool = False) -> ocp.CheckpointManager:
+  """A synchronous CheckpointManager; read-only ones create, delete and log nothing."""
+  if read_only:  # only the options read-only allows, so orbax has nothing to warn about
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                           save_interval_steps=0,
+                                           enable_async_checkpointing=False)
+    with _quiet_read_only():
+      return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  # cleanup_tmp_directories: a save cut short by a kill is removed when the run resumes.
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         cleanup_tmp_directories=True,
                                          enable_async_checkpointing=False)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def peek_latest(workdir: str) -> tuple[int | None, dict]:
+  """``(epoch, meta)`` of a workdir's latest checkpoint, ``(None, {})`` if it has none.
+
+  Read-only: creates and deletes nothing (unlike ``RunCheckpoints``), so it can look
+  before any work, even at a workdir another run is writing.
+
+  Raises:
+    CheckpointError: the latest checkpoint's meta cannot be read.
+  """
+  directory = os.path.join(workdir, "checkpoints", "latest")
+  if not os.path.isdir(directory):
+    return None, {}
+  manager = _manager(directory, None, read_only=True)
+  try:
+    epoch = manager.latest_step()
+    return (None, {}) if epoch is None else (epoch, _read_meta(manager, epoch))
+  finally:
+    manager.close()
 
 
 class RunCheckpoints:
@@ -83,6 +138,16 @@ class RunCheckpoints:
     if epoch is None:
       raise CheckpointError(f"no checkpoint to resume in {self.latest.directory}")
     return epoch
+
+  def remove_unfinished(self) -> list[str]:
+    """Deletes the folders of saves cut short (orbax's ``*.orbax-checkpoint-tmp*``); the
+    finished checkpoints stay. Returns the paths removed."""
+    removed = []
+    for manager in (self.latest, self.best):
+      for path in glob.glob(os.path.join(str(manager.directory), f"*{TMP_MARK}*")):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
   def close(self) -> None:
     self.latest.close()
@@ -155,6 +220,24 @@ def restore_pretrained(path: str, prefer: str = "best") -> tuple[dict, dict]:
     ``(variables, meta)`` with ``variables = {"params": ..., "batch_stats": ...}`` as
     numpy arrays, and the run's meta (its config and epoch).
   """
+  with _pretrained_manager(path, prefer) as (manager, epoch, _):
+    state, meta = _restore(manager, epoch, None, None)
+  return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}, meta
+
+
+def describe_pretrained(path: str, prefer: str = "best") -> str:
+  """What ``restore_pretrained(path, prefer)`` reads, in words (reads the JSON meta only):
+  ``"checkpoints/run (best checkpoint, epoch 10, best test acc 82.03%)"``."""
+  with _pretrained_manager(path, prefer) as (manager, epoch, kind):
+    meta = _read_meta(manager, epoch)
+  acc = meta.get("best_test_acc")
+  return (f"{path} ({kind} checkpoint, epoch {epoch}"
+          + (f", best test acc {acc:.2f}%)" if isinstance(acc, (int, float)) else ")"))
+
+
+@contextlib.contextmanager
+def _pretrained_manager(path: str, prefer: str):
+  """``(read-only manager, epoch, "best" or "latest")`` of the checkpoint to read."""
   root = os.path.join(path, "checkpoints")
   if prefer not in ("best", "latest"):
     raise ValueError(f"prefer={prefer!r} is not accepted: use 'best' or 'latest'")
@@ -162,11 +245,13 @@ def restore_pretrained(path: str, prefer: str = "best") -> tuple[dict, dict]:
     directory = os.path.join(root, kind)
     if not os.path.isdir(directory):
       continue
-    manager = _manager(directory, max_to_keep=1, read_only=True)
-    epoch = manager.latest_step()
-    if epoch is not None:
-      state, meta = _restore(manager, epoch, None, None)
+    manager = _manager(directory, None, read_only=True)
+    try:
+      epoch = manager.latest_step()
+      if epoch is not None:
+        yield manager, epoch, kind
+        return
+    finally:
       manager.close()
-      return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}, meta
   raise CheckpointError(f"{path} holds no checkpoint: expected the --workdir of a "
                         "scripts/train.py run (with checkpoints/best or checkpoints/latest)")

@@ -17,7 +17,10 @@ import dataclasses
 import functools
 import json
 import os
+import signal
+import statistics
 import sys
+import threading
 import time
 import re
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -342,15 +345,20 @@ def _banner(config: Config, topology: Topology, ds: input_pipeline.Dataset,
         f"  - W-BR (weights): lambda={config.lambda_w:g} [{on(config.lambda_w)}]",
         "    └─> gradients to alpha: always (paper-faithful)",
         f"  - A-BR (activations): lambda={config.lambda_a:g} [{on(config.lambda_a)}]",
-        f"    └─> gradients to alpha: {config.br_alpha_grad_a} (--br_alpha_grad_a)",
-    ] + ([f"    └─> activation sites: {abr_line} (--abr_layers, --abr_exclude_first/last)"]
-         if abr_line else []) + [
+    ]
+    if config.lambda_a > 0:
+      lines.append(f"    └─> gradients to alpha: {config.br_alpha_grad_a} (--br_alpha_grad_a)")
+    if abr_line:
+      lines.append(f"    └─> activation sites: {abr_line} (--abr_layers, "
+                   "--abr_exclude_first/last)")
+    lines += [
         "Alpha control (after warmup):",
         f"  - freeze weight alphas: {config.freeze_alpha_w}",
         f"  - freeze activation alphas: {config.freeze_alpha_a}",
         "    └─> frozen: no update from CE or BR; not frozen: CE (and BR where enabled) "
         "update alpha",
     ]
+  lines.append(_start_line(config))
   lines += [
       f"Recipe: {recipes.describe(config.recipe_parts, config.recipe)}",
       f"Data: {len(ds.train_labels)} train / {len(ds.test_labels)} test images, "
@@ -359,6 +367,14 @@ def _banner(config: Config, topology: Topology, ds: input_pipeline.Dataset,
       RULE,
   ]
   return "\n".join(lines)
+
+
+def _start_line(config: Config) -> str:
+  """``Start: random initialization``, or which checkpoint ``--pretrained`` reads."""
+  if config.pretrained is None:
+    return "Start: random initialization"
+  line = f"Start: weights of --pretrained={checkpoint.describe_pretrained(config.pretrained)}"
+  return line + (", step sizes initialized the LSQ way" if config.quantized else "")
 
 
 def _freeze_banner(config: Config) -> str:
@@ -380,13 +396,17 @@ def format_epoch_line(m: dict, epochs: int) -> str:
 
 
 def evaluate(eval_fn: Callable, variables: dict, ds: input_pipeline.Dataset,
-             batch_size: int, topology: Topology) -> dict:
+             batch_size: int, topology: Topology,
+             check: Callable[[], None] = lambda: None) -> dict:
   """Quantized test accuracy (%), mean loss and image count over the whole test split.
 
   ``variables`` is ``{"params", "batch_stats"}``; ``eval_fn`` is ``jit_eval_step``'s.
+  ``check()`` runs after every batch (it may raise to stop).
   """
-  sums = [eval_fn(variables, b)
-          for b in device_batches(input_pipeline.eval_batches(ds, batch_size), topology)]
+  sums = []
+  for batch in device_batches(input_pipeline.eval_batches(ds, batch_size), topology):
+    sums.append(eval_fn(variables, batch))
+    check()
   total = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
   return {"test_acc": 100.0 * total["correct"] / total["count"],
           "test_loss": total["loss"] / total["count"], "test_count": int(total["count"])}
@@ -472,26 +492,159 @@ def _truncate_metrics(path: str, last_epoch: int) -> None:
   os.replace(tmp, path)
 
 
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C stopped a run between two steps: the epoch in progress was dropped, the
+  checkpoints of the finished epochs are kept, and ``resume=True`` continues the run.
+
+  Attributes:
+    workdir: the run's workdir.
+    saved_epoch: the epoch of the latest checkpoint (None if no epoch finished).
+  """
+
+  def __init__(self, workdir: str, saved_epoch: int | None):
+    super().__init__(f"interrupted after epoch {saved_epoch or 0}")
+    self.workdir, self.saved_epoch = workdir, saved_epoch
+
+
+class _StopRequested(Exception):
+  """Raised at a safe point after a Ctrl-C (see ``_StopOnSigint``)."""
+
+
+class _StopOnSigint:
+  """Within it, Ctrl-C (SIGINT) asks the loop to stop at its next safe point: ``check()``,
+  called between steps and between evaluation batches, then raises ``_StopRequested``; a
+  checkpoint being saved is finished first. A second Ctrl-C interrupts at once.
+
+  It only takes over Python's default SIGINT handling, in the main thread; elsewhere (a
+  thread, a custom or ignored SIGINT) it does nothing and Ctrl-C behaves as before.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._installed = False
+
+  def __enter__(self) -> "_StopOnSigint":
+    if (threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+      signal.signal(signal.SIGINT, self._request)
+      self._installed = True
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self._installed:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  def _request(self, signum, frame) -> None:
+    del signum, frame
+    self.requested = True
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
+
+  def check(self) -> None:
+    if self.requested:
+      raise _StopRequested()
+
+
+def format_duration(seconds: float) -> str:
+  """``"45s"``, ``"12m05s"``, ``"10h02m"``."""
+  seconds = max(0, int(round(seconds)))
+  if seconds < 60:
+    return f"{seconds}s"
+  if seconds < 3600:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+@dataclasses.dataclass
+class _RunClock:
+  """Estimates how long the rest of the run takes from measured step and evaluation times."""
+  epochs: int
+  steps_per_epoch: int
+  eval_s: float = 0.0  # the last evaluation's time (0 before the first)
+
+  def seconds_left(self, epoch: int, steps_done: int, step_s: float) -> float:
+    """Time left after ``steps_done`` steps of ``epoch``, at ``step_s`` seconds a step."""
+    epoch_s = self.steps_per_epoch * step_s + self.eval_s
+    return ((self.steps_per_epoch - steps_done) * step_s + self.eval_s
+            + (self.epochs - epoch) * epoch_s)
+
+
 def _train_epoch(step_fn: Callable, state: TrainState, ds: input_pipeline.Dataset,
-                 config: Config, epoch: int, topology: Topology,
-                 steps_per_epoch: int) -> tuple[TrainState, dict]:
+                 config: Config, epoch: int, topology: Topology, steps_per_epoch: int,
+                 clock: _RunClock, check: Callable[[], None] = lambda: None,
+                 compiles: bool = False) -> tuple[TrainState, dict]:
   """One epoch of training steps; returns the state and the epoch's mean metrics.
 
-  The per-step metrics stay on the device until the epoch ends: no host sync per step.
+  The per-step metrics stay on the device until the epoch ends. Step 1 (which compiles
+  the step on its first use: ``compiles`` says so on the terminal) runs before the progress
+  bar starts, so that the bar's rate is that of ordinary steps; after that the loop waits
+  for step ``i - 1`` once step ``i`` is dispatched (one step in flight, no idle device), so
+  the bar counts computed steps, not dispatched ones. Its postfix is the time left in the
+  whole run. ``check()`` runs after every step (``_StopOnSigint.check``).
   """
-  sums = []
-  batches = device_batches(
+  desc = f"Epoch {epoch}/{config.epochs}"
+  batches = iter(device_batches(
       input_pipeline.train_batches(ds, config.batch_size, seed=config.seed, epoch=epoch),
-      topology)
-  for batch in tqdm.tqdm(batches, total=steps_per_epoch, desc=f"Epoch {epoch}/{config.epochs}",
-                         leave=False, file=sys.stderr, mininterval=2.0):
-    state, step_metrics = step_fn(state, batch)
-    sums.append(step_metrics)
+      topology))
+  with tqdm.tqdm(desc=f"{desc}: compiling the step", bar_format="{desc} ({elapsed})",
+                 leave=False, file=sys.stderr, disable=not compiles):
+    state, first = step_fn(state, next(batches))
+    jax.block_until_ready(first)
+  check()
+  sums, step_times, last = [first], [], time.perf_counter()
+  with tqdm.tqdm(total=steps_per_epoch, initial=1, desc=desc, leave=False, file=sys.stderr,
+                 mininterval=2.0, unit="step") as bar:
+    for batch in batches:
+      state, step_metrics = step_fn(state, batch)
+      if len(sums) > 1:  # wait for the previous step (step 1 is done)
+        jax.block_until_ready(sums[-1])
+        now = time.perf_counter()
+        step_times.append(now - last)
+        last = now
+      sums.append(step_metrics)
+      if step_times:
+        left = clock.seconds_left(epoch, len(sums), statistics.median(step_times[-50:]))
+        bar.set_postfix_str(f"run: {format_duration(left)} left", refresh=False)
+      bar.update()
+      check()
   total = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
   count = total["count"]
   return state, {"train_acc": 100.0 * total["correct"] / count,
                  "train_loss": total["loss"] / count, "ce": total["ce"] / count,
-                 "br_w": total["br_w"] / count, "br_a": total["br_a"] / count}
+                 "br_w": total["br_w"] / count, "br_a": total["br_a"] / count,
+                 "step_time_s": statistics.median(step_times) if step_times else None}
+
+
+def _check_workdir(config: Config, workdir: str, resume: bool,
+                   log: Callable[[str], None]) -> tuple[int | None, dict]:
+  """Looks at the workdir before any work (creating nothing): ``(latest epoch, its meta)``.
+
+  Raises:
+    CheckpointError: checkpoints there without ``resume`` (a finished run has nothing to
+      continue; an unfinished one needs ``resume``), or ``resume`` of an incompatible run.
+  """
+  epoch, meta = checkpoint.peek_latest(workdir)
+  if epoch is None:
+    if resume:
+      log(f"--resume: {workdir} holds no checkpoint (no epoch of a run there finished): "
+          "starting from epoch 1")
+    return None, {}
+  if resume:
+    checkpoint.check_compatible(meta.get("config", {}), config,
+                                os.path.join(workdir, "checkpoints", "latest", str(epoch)))
+  else:
+    saved = meta.get("config") or {}
+    total = saved.get("epochs")
+    best = meta.get("best_test_acc")
+    best = f", best test acc {best:.2f}%" if isinstance(best, (int, float)) else ""
+    if total is not None and epoch >= total:
+      raise checkpoint.CheckpointError(
+          f"--workdir={workdir} holds a finished run (all {total} epochs{best}): nothing is left "
+          "to continue; choose another --workdir, or delete that one to train it again")
+    raise checkpoint.CheckpointError(
+        f"--workdir={workdir} already holds checkpoints (epoch {epoch}"
+        f"{f' of {total}' if total else ''}): pass --resume to continue that run, or choose "
+        "another --workdir")
+  return epoch, meta
 
 
 def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
@@ -503,24 +656,28 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   quantization metrics under ``"quant"`` and the reference's layer averages under
   ``"br_summary"``) and the checkpoints of ``brjax.checkpoint``;
   with ``tensorboard``, event files under ``<workdir>/tensorboard`` (histograms every
-  ``histogram_every`` epochs and at the last). Without ``resume``, a workdir that already
-  holds checkpoints is an error (nothing is overwritten).
+  ``histogram_every`` epochs and at the last). Nothing is written before the data are
+  loaded. Without ``resume``, a workdir that already holds checkpoints is an error (nothing
+  is overwritten); with it, a finished run returns its last metrics at once, and a workdir
+  without checkpoints starts from epoch 1 (both say so).
+
+  Raises:
+    Interrupted: Ctrl-C (SIGINT, in the main thread) stopped the run between two steps;
+      the checkpoints of the finished epochs are kept.
   """
   # With several processes (multi-host), process 0 alone logs and writes metrics;
   # orbax coordinates the checkpoint writes of all processes itself.
   is_chief = jax.process_index() == 0
   if not is_chief:
     log = lambda _: None
-  os.makedirs(workdir, exist_ok=True)
-  ckpts = checkpoint.RunCheckpoints(workdir)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  resuming = resume and ckpts.latest_epoch() is not None
-  if resuming:
-    ckpts.latest_meta(config)  # refuse an incompatible run before any work
-  elif ckpts.latest_epoch() is not None:
-    raise checkpoint.CheckpointError(
-        f"--workdir={workdir} already holds checkpoints (epoch {ckpts.latest_epoch()}): "
-        "pass --resume to continue that run, or choose another --workdir")
+  saved_epoch, meta = _check_workdir(config, workdir, resume, log)
+  if saved_epoch is not None and saved_epoch >= config.epochs:
+    history = _read_metrics(metrics_path)
+    log(f"{workdir} has finished all {config.epochs} epochs (best test acc "
+        f"{meta.get('best_test_acc', 0.0):.2f}%): nothing to resume. Evaluate it with "
+        f"scripts/evaluate.py --workdir={workdir}")
+    return history[-1] if history else {}
 
   ds = input_pipeline.load_dataset(config.dataset, config.data_dir, config.train_examples,
                                    config.test_examples)
@@ -535,10 +692,12 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
                      f"the {topology.mesh.size} devices")
   model = create_model(config, ds.num_classes)
 
-  start_epoch, best_acc, meta = 0, 0.0, {}
+  start_epoch, best_acc = 0, 0.0
   frozen_br = optim.frozen_labels(config)
   state = create_train_state(config, model, ds, steps_per_epoch)
-  if resuming:
+  os.makedirs(workdir, exist_ok=True)
+  ckpts = checkpoint.RunCheckpoints(workdir)
+  if saved_epoch is not None:
     state, meta = ckpts.restore_latest(state, config)
     start_epoch, best_acc = meta["epoch"], meta["best_test_acc"]
     if is_chief:
@@ -563,53 +722,77 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   writer = summary.create_writer(workdir) if tensorboard and is_chief else None
   step_fns = {}
   schedule = optim.learning_rate_schedule(config, steps_per_epoch)
+  clock = _RunClock(config.epochs, steps_per_epoch)
   last = {}
-  for epoch in range(start_epoch + 1, config.epochs + 1):
-    phase = phase_of(config, epoch)
-    if phase == BR and phase not in step_fns:
-      if epoch == config.warmup_epochs + 1:
-        log(_freeze_banner(config))
-      state = state.replace(tx=optim.create_optimizer(config, steps_per_epoch, frozen_br))
-    step_fn = step_fns.setdefault(
-        phase, jit_train_step(topology, br_settings(config, phase, abr_sites)))
+  try:
+    with _StopOnSigint() as stop:
+      for epoch in range(start_epoch + 1, config.epochs + 1):
+        phase = phase_of(config, epoch)
+        if phase == BR and phase not in step_fns:
+          if epoch == config.warmup_epochs + 1:
+            log(_freeze_banner(config))
+          state = state.replace(tx=optim.create_optimizer(config, steps_per_epoch, frozen_br))
+        compiles = phase not in step_fns
+        step_fn = step_fns.setdefault(
+            phase, jit_train_step(topology, br_settings(config, phase, abr_sites)))
 
-    start = time.time()
-    lr = float(schedule(int(state.step)))
-    state, m = _train_epoch(step_fn, state, ds, config, epoch, topology, steps_per_epoch)
-    m.update(epoch=epoch, phase=phase, step=int(state.step), lr=lr)
-    settings = br_settings(config, phase)
-    if settings.lambda_w == 0:
-      m["br_w"] = None  # not computed (not zero)
-    if settings.lambda_a == 0:
-      m["br_a"] = None
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    m.update(evaluate(eval_fn, variables, ds, config.batch_size, topology))
-    if config.quantized:
-      m["quant"] = metrics.to_python(quant_fn(variables, probe))
-      m["br_summary"] = metrics.reference_summary(m["quant"])  # the reference's averages
-    is_best = m["test_acc"] > best_acc
-    best_acc = max(best_acc, m["test_acc"])
-    m["best_test_acc"] = best_acc
-    m["epoch_time_s"] = time.time() - start
-    if is_chief:
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(m) + "\n")
-    ckpts.save(epoch, jax.device_get(state),
-               {"epoch": epoch, "phase": phase, "best_test_acc": best_acc,
-                "config": dataclasses.asdict(config),
-                "data": {"mean": ds.mean.tolist(), "std": ds.std.tolist(),
-                         "class_names": list(ds.class_names)}}, is_best=is_best)
+        start = time.time()
+        lr = float(schedule(int(state.step)))
+        state, m = _train_epoch(step_fn, state, ds, config, epoch, topology, steps_per_epoch,
+                                clock, stop.check, compiles)
+        m.update(epoch=epoch, phase=phase, step=int(state.step), lr=lr)
+        settings = br_settings(config, phase)
+        if settings.lambda_w == 0:
+          m["br_w"] = None  # not computed (not zero)
+        if settings.lambda_a == 0:
+          m["br_a"] = None
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        eval_start = time.time()
+        m.update(evaluate(eval_fn, variables, ds, config.batch_size, topology, stop.check))
+        clock.eval_s = time.time() - eval_start
+        if config.quantized:
+          m["quant"] = metrics.to_python(quant_fn(variables, probe))
+          m["br_summary"] = metrics.reference_summary(m["quant"])  # the reference's averages
+        is_best = m["test_acc"] > best_acc
+        best_acc = max(best_acc, m["test_acc"])
+        m["best_test_acc"] = best_acc
+        m["epoch_time_s"] = time.time() - start
+        if is_chief:
+          with open(metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        ckpts.save(epoch, jax.device_get(state),
+                   {"epoch": epoch, "phase": phase, "best_test_acc": best_acc,
+                    "config": dataclasses.asdict(config),
+                    "data": {"mean": ds.mean.tolist(), "std": ds.std.tolist(),
+                             "class_names": list(ds.class_names)}}, is_best=is_best)
+        if writer is not None:
+          summary.write_scalars(writer, epoch, m, state.params)
+          if epoch % histogram_every == 0 or epoch == config.epochs:
+            summary.write_histograms(writer, epoch, state.params,
+                                     metrics.recorded_sites(model, variables, probe["image"]))
+          writer.flush()
+        log(format_epoch_line(m, config.epochs) + _time_note(m, clock))
+        last = m
+        if epoch < config.epochs:
+          stop.check()
+  except _StopRequested:
+    raise Interrupted(workdir, ckpts.latest_epoch()) from None
+  except KeyboardInterrupt:  # a second Ctrl-C, maybe within a save: drop what it left
+    ckpts.remove_unfinished()
+    raise
+  finally:
+    ckpts.close()
     if writer is not None:
-      summary.write_scalars(writer, epoch, m, state.params)
-      if epoch % histogram_every == 0 or epoch == config.epochs:
-        summary.write_histograms(writer, epoch, state.params,
-                                 metrics.recorded_sites(model, variables, probe["image"]))
-      writer.flush()
-    log(format_epoch_line(m, config.epochs))
-    last = m
-  ckpts.close()
-  if writer is not None:
-    writer.close()
+      writer.close()
   if last:
     log(f"Best Test Acc={best_acc:.2f}%; checkpoints in {os.path.join(workdir, 'checkpoints')}")
   return last
+
+
+def _time_note(m: dict, clock: _RunClock) -> str:
+  """`` (took 5m58s; run: about 9h47m left)`` after an epoch line."""
+  note = f" (took {format_duration(m['epoch_time_s'])}"
+  if m["epoch"] < clock.epochs and m.get("step_time_s"):
+    left = clock.seconds_left(m["epoch"], clock.steps_per_epoch, m["step_time_s"])
+    note += f"; run: about {format_duration(left)} left"
+  return note + ")"

@@ -14,15 +14,14 @@ model on the first ``--examples`` test images of the run's data, and writes into
   the per-epoch ``"quant"`` entries of ``brjax.metrics``);
 * ``metrics.md``: per-layer alpha, mse, near_frac and occupancy (``brjax.metrics``).
 
-With ``--compare`` both runs are drawn in every plot (labelled by run name, e.g. LSQ vs
-LSQ+BR) and ``metrics.md`` holds one table per run. Bad input stops with a one-line error
-(exit 2); the paths written are printed, one per line.
+With ``--compare`` both runs are drawn in every plot (labelled by kind and workdir name,
+e.g. ``LSQ (lsq_s0)`` vs ``LSQ+BR (lsq_br_s0)``) and ``metrics.md`` holds one table per run.
+Bad input stops with a one-line error (exit 2); the paths written are printed, one per line.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -114,14 +113,9 @@ def _has_checkpoint(workdir: str) -> bool:
 
 
 def run_label(config: dict, workdir: str) -> str:
-  """``"LSQ+BR (resnet20_W2A2_lw1_la1_s42)"``, ``"LSQ (...)"`` or ``"float (...)"``."""
-  from brjax.config import Config  # pylint: disable=g-import-not-at-top
-  known = {f.name for f in dataclasses.fields(Config)}
-  try:
-    name = Config(**{k: v for k, v in config.items() if k in known and
-                     k not in ("data_dir", "pretrained")}).name
-  except (TypeError, ValueError):
-    name = os.path.basename(os.path.normpath(workdir))
+  """``"LSQ+BR (lsq_br_s0)"``, ``"LSQ (...)"`` or ``"float (...)"``: the kind of training,
+  and the workdir's name."""
+  name = os.path.basename(os.path.normpath(workdir))
   bits_w, bits_a = config.get("bits_w", FLOAT_BITS), config.get("bits_a", FLOAT_BITS)
   if bits_w == FLOAT_BITS and bits_a == FLOAT_BITS:
     return f"float ({name})"
@@ -262,6 +256,12 @@ def _save(fig, path: str) -> str:
 
 
 def plot_histograms(runs: list[dict], kind: str, path: str) -> str | None:
+  """``histograms_figure`` saved to ``path``; None (nothing written) if it is None."""
+  fig = histograms_figure(runs, kind)
+  return None if fig is None else _save(fig, path)
+
+
+def histograms_figure(runs: list[dict], kind: str):
   """One subplot per layer of ``kind`` ("weights" or "activations"), runs overlaid.
 
   Each run's histogram is a step line (fraction of elements per bin) and its levels
@@ -310,80 +310,127 @@ def plot_histograms(runs: list[dict], kind: str, path: str) -> str | None:
         for k in range(qn, qp + 1):
           ax.axvline(k * alpha, color=RUN_COLORS[i], ls=":", lw=0.9)
     _few_ticks(ax, log_y=not signed)
+    if ax.get_subplotspec().is_first_col():
+      ax.set_ylabel("fraction (log scale)" if not signed else "fraction", fontsize=7)
     if len(runs) == 1:
       m = runs[0]["quant"][kind][name]
       ax.set_title(f"{name}\nalpha={float(m['alpha']):.3g}  near={float(m['near_frac']):.2f}",
                    fontsize=7)
     else:
       ax.set_title(name, fontsize=7)
-  what = "Weights" if signed else "Pre-quantization activations"
-  fig.suptitle(f"{what}: fraction of elements per bin; dotted lines: quantization levels",
-               fontsize=9)
+  what = ("Weights: fraction of elements per bin" if signed else
+          "Pre-quantization activations: fraction of elements per bin (log scale)")
+  fig.suptitle(f"{what}; dotted lines: quantization levels", fontsize=9)
   if len(runs) > 1:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncols=len(runs), fontsize=7)
-  return _save(fig, path)
+  return fig
 
 
-def plot_br_curves(runs: list[dict], path: str) -> str:
-  """BR_W and BR_A per epoch of the BR phase (0 in warmup: not computed), test accuracy per
-  epoch; the end of each run's warmup as a dotted line."""
+def _epoch_axis(ax, last_epoch: int) -> None:
+  """Whole epochs 1..last_epoch on the x-axis, whatever the curve (one point included)."""
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  ax.set_xlim(0.5, last_epoch + 0.5)
+  ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, min_n_ticks=1))
+  ax.set_xlabel("epoch", fontsize=8)
+  ax.tick_params(labelsize=7)
+
+
+def _last_epoch(runs: list[dict]) -> int:
+  return max([r["epoch"] for run in runs for r in run["history"]] +
+             [run["config"].get("epochs", 1) for run in runs])
+
+
+def br_curves_figure(runs: list[dict]):
+  """BR_W and BR_A per epoch of the BR phase (not computed in warmup), test accuracy per
+  epoch, all on the run's whole epoch axis; the end of each run's warmup as a dotted line."""
   fig = _new_figure(CURVES_SIZE)
   axes = fig.subplots(1, 3)
   for i, run in enumerate(runs):
     for ax, key in zip(axes, ("br_w", "br_a", "test_acc")):
       records = [r for r in run["history"]
                  if key == "test_acc" or r.get("phase", "BR") == "BR"]
-      ax.plot([r["epoch"] for r in records], [r.get(key, math.nan) for r in records],
-              RUN_STYLES[i], color=RUN_COLORS[i], marker=".", label=run["label"])
+      values = [math.nan if r.get(key) is None else r[key] for r in records]
+      ax.plot([r["epoch"] for r in records], values, RUN_STYLES[i], color=RUN_COLORS[i],
+              marker="o", ms=4, label=run["label"])
       warmup = run["config"].get("warmup_epochs", 0)
       if 0 < warmup < run["config"].get("epochs", 0):
         ax.axvline(warmup + 0.5, color=RUN_COLORS[i], ls=":", lw=0.9)
+        ax.text(warmup + 0.55, 0.98 - 0.06 * i, "BR →", color=RUN_COLORS[i], fontsize=7,
+                va="top", transform=ax.get_xaxis_transform())
   for ax, title in zip(axes, ("BR_W (train mean, BR phase)", "BR_A (train mean, BR phase)",
                               "test accuracy (%)")):
     ax.set_title(title, fontsize=9)
-    ax.set_xlabel("epoch", fontsize=8)
-    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-    ax.tick_params(labelsize=7)
+    _epoch_axis(ax, _last_epoch(runs))
   axes[2].legend(fontsize=7)
-  return _save(fig, path)
+  return fig
 
 
-def plot_alpha_curves(runs: list[dict], path: str) -> str | None:
+def plot_br_curves(runs: list[dict], path: str) -> str:
+  return _save(br_curves_figure(runs), path)
+
+
+def _alpha_curves(run: dict, kind: str) -> dict[str, tuple[list, list]]:
+  """``{layer: (epochs, alphas)}`` of one kind from the history's ``"quant"`` entries."""
+  curves = {}
+  for record in run["history"]:
+    for name, m in record.get("quant", {}).get(kind, {}).items():
+      if isinstance(m, dict) and "alpha" in m:
+        curves.setdefault(name, ([], []))
+        curves[name][0].append(record["epoch"])
+        curves[name][1].append(m["alpha"])
+  return curves
+
+
+def _layer_colorbar(fig, ax, cmap, names: list[str]) -> None:
+  """A colour scale beside ``ax``: layer 1 (dark) to the last, its ends and middle named."""
+  from matplotlib import cm, colors  # pylint: disable=g-import-not-at-top
+  n = len(names)
+  bar = fig.colorbar(cm.ScalarMappable(colors.Normalize(0, max(n - 1, 1)), cmap), ax=ax,
+                     fraction=0.05, pad=0.02)
+  ticks = sorted({0, (n - 1) // 2, n - 1})
+  bar.set_ticks(ticks, labels=[f"{i + 1}: {names[i]}" for i in ticks])
+  bar.ax.tick_params(labelsize=6)
+  bar.ax.set_title(f"layer ({n})", fontsize=7, loc="left")
+
+
+def alpha_curves_figure(runs: list[dict]):
   """Each layer's step size per epoch from the ``"quant"`` entries; None if there are none.
 
-  One panel for weights, one for activations; color = depth (forward order), line style =
-  run.
+  One panel for weights, one for activations; colour = layer in forward order (the colour
+  scale names the first, middle and last), line style = run.
   """
   from matplotlib import colormaps, ticker  # pylint: disable=g-import-not-at-top
   from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
   if not any("quant" in r for run in runs for r in run["history"]):
     return None
   fig = _new_figure(ALPHA_CURVES_SIZE)
+  # Room for the colour scales' layer names: right of each panel, and between the two.
+  fig.subplots_adjust(wspace=0.9, right=1 - 1.9 / ALPHA_CURVES_SIZE[0])
   axes = fig.subplots(1, 2)
   cmap = colormaps["viridis"]
   for ax, kind in zip(axes, ("weights", "activations")):
-    for i, run in enumerate(runs):
-      curves = {}
-      for record in run["history"]:
-        for name, m in record.get("quant", {}).get(kind, {}).items():
-          if isinstance(m, dict) and "alpha" in m:
-            curves.setdefault(name, ([], []))
-            curves[name][0].append(record["epoch"])
-            curves[name][1].append(m["alpha"])
-      names = sort_layers(curves, run["order"])
-      for depth, name in enumerate(names):
-        ax.plot(*curves[name], RUN_STYLES[i], color=cmap(depth / max(len(names) - 1, 1)),
-                lw=1.0, marker=".", ms=3)
-    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    curves = [_alpha_curves(run, kind) for run in runs]
+    names = []
+    for run, run_curves in zip(runs, curves):
+      names += [n for n in sort_layers(run_curves, run["order"]) if n not in names]
+    for i, run_curves in enumerate(curves):
+      for name, (epochs, alphas) in run_curves.items():
+        color = cmap(names.index(name) / max(len(names) - 1, 1))
+        ax.plot(epochs, alphas, RUN_STYLES[i], color=color, lw=1.0, marker=".", ms=3)
     ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
-    ax.set_title(f"{kind} step sizes (color: layer depth, dark = first)", fontsize=9)
-    ax.set_xlabel("epoch", fontsize=8)
-    ax.tick_params(labelsize=7)
+    ax.set_title(f"{kind} step sizes (alpha)", fontsize=9)
+    _epoch_axis(ax, _last_epoch(runs))
+    if names:
+      _layer_colorbar(fig, ax, cmap, names)
   axes[0].legend([Line2D([], [], color="gray", ls=RUN_STYLES[i]) for i in range(len(runs))],
                  [run["label"] for run in runs], fontsize=7)
-  return _save(fig, path)
+  return fig
+
+
+def plot_alpha_curves(runs: list[dict], path: str) -> str | None:
+  fig = alpha_curves_figure(runs)
+  return None if fig is None else _save(fig, path)
 
 
 # ------------------------------------------------------------------------ table
@@ -430,6 +477,20 @@ def reference_metrics_table(run: dict) -> list[str]:
   return lines
 
 
+def checkpoint_line(meta: dict, history: list[dict]) -> str:
+  """``checkpoint: epoch 2 (test accuracy 20.31%); best test accuracy 21.88%, epoch 1``."""
+  acc = {r["epoch"]: r.get("test_acc") for r in history}
+  epoch = meta.get("epoch")
+  line = f"checkpoint: epoch {epoch}"
+  if isinstance(acc.get(epoch), (int, float)):
+    line += f" (test accuracy {acc[epoch]:.2f}%)"
+  scored = [(a, -e) for e, a in acc.items() if isinstance(a, (int, float))]
+  if scored:
+    best, neg_epoch = max(scored)  # the first epoch to reach the best accuracy
+    line += f"; best test accuracy {best:.2f}%, epoch {-neg_epoch}"
+  return line
+
+
 def write_markdown(runs: list[dict], path: str) -> str:
   lines = ["# Quantization metrics", "",
            "Recomputed from each run's checkpoint with `brjax.metrics.quant_metrics`. "
@@ -437,11 +498,10 @@ def write_markdown(runs: list[dict], path: str) -> str:
            "occupancy = fraction of elements per level, from qn to qp (signed for weights, "
            "unsigned for activations).", ""]
   for run in runs:
-    config, meta = run["config"], run["meta"]
+    config = run["config"]
     lines += [f"## {run['label']}", "",
               f"- workdir: `{run['workdir']}`",
-              f"- checkpoint: epoch {meta.get('epoch')}, best test accuracy "
-              f"{meta.get('best_test_acc', math.nan):.2f}%",
+              f"- {checkpoint_line(run['meta'], run['history'])}",
               f"- bits: W{config['bits_w']} A{config['bits_a']}; activations on the first "
               f"{run['examples']} test images of `{run['data_dir']}`", ""]
     lines += metrics_table(run) + [""]
@@ -462,9 +522,9 @@ def analyze(workdirs: list[tuple[str, str]], histories: list[list[dict]], out: s
   runs = [load_run(w, flag, h, data_dir, examples, cache, prefer)
           for (flag, w), h in zip(workdirs, histories)]
   labels = [run["label"] for run in runs]
-  if len(set(labels)) < len(labels):
+  if len(set(labels)) < len(labels):  # workdirs of one name: add the folders they are in
     for run in runs:
-      run["label"] += f" [{os.path.basename(os.path.normpath(run['workdir']))}]"
+      run["label"] += f" [{os.path.dirname(os.path.abspath(run['workdir']))}]"
   os.makedirs(out, exist_ok=True)
   written = []
   for kind in ("weights", "activations"):

@@ -27,10 +27,12 @@ Everything is measured in one process, after compilation, with wall-clock time:
   compiled step) per second of its median time, against ``matmul_flops_per_s``, a large
   float32 matmul on the same devices.
 
-Output: one JSON line per measurement on stdout (``name``, ``value``, ``unit``,
-``context``), then a table and the targets with PASS/FAIL. ``--json_out`` also writes the
-JSON lines to a file. The exit status is 0 whether targets pass or not (timings are
-noisy); flag errors exit 2.
+Output: a table of the measurements and the targets with PASS/FAIL on stdout (progress on
+stderr); ``--json_out`` writes one JSON line per measurement (``name``, ``value``,
+``unit``, ``context``) to a file. With ``--quick`` (batch 32, 3 rounds) the timing targets
+are shown as ``SKIP`` (not checked: too few, too small steps to mean anything); the compile
+counts are checked in both modes. The exit status is 0 whether targets pass or not
+(timings are noisy); flag errors exit 2.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ flags.DEFINE_integer("rounds", 0, "Timed rounds of the three steps (0: 10, or 3 
 flags.DEFINE_string("data_dir", None, "Images for the compile-count run (a folder or "
                     ".tar.gz as scripts/train.py takes); unset: a tiny synthetic folder.",
                     flag_values=FLAGS)
-flags.DEFINE_string("json_out", None, "Also write the JSON lines to this file.",
+flags.DEFINE_string("json_out", None, "Write one JSON line per measurement to this file.",
                     flag_values=FLAGS)
 
 BR_ELEMENTS = 1 << 20
@@ -72,18 +74,19 @@ BR_BITS = (2, 4, 8)
 STEPS = ("float", "warmup", "br")
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
-# (measurement, comparison, limit, description): the target holds if `value <op> limit`.
+# (measurement, comparison, limit, description, timing): the target holds if
+# `value <op> limit`; timing targets are not checked with --quick.
 TARGETS = (
-    ("step_ratio_br", "<=", 1.15, "QAT+BR step / float step"),
-    ("br_ratio_8bit_2bit", "<=", 1.3, "BR at 8 bits / BR at 2 bits"),
-    ("input_ratio", ">=", 3.0, "input pipeline / step consumption"),
-    ("compiles_train_step", "<=", 2, "train step compilations in a two-phase run"),
-    ("compiles_eval_step", "==", 1, "eval step compilations in a two-phase run"),
+    ("step_ratio_br", "<=", 1.15, "QAT+BR step / float step", True),
+    ("br_ratio_8bit_2bit", "<=", 1.3, "BR at 8 bits / BR at 2 bits", True),
+    ("input_ratio", ">=", 3.0, "input pipeline / step consumption", True),
+    ("compiles_train_step", "<=", 2, "train step compilations in a two-phase run", False),
+    ("compiles_eval_step", "==", 1, "eval step compilations in a two-phase run", False),
 )
 
 
 class Report:
-  """Collects measurements; prints each as one JSON line as it comes."""
+  """Collects measurements; writes each as one JSON line to ``json_out`` as it comes."""
 
   def __init__(self, context: dict, json_out: str | None):
     self.context = context
@@ -93,9 +96,8 @@ class Report:
   def add(self, name: str, value, unit: str, note: str = "") -> None:
     """One measurement; ``None`` when it could not be taken."""
     self.rows[name] = (value, unit, note)
-    line = json.dumps({"name": name, "value": value, "unit": unit, "context": self.context})
-    print(line, flush=True)
     if self._file:
+      line = json.dumps({"name": name, "value": value, "unit": unit, "context": self.context})
       self._file.write(line + "\n")
       self._file.flush()
 
@@ -338,16 +340,21 @@ def measure_flops(report: Report, compiled_float, float_seconds: float, matmul_s
              "float step FLOP/s / matmul FLOP/s")
 
 
-def check_targets(report: Report) -> tuple[list[str], bool]:
-  """Lines ``ratio <= limit PASS`` for every target, and whether all passed."""
+def check_targets(report: Report, quick: bool) -> tuple[list[str], bool]:
+  """Lines ``PASS  what: name = value (target <= limit)`` for every target (``SKIP`` for
+  timing targets with ``quick``), and whether all checked ones passed."""
   ops = {"<=": lambda v, l: v <= l, ">=": lambda v, l: v >= l, "==": lambda v, l: v == l}
   lines, all_ok = [], True
-  for name, op, limit, what in TARGETS:
+  for name, op, limit, what, timing in TARGETS:
     value = report.rows[name][0]
+    shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+    line = f"{what}: {name} = {shown} (target {op} {limit}"
+    if quick and timing:
+      lines.append(f"SKIP  {line}; not checked with --quick: run without it)")
+      continue
     ok = value is not None and ops[op](value, limit)
     all_ok &= ok
-    shown = f"{value:.3f}" if isinstance(value, float) else str(value)
-    lines.append(f"{'PASS' if ok else 'FAIL'}  {what}: {name} = {shown} (target {op} {limit})")
+    lines.append(f"{'PASS' if ok else 'FAIL'}  {line})")
   return lines, all_ok
 
 
@@ -364,10 +371,11 @@ def run(quick: bool, model_name: str, batch_size: int, rounds: int, data_dir: st
   report = Report(context, json_out)
   compiles = CompileLog()
   try:
+    # The temporary folder holds a fresh persistent compilation cache, configured for every
+    # compilation below: the two-phase run compiles everything first (so its counts are
+    # real compilations); the timed WARMUP and BR steps are the same programs and are then
+    # read back from it instead of being compiled a second time.
     with tempfile.TemporaryDirectory() as tmp, compiles.listening():
-      # A fresh persistent compilation cache: the two-phase run compiles everything first
-      # (so its counts are real compilations); the timed WARMUP and BR steps are the same
-      # programs and are then read back from it instead of being compiled a second time.
       jax.config.update("jax_compilation_cache_dir", os.path.join(tmp, "jax_cache"))
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
       jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -379,20 +387,30 @@ def run(quick: bool, model_name: str, batch_size: int, rounds: int, data_dir: st
       config = Config(model=model_name, bits_w=2, bits_a=2, lambda_w=1.0, lambda_a=1.0,
                       epochs=2, warmup_epochs=1, batch_size=batch_size,
                       train_examples=batch_size, test_examples=20, data_dir=data_dir)
+      progress("a two-phase run (compile counts)")
       count_run_compiles(report, config, os.path.join(tmp, "run"), compiles)
+      progress(f"float, warmup and BR steps, {rounds} rounds")
       steps = time_steps(report, config, rounds, compiles)
+      progress("Bin Regularization on 1M elements")
       time_bin_regularization(report, reps=10 if quick else 50)
-    time_input_pipeline(report, batch_size, num_batches=8 if quick else 40,
-                        reps=2 if quick else 3, step_seconds=min(steps["medians"].values()))
-    measure_flops(report, steps["compiled_float"], steps["medians"]["float"],
-                  matmul_size=1024 if quick else 2048, reps=3 if quick else 10)
+      progress("input pipeline")
+      time_input_pipeline(report, batch_size, num_batches=8 if quick else 40,
+                          reps=2 if quick else 3, step_seconds=min(steps["medians"].values()))
+      progress("FLOP/s")
+      measure_flops(report, steps["compiled_float"], steps["medians"]["float"],
+                    matmul_size=1024 if quick else 2048, reps=3 if quick else 10)
+      jax.config.update("jax_compilation_cache_dir", None)  # before its folder goes
   finally:
     report.close()
-  lines, all_ok = check_targets(report)
-  print("\n" + report.table())
+  lines, all_ok = check_targets(report, quick)
+  print(report.table())
   print(f"\nTargets ({context['device']}, jax {context['jax']}, {context['cores']} cores):")
   print("\n".join(lines))
   return all_ok
+
+
+def progress(what: str) -> None:
+  print(f"benchmark: {what}...", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str]) -> int:

@@ -3,11 +3,14 @@
     python scripts/train.py --bits=2 --lambda_a=1.0 --data_dir=../shared/datasets/cifar10-jpeg.tar.gz
 
 Flags are validated before any work; a bad value stops with a one-line error (exit 2).
+Ctrl-C stops between two steps, keeps the checkpoints of the finished epochs, prints the
+command that continues the run, and exits 130.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
 from absl import flags
@@ -162,15 +165,45 @@ def main(argv: list[str]) -> int:
       print(f"error: --distributed: jax.distributed.initialize() failed: {e}", file=sys.stderr)
       return 2
 
-  from brjax import checkpoint, train  # pylint: disable=g-import-not-at-top
   try:
-    train.train_and_evaluate(config, workdir, resume=FLAGS.resume,
-                             tensorboard=FLAGS.tensorboard,
-                             histogram_every=FLAGS.histogram_every)
+    return train(config, workdir)
+  except KeyboardInterrupt as e:  # train.Interrupted, or Ctrl-C before the first step
+    print(interrupted_message(argv, workdir, getattr(e, "saved_epoch", None)),
+          file=sys.stderr)
+    return 130
+
+
+def train(config: Config, workdir: str) -> int:
+  """Trains; returns the exit status (2 after a one-line error)."""
+  from brjax import checkpoint, train as train_lib  # pylint: disable=g-import-not-at-top
+  try:
+    train_lib.train_and_evaluate(config, workdir, resume=FLAGS.resume,
+                                 tensorboard=FLAGS.tensorboard,
+                                 histogram_every=FLAGS.histogram_every)
   except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0
+
+
+def interrupted_message(argv: list[str], workdir: str, saved_epoch: int | None) -> str:
+  """What a Ctrl-C left, and the command that continues the run (``--resume`` added)."""
+  if saved_epoch is None:
+    saved_epoch = _saved_epoch(workdir)
+  if saved_epoch is None:
+    return f"interrupted before any epoch finished: nothing saved in {workdir}"
+  args = [a for a in argv[1:] if a not in ("--resume", "--noresume", "--resume=false")]
+  command = shlex.join(["python", argv[0], *args, "--resume"])
+  return (f"interrupted: the checkpoint of epoch {saved_epoch} is kept in {workdir}; "
+          f"continue with\n  {command}")
+
+
+def _saved_epoch(workdir: str) -> int | None:
+  try:
+    from brjax import checkpoint  # pylint: disable=g-import-not-at-top
+    return checkpoint.peek_latest(workdir)[0]
+  except Exception:  # pylint: disable=broad-except
+    return None
 
 
 if __name__ == "__main__":

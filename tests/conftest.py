@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import importlib.util
 import logging
 import pathlib
 import re
@@ -15,12 +17,41 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CIFAR_TAR = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 
 
+# Tests that use one of these fixtures wait for a real training run (or a benchmark run):
+# they are marked slow, so `pytest -m "not slow"` leaves them out (see README, Test).
+SLOW_FIXTURES = frozenset({"tiny_record", "tiny_run", "quick_run", "study"})
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def cifar_tar() -> str:
   """Path of the offline CIFAR-10 archive (../shared/datasets), or skip."""
   if not CIFAR_TAR.exists():
     pytest.skip(f"offline CIFAR-10 archive not found at {CIFAR_TAR}")
   return str(CIFAR_TAR)
+
+
+@functools.cache
+def load_script(name: str):
+  """``scripts/<name>.py`` as a module, to call its ``main`` in-process."""
+  spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def run_main(name: str, args: list[str], capsys) -> tuple[int, str, str]:
+  """``(exit status, stdout, stderr)`` of ``scripts/<name>.py args``, run in-process: for
+  errors found before any work (a subprocess costs a second of imports per case)."""
+  capsys.readouterr()
+  code = load_script(name).main([f"{name}.py", *args])
+  out, err = capsys.readouterr()
+  return code, out, err
 
 
 def tiny_config(data_dir: str, **overrides):

@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from conftest import run_main
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = ("float", "warmup", "br")
 BITS = (2, 4, 8)
@@ -36,20 +38,19 @@ TARGETS = ("step_ratio_br", "br_ratio_8bit_2bit", "input_ratio", "compiles_train
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-  """``(stdout, JSON lines of stdout, JSON lines of --json_out)`` of one --quick run."""
+  """``(stdout, stderr, JSON lines of --json_out)`` of one --quick run."""
   json_out = tmp_path_factory.mktemp("benchmark") / "bench.jsonl"
   result = subprocess.run(
       [sys.executable, "scripts/benchmark.py", "--quick", f"--json_out={json_out}"],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-  lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
   written = [json.loads(line) for line in json_out.read_text().splitlines()]
-  return result.stdout, lines, written
+  return result.stdout, result.stderr, written
 
 
+@pytest.mark.slow
 def test_every_measurement_once_well_formed(quick_run):
-  _, lines, written = quick_run
-  assert written == lines
+  _, _, lines = quick_run
   names = [line["name"] for line in lines]
   assert sorted(names) == sorted(MEASUREMENTS), set(names) ^ set(MEASUREMENTS)
   for line in lines:
@@ -67,31 +68,44 @@ def test_every_measurement_once_well_formed(quick_run):
     assert values[name] > 0, name
 
 
+@pytest.mark.slow
 def test_compile_counts_of_a_two_phase_run(quick_run):
-  _, lines, _ = quick_run
+  _, _, lines = quick_run
   values = {line["name"]: line["value"] for line in lines}
   assert values["compiles_train_step"] == 2  # the WARMUP step and the BR step
   assert values["compiles_eval_step"] == 1
   assert values["compiles_total"] >= 3
 
 
-def test_table_ends_with_every_target(quick_run):
+@pytest.mark.slow
+def test_stdout_is_the_table_then_the_targets(quick_run):
   stdout, _, _ = quick_run
-  text = stdout[stdout.index("\nmeasurement"):]
+  assert stdout.startswith("measurement "), stdout[:500]  # no JSON lines before it
   for name in MEASUREMENTS:
-    assert f"\n{name} " in text, name
-  targets = text[text.index("\nTargets ("):].strip().splitlines()[1:]
+    assert f"\n{name} " in stdout, name
+  targets = stdout[stdout.index("\nTargets ("):].strip().splitlines()[1:]
   assert len(targets) == len(TARGETS)
   for line, name in zip(targets, TARGETS):
-    assert line.split()[0] in ("PASS", "FAIL") and f" {name} = " in line, line
+    assert f" {name} = " in line, line
+  # --quick's timings are too short to mean anything: shown, not checked.
+  for line in targets[:3]:
+    assert line.startswith("SKIP ") and "not checked with --quick" in line, line
   # Compile counts are deterministic: those targets must pass.
   assert targets[3].startswith("PASS") and targets[4].startswith("PASS")
 
 
+@pytest.mark.slow
+def test_no_warnings_on_stderr(quick_run):
+  _, stderr, _ = quick_run
+  # Progress lines and bars only: e.g. no "Error writing persistent compilation cache entry".
+  assert "benchmark: input pipeline..." in stderr
+  for word in ("Error", "WARNING", "Warning", "Traceback"):
+    assert word not in stderr, stderr[-3000:]
+
+
 @pytest.mark.parametrize("flag", ["--batch_size=0", "--model=vgg", "--rounds=-1", "extra"])
-def test_bad_flags_are_one_line_errors(flag):
-  result = subprocess.run([sys.executable, "scripts/benchmark.py", flag], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
-  assert result.returncode == 2
-  assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
-  assert result.stdout == ""
+def test_bad_flags_are_one_line_errors(flag, capsys):
+  code, out, err = run_main("benchmark", [flag], capsys)
+  assert code == 2
+  assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+  assert out == ""

@@ -1,9 +1,11 @@
-"""Tests of scripts/train.py: bad flags stop before any work; a killed run resumes."""
+"""Tests of scripts/train.py: bad flags stop before any work; Ctrl-C stops cleanly and the
+run resumes."""
 
 import importlib.util
 import json
 import os
 import pathlib
+import shlex
 import signal
 import subprocess
 import sys
@@ -93,27 +95,44 @@ def _tiny_flags(cifar_tar, workdir):
           f"--data_dir={cifar_tar}", f"--workdir={workdir}"]
 
 
+def _start(argv):
+  """Starts a process that handles Ctrl-C as in a terminal, even where this one runs with
+  SIGINT ignored (as background jobs do): a handled signal is reset to its default by exec,
+  an ignored one would stay ignored."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_uninterrupted_metrics(cifar_tar, tiny_run, tmp_path):
+def test_ctrl_c_stops_cleanly_and_resume_gives_the_uninterrupted_metrics(cifar_tar, tiny_run,
+                                                                        tmp_path):
   workdir = tmp_path / "run"
-  proc = subprocess.Popen(_tiny_flags(cifar_tar, workdir), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT)
+  argv = _tiny_flags(cifar_tar, workdir)
+  proc = _start(argv)
   first = workdir / "checkpoints" / "latest" / "1"
   deadline = time.time() + 300
   while not first.exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.1)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert first.exists(), proc.stdout.read().decode()[-2000:]
-  assert not (workdir / "checkpoints" / "latest" / "2").exists(), "killed too late"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)  # in epoch 2, or while epoch 1 is still being saved
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 130, out[-2000:] + err[-2000:]
+  command = shlex.join(["python", str(SCRIPT), *argv[2:], "--resume"])
+  assert err.rstrip().endswith(f"interrupted: the checkpoint of epoch 1 is kept in {workdir}; "
+                               f"continue with\n  {command}"), err[-2000:]
+  assert "Traceback" not in out + err and "Epoch 2/2 [" not in out
+  assert not list(workdir.rglob("*orbax-checkpoint-tmp*"))
+  assert sorted(os.listdir(workdir / "checkpoints" / "latest")) == ["1"]
 
-  # Without --resume the run refuses to overwrite the killed one.
-  refused = subprocess.run(_tiny_flags(cifar_tar, workdir), capture_output=True, text=True,
-                           timeout=300)
-  assert refused.returncode == 2 and "--resume" in refused.stderr
+  # Without --resume the run refuses to overwrite the interrupted one.
+  refused = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+  assert refused.returncode == 2
+  assert "already holds checkpoints (epoch 1 of 2): pass --resume" in refused.stderr
 
-  resumed = subprocess.run(_tiny_flags(cifar_tar, workdir) + ["--resume"],
-                           capture_output=True, text=True, timeout=600)
+  resumed = subprocess.run([sys.executable, *shlex.split(command)[1:]], capture_output=True,
+                           text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "Resumed from" in resumed.stdout and "Epoch 2/2 [BR]" in resumed.stdout
   with open(workdir / "metrics.jsonl") as f:

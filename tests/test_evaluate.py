@@ -4,6 +4,7 @@ float baseline shipped in checkpoints/."""
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import re
 import shlex
@@ -17,6 +18,7 @@ from brjax import checkpoint
 from brjax import input_pipeline
 from brjax import models
 from brjax import train
+from conftest import run_main
 from conftest import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -91,10 +93,10 @@ def _run_script(*args):
     (["--workdir=.", "--batch_size=0"],
      "--batch_size=0 is not accepted"),
 ])
-def test_script_bad_flags_are_one_line_errors(args, message):
-  result = _run_script(*args)
-  assert result.returncode == 2
-  lines = result.stderr.strip().splitlines()
+def test_script_bad_flags_are_one_line_errors(args, message, capsys):
+  code, _, err = run_main("evaluate", args, capsys)
+  assert code == 2
+  lines = err.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
@@ -133,6 +135,15 @@ def baseline_record() -> dict:
     return json.load(f)
 
 
+def test_reading_a_run_logs_no_orbax_warnings(caplog):
+  with caplog.at_level(logging.INFO):
+    checkpoint.restore_pretrained(str(BASELINE))
+    checkpoint.describe_pretrained(str(BASELINE))
+    checkpoint.peek_latest(str(BASELINE))
+  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert not warnings, warnings  # e.g. "Given directory is read only", "setting max_to_keep"
+
+
 def test_shipped_baseline_record_matches_its_checkpoint(baseline_record):
   """baseline.json states the checkpoint's own command, epochs and logged accuracy."""
   _, meta = checkpoint.restore_pretrained(str(BASELINE))
@@ -165,6 +176,7 @@ def test_shipped_baseline_reproduces_its_test_accuracy(baseline_record, cifar_ta
   assert abs(result["test_acc"] - baseline_record["test_acc"]) <= 0.1, result
 
 
+@pytest.mark.slow
 def test_shipped_baseline_starts_quantized_training(cifar_tar, tmp_path):
   """``--pretrained=checkpoints/resnet20_float_cifar10`` loads into a W2A2 ResNet-20."""
   config = tiny_config(cifar_tar, pretrained=str(BASELINE), train_examples=64,

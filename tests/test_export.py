@@ -238,6 +238,7 @@ def random_images():
 
 @pytest.mark.parametrize("bits_w,bits_a,clip,per_channel", [
     (2, 2, None, False), (4, 4, 2.0, False), (8, 8, None, False), (3, 4, None, True)])
+@pytest.mark.slow
 def test_integer_forward_matches_fake_quant(bits_w, bits_a, clip, per_channel, random_images,
                                             tmp_path):
   pixels, images = random_images

@@ -456,6 +456,7 @@ def test_prefetch_stops_producer_when_consumer_stops(how):
 # ---------------------------------------------------------------------- real CIFAR-10
 
 
+@pytest.mark.slow
 def test_real_cifar10_archive_subset():
   if not CIFAR10_ARCHIVE.exists():
     pytest.skip(f"CIFAR-10 archive not found at {CIFAR10_ARCHIVE} (see shared/datasets/README.md)")

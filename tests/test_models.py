@@ -36,6 +36,7 @@ def test_resnet18_shapes():
 
 
 @pytest.mark.parametrize("bits_w,bits_a", [(2, 2), (4, 8), (32, 2), (2, 32)])
+@pytest.mark.slow
 def test_everything_but_batchnorm_is_quantized(bits_w, bits_a):
   model = models.create_model("resnet20", bits_w=bits_w, bits_a=bits_a)
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
@@ -56,6 +57,7 @@ def test_everything_but_batchnorm_is_quantized(bits_w, bits_a):
   assert not any(p[-1] == "alpha" and "BatchNorm" in "/".join(p) for p in flat)
 
 
+@pytest.mark.slow
 def test_logits_are_float32_and_batch_shaped():
   model = models.create_model("resnet20", bits_w=2, bits_a=2, clip=6.0)
   x = jnp.ones((3, 32, 32, 3))

@@ -114,6 +114,7 @@ def steps_on_one_and_two_devices(tmp_path_factory):
   return _load(tmp / "one.npz"), _load(tmp / "two.npz")
 
 
+@pytest.mark.slow
 def test_step_on_two_devices_equals_one_device(steps_on_one_and_two_devices):
   """Same state and batch: same parameters, BatchNorm statistics, optimizer state, metrics.
 
@@ -140,6 +141,7 @@ def _slurm_env(num_processes: int, process_id: int, port: int) -> dict:
           "JAX_COORDINATOR_ADDRESS": f"localhost:{port}"}
 
 
+@pytest.mark.slow
 def test_two_processes_each_feed_their_rows(steps_on_one_and_two_devices, tmp_path):
   """2 processes x 2 devices, each passing only its half of every batch: same result.
 
@@ -169,6 +171,7 @@ def test_two_processes_each_feed_their_rows(steps_on_one_and_two_devices, tmp_pa
                                 atol=2e-6)
 
 
+@pytest.mark.slow
 def test_cli_trains_on_two_devices(cifar_tar, tmp_path):
   """A tiny two-phase run of scripts/train.py on 2 devices, through --distributed.
 

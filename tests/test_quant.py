@@ -303,6 +303,7 @@ class UserModel(nn.Module):
     return quant.QuantDense(10, bits=self.bits)(x)
 
 
+@pytest.mark.slow
 def test_user_model_jitted_training_step():
   model = UserModel()
   x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))

@@ -1,6 +1,7 @@
 """Tests of brjax.train and brjax.checkpoint: steps, phases, checkpoints, resume."""
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -27,7 +28,8 @@ from conftest import tiny_config
 
 EPOCH_LINE = re.compile(
     r"^Epoch (\d+)/(\d+) \[(WARMUP|BR|FLOAT)\] \(LR=\d+\.\d{6}\): Train Acc=\d+\.\d{2}%, "
-    r"Test Acc=\d+\.\d{2}%(, BR_W=\d+\.\d{6}, BR_A=\d+\.\d{6})?$")
+    r"Test Acc=\d+\.\d{2}%(, BR_W=\d+\.\d{6}, BR_A=\d+\.\d{6})? "
+    r"\(took \w+(; run: about \w+ left)?\)$")
 
 
 def _synthetic_dataset(n=64, classes=10, seed=0):
@@ -58,11 +60,26 @@ def test_phases():
   assert train.br_settings(Config(bits_w=32, bits_a=4), "BR").lambda_w == 0.0
 
 
+def test_banner_names_the_start_and_shows_only_settings_in_use():
+  banner = functools.partial(train._banner,  # pylint: disable=protected-access
+                             topology=train.Topology.create(), ds=_synthetic_dataset())
+  text = banner(Config(lambda_a=0.0))
+  assert "A-BR (activations): lambda=0 [DISABLED]" in text and "--br_alpha_grad_a" not in text
+  assert "Start: random initialization" in text
+  assert "gradients to alpha: False (--br_alpha_grad_a)" in banner(Config())
+  baseline = os.path.join(os.path.dirname(__file__), "..", "checkpoints",
+                          "resnet20_float_cifar10")
+  text = banner(Config(pretrained=baseline))
+  assert (f"Start: weights of --pretrained={baseline} (best checkpoint, epoch 10, best test acc "
+          "82.03%), step sizes initialized the LSQ way") in text
+
+
 def _scatter_count(fn, *args):
   jaxpr = jax.make_jaxpr(fn)(*args)
   return str(jaxpr).count("scatter-add")
 
 
+@pytest.mark.slow
 def test_loss_terms_and_no_abr_work_without_lambda_a(small_setup):
   config, model, state, batch = small_setup
   plain = train.BRSettings()
@@ -91,6 +108,7 @@ def test_loss_terms_and_no_abr_work_without_lambda_a(small_setup):
   assert counts["both"] - counts["w_only"] == 19 * per_tensor, counts
 
 
+@pytest.mark.slow
 def test_frozen_alphas_stay_put_in_the_br_phase(small_setup):
   config, _, state, batch = small_setup
   state = state.replace(tx=optim.create_optimizer(config, 4, optim.frozen_labels(config)))
@@ -142,10 +160,79 @@ def _copy_run(tiny_run, tmp_path):
   return workdir
 
 
-def test_existing_workdir_needs_resume(tiny_run, tmp_path, cifar_tar):
-  workdir = _copy_run(tiny_run, tmp_path)
-  with pytest.raises(checkpoint.CheckpointError, match="already holds checkpoints.*--resume"):
-    train.train_and_evaluate(tiny_config(cifar_tar), workdir, log=lambda _: None)
+def _fake_run(workdir, config, epochs_done, best_test_acc=12.5):
+  """A workdir whose checkpoints are epochs 1..epochs_done of ``config``, without training:
+  a tiny state, the meta train_and_evaluate writes, and one metrics line per epoch."""
+  ckpts = checkpoint.RunCheckpoints(str(workdir))
+  for epoch in range(1, epochs_done + 1):
+    ckpts.save(epoch, {"x": np.zeros(2, np.float32)},
+               {"epoch": epoch, "best_test_acc": best_test_acc,
+                "config": dataclasses.asdict(config)}, is_best=epoch == 1)
+  ckpts.close()
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    for epoch in range(1, epochs_done + 1):
+      f.write(json.dumps({"epoch": epoch, "test_acc": best_test_acc}) + "\n")
+
+
+@pytest.fixture(name="no_data")
+def no_data_fixture(tmp_path):
+  """A --data_dir that exists but holds no images: loading it is an error."""
+  path = tmp_path / "no_images"
+  path.mkdir()
+  return str(path)
+
+
+def test_finished_run_without_resume_says_nothing_is_left(tmp_path, no_data):
+  config = tiny_config(no_data)
+  _fake_run(tmp_path / "run", config, epochs_done=2)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"holds a finished run \(all 2 epochs, best test acc 12.50%\): "
+                           "nothing is left to continue"):
+    train.train_and_evaluate(config, str(tmp_path / "run"), log=lambda _: None)
+
+
+def test_unfinished_run_without_resume_asks_for_resume(tmp_path, no_data):
+  config = tiny_config(no_data)
+  _fake_run(tmp_path / "run", config, epochs_done=1)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"already holds checkpoints \(epoch 1 of 2\): pass --resume"):
+    train.train_and_evaluate(config, str(tmp_path / "run"), log=lambda _: None)
+
+
+def test_resume_of_a_finished_run_says_so_and_does_no_work(tmp_path, no_data):
+  config = tiny_config(no_data)  # loading its data would fail: nothing is loaded
+  _fake_run(tmp_path / "run", config, epochs_done=2)
+  log = []
+  metrics = train.train_and_evaluate(config, str(tmp_path / "run"), resume=True,
+                                     log=log.append)
+  assert metrics == {"epoch": 2, "test_acc": 12.5}
+  assert len(log) == 1 and "has finished all 2 epochs (best test acc 12.50%): nothing to " \
+      "resume" in log[0], log
+
+
+def test_resume_without_checkpoint_says_so_and_a_data_error_leaves_no_workdir(tmp_path,
+                                                                             no_data):
+  workdir = tmp_path / "new_run"
+  log = []
+  with pytest.raises(ValueError, match="no_images"):
+    train.train_and_evaluate(tiny_config(no_data), str(workdir), resume=True, log=log.append)
+  assert log == [f"--resume: {workdir} holds no checkpoint (no epoch of a run there "
+                 "finished): starting from epoch 1"]
+  assert not workdir.exists()
+
+
+def test_unfinished_saves_are_removed_and_finished_checkpoints_kept(tmp_path):
+  _fake_run(tmp_path, tiny_config(str(tmp_path)), epochs_done=1)
+  latest = tmp_path / "checkpoints" / "latest"
+  (latest / "2.orbax-checkpoint-tmp-1234" / "state").mkdir(parents=True)  # a kill mid-save
+  ckpts = checkpoint.RunCheckpoints(str(tmp_path))  # orbax removes stale ones before a save
+  ckpts.save(2, {"x": np.ones(2, np.float32)}, {"epoch": 2}, is_best=False)
+  assert sorted(os.listdir(latest)) == ["1", "2"]
+  stale = latest / "3.orbax-checkpoint-tmp-5678"  # as a second Ctrl-C within a save leaves it
+  stale.mkdir()
+  assert ckpts.remove_unfinished() == [str(stale)]
+  ckpts.close()
+  assert sorted(os.listdir(latest)) == ["1", "2"] and ckpts.latest_epoch() == 2
 
 
 def test_incompatible_resume_is_refused_before_work(tiny_run, tmp_path, cifar_tar):
@@ -166,9 +253,10 @@ def test_corrupt_checkpoint_is_a_clear_error_and_the_good_ones_stay(tiny_run, tm
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
+  # Resuming a finished run reads no state; reading the broken one is a clear error.
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"latest/2 could not be read .*epochs \[1\]\) are kept"):
-    train.train_and_evaluate(tiny_config(cifar_tar), workdir, resume=True, log=lambda _: None)
+    train.evaluate_run(workdir, prefer="latest")
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "latest", "1"))
   # Moving the broken one away resumes from the good one.
   shutil.move(os.path.join(workdir, "checkpoints", "latest", "2"), str(tmp_path / "broken"))
@@ -179,6 +267,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_the_good_ones_stay(tiny_run, tm
     assert metrics[key] == pytest.approx(tiny_run[1][key], rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_pretrained_float_weights_and_lsq_alpha_init(tmp_path):
   ds = _synthetic_dataset()
   float_config = Config(bits_w=32, bits_a=32, batch_size=16)
