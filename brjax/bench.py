@@ -18,6 +18,7 @@ missing Qwix or a Qwix step that fails is reported, not raised.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Any, Callable
@@ -32,7 +33,8 @@ from brjax.quantize import quantize_model
 from brjax.rules import QuantRule
 
 MODELS: dict[str, Callable[[], Any]] = {
-    "vit": plain_models.ViT,
+    # ViT-Tiny's width (192, 3 heads, MLP 768) at depth 4, patches of 4 pixels.
+    "vit": functools.partial(plain_models.ViT, hidden=192, mlp_dim=768, depth=4, num_heads=3),
     "mobilenet_v2": plain_models.MobileNetV2,
 }
 # Depthwise convolutions get one step size per channel (the usual choice at low bits).

@@ -1,6 +1,7 @@
 """Benchmarks brjax training on this machine: step times, BR cost, compiles, input, FLOP/s.
 
     python scripts/benchmark.py [--quick] [--model=resnet20] [--batch_size=128] [--json_out=FILE]
+        [--[no]plain_models]
 
 Everything is measured in one process, after compilation, with wall-clock time:
 
@@ -23,6 +24,12 @@ Everything is measured in one process, after compilation, with wall-clock time:
   (``train_batches`` with augmentation, then ``train.device_batches``: global arrays,
   prefetched onto the devices), against ``step_images_per_s``, the images per second the fastest of the three
   steps consumes (batch size / step time).
+* ``plain_<model>_*`` (``--plain_models``, on by default, off with ``--quick``):
+  ``brjax.bench.quantized_model_steps`` for unmodified Flax models (``brjax.plain_models``:
+  a ViT of ViT-Tiny's width and a small MobileNetV2, batch 64 of 32x32 images): the float
+  step, the step of the model quantized by ``brjax.quantize_model`` (W4A4 on every weight
+  and layer input; LSQ only, and with BR_W + BR_A), and Qwix's QAT step (int8: its int4
+  fails on the CPU; where Qwix cannot train the model, its error is reported instead).
 * ``float_step_flops_per_s``: the float step's FLOPs (XLA's ``cost_analysis`` of the
   compiled step) per second of its median time, against ``matmul_flops_per_s``, a large
   float32 matmul on the same devices.
@@ -66,6 +73,9 @@ flags.DEFINE_integer("rounds", 0, "Timed rounds of the three steps (0: 10, or 3 
 flags.DEFINE_string("data_dir", None, "Images for the compile-count run (a folder or "
                     ".tar.gz as scripts/train.py takes); unset: a tiny synthetic folder.",
                     flag_values=FLAGS)
+flags.DEFINE_bool("plain_models", None, "Also time unmodified Flax models (ViT, MobileNetV2) "
+                  "quantized by brjax.quantize_model against float and Qwix (default: on, "
+                  "off with --quick).", flag_values=FLAGS)
 flags.DEFINE_string("json_out", None, "Write one JSON line per measurement to this file.",
                     flag_values=FLAGS)
 
@@ -82,6 +92,9 @@ TARGETS = (
     ("input_ratio", ">=", 3.0, "input pipeline / step consumption", True),
     ("compiles_train_step", "<=", 2, "train step compilations in a two-phase run", False),
     ("compiles_eval_step", "==", 1, "eval step compilations in a two-phase run", False),
+    ("plain_vit_brjax_over_float", "<=", 1.3, "ViT: quantized + BR step / float step", True),
+    ("plain_mobilenet_v2_brjax_over_float", "<=", 1.3,
+     "MobileNetV2: quantized + BR step / float step", True),
 )
 
 
@@ -340,12 +353,32 @@ def measure_flops(report: Report, compiled_float, float_seconds: float, matmul_s
              "float step FLOP/s / matmul FLOP/s")
 
 
+def time_plain_models(report: Report, rounds: int) -> None:
+  """``brjax.bench.quantized_model_steps`` of each plain model: W4A4 + BR against float
+  and against Qwix's QAT (int8: Qwix's int4 does not run on the CPU)."""
+  from brjax import bench  # pylint: disable=g-import-not-at-top
+  for name in bench.MODELS:
+    progress(f"{name}: float, brjax and Qwix steps")
+    r = bench.quantized_model_steps(name, rounds=rounds, qwix_bits=8, log=progress)
+    prefix = f"plain_{name}"
+    report.add(f"{prefix}_float_step", r["float_s"], "s", f"batch {r['batch']}")
+    report.add(f"{prefix}_brjax_lsq_step", r["brjax_lsq_s"], "s", "W4A4 LSQ, no BR")
+    report.add(f"{prefix}_brjax_step", r["brjax_s"], "s", "W4A4 LSQ + BR_W + BR_A")
+    report.add(f"{prefix}_qwix_step", r["qwix_s"], "s",
+               "Qwix QAT int8" if r["qwix_error"] is None else f"Qwix failed: {r['qwix_error']}")
+    report.add(f"{prefix}_brjax_over_float", r["brjax_over_float"], "x")
+    report.add(f"{prefix}_brjax_over_qwix", r["brjax_over_qwix"], "x")
+
+
 def check_targets(report: Report, quick: bool) -> tuple[list[str], bool]:
   """Lines ``PASS  what: name = value (target <= limit)`` for every target (``SKIP`` for
   timing targets with ``quick``), and whether all checked ones passed."""
   ops = {"<=": lambda v, l: v <= l, ">=": lambda v, l: v >= l, "==": lambda v, l: v == l}
   lines, all_ok = [], True
   for name, op, limit, what, timing in TARGETS:
+    if name not in report.rows:  # a part that was not measured (--noplain_models)
+      lines.append(f"SKIP  {what}: {name} not measured")
+      continue
     value = report.rows[name][0]
     shown = f"{value:.3f}" if isinstance(value, float) else str(value)
     line = f"{what}: {name} = {shown} (target {op} {limit}"
@@ -359,7 +392,7 @@ def check_targets(report: Report, quick: bool) -> tuple[list[str], bool]:
 
 
 def run(quick: bool, model_name: str, batch_size: int, rounds: int, data_dir: str | None,
-        json_out: str | None) -> bool:
+        json_out: str | None, plain_models: bool = False) -> bool:
   """All measurements; prints JSON lines, the table and the targets. True if all pass."""
   import jax  # pylint: disable=g-import-not-at-top
   from brjax.config import Config  # pylint: disable=g-import-not-at-top
@@ -400,6 +433,8 @@ def run(quick: bool, model_name: str, batch_size: int, rounds: int, data_dir: st
       measure_flops(report, steps["compiled_float"], steps["medians"]["float"],
                     matmul_size=1024 if quick else 2048, reps=3 if quick else 10)
       jax.config.update("jax_compilation_cache_dir", None)  # before its folder goes
+    if plain_models:
+      time_plain_models(report, rounds=3 if quick else 5)
   finally:
     report.close()
   lines, all_ok = check_targets(report, quick)
@@ -427,7 +462,9 @@ def main(argv: list[str]) -> int:
     return 2
   batch_size = 32 if FLAGS.quick and not FLAGS["batch_size"].present else FLAGS.batch_size
   rounds = FLAGS.rounds or (3 if FLAGS.quick else 10)
-  run(FLAGS.quick, FLAGS.model, batch_size, rounds, FLAGS.data_dir, FLAGS.json_out)
+  plain_models = not FLAGS.quick if FLAGS.plain_models is None else FLAGS.plain_models
+  run(FLAGS.quick, FLAGS.model, batch_size, rounds, FLAGS.data_dir, FLAGS.json_out,
+      plain_models)
   return 0
 
 

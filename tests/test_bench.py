@@ -3,11 +3,13 @@
 import pytest
 
 from brjax import bench
+from brjax import plain_models
 
 
 @pytest.mark.slow
-def test_quantized_model_steps_measures_every_form():
+def test_quantized_model_steps_measures_every_form(monkeypatch):
   pytest.importorskip("qwix")  # .ci/run installs it: this runs in CI
+  monkeypatch.setitem(bench.MODELS, "vit", plain_models.ViT)  # the small default: compiles fast
   lines = []
   result = bench.quantized_model_steps("vit", batch=8, image_size=16, rounds=1, steps=1,
                                        qwix_bits=8, log=lines.append)

@@ -395,6 +395,7 @@ def test_reference_br_metrics_extremes_and_mask():
   assert float(masked["effectiveness"]) == 100.0 and float(masked["bins_used"]) == 2.0
 
 
+@pytest.mark.slow
 def test_collectors_carry_the_reference_metrics_and_the_summary_averages_layers():
   model = models.create_model("resnet20", bits_w=2, bits_a=2)
   images = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))

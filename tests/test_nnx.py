@@ -145,6 +145,7 @@ def _data(x):
   return jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
 
 
+@pytest.mark.slow
 def test_per_channel_and_other_layer_types():
   class Layers(nnx.Module):
 
@@ -246,6 +247,7 @@ def test_quantized_layer_matches_linen(rule):
 
 # --- record_sites: the "quant" collection for BR and metrics ---
 
+@pytest.mark.slow
 def test_record_sites_gives_the_collection_br_and_metrics_read():
   model = _quantized_cnn()
   structure = nnx.graphdef(model), _flat(nnx.state(model)).keys()

@@ -180,6 +180,7 @@ def _act_alpha_grad(act_grad_scale, batch):
   return jax.grad(loss)(variables["params"])["act_init"]["alpha"]
 
 
+@pytest.mark.slow
 def test_act_grad_scale_batch_divides_the_alpha_gradient_by_sqrt_batch():
   batch = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
   per_example = _act_alpha_grad("example", batch)

@@ -46,6 +46,7 @@ def test_reference_layout_names_and_shared_activation_quantizers():
   assert params["fc/kernel"].shape == (64, 10) and "fc/bias" in params
 
 
+@pytest.mark.slow
 def test_a_shared_relu_sows_only_its_last_call_and_that_call_feeds_the_next_layer():
   model = models.create_model("resnet18_reference", bits_w=2, bits_a=2, width=4)
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
@@ -100,6 +101,7 @@ def test_option_a_shortcut_subsamples_and_zero_pads():
   chex.assert_trees_all_close(y, want, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet20", "resnet18_reference"])
 def test_one_bit_models_are_ternary_and_binary(name):
   kwargs = {"width": 4} if name == "resnet18_reference" else {}

@@ -41,6 +41,8 @@ from brjax import torch_import
 from brjax import train
 from brjax.config import Config
 
+pytestmark = pytest.mark.slow  # a whole replay: the slow tier
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_TRAJECTORY = REPO.parent / "shared" / "reference" / "seed_trajectory_w2a2.npz"
 RTOL = 1e-8

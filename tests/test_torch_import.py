@@ -129,6 +129,7 @@ def _state_dict(net):
   return {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_float_baseline_imports_and_computes_the_same_logits(torch, torch_net, images_nchw):
   with jax.enable_x64(True):
     model = _brjax_model(dtype=jnp.float64)
@@ -185,6 +186,7 @@ def _qat_state_dict(net, rng):
   return sd
 
 
+@pytest.mark.slow
 def test_qat_checkpoint_brings_its_step_sizes_and_exports_back(torch_net, images_nchw,
                                                                tmp_path, torch):
   sd = _qat_state_dict(torch_net, np.random.default_rng(1))
@@ -233,6 +235,7 @@ def test_reference_checkpoint_formats_are_read(torch, torch_net, tmp_path):
     torch_import.read_pth(str(tmp_path / "missing.pth"))
 
 
+@pytest.mark.slow
 def test_pretrained_pth_starts_a_run(torch, torch_net, tmp_path):
   """``--pretrained=X.pth``: the float baseline's weights, then the recipe's alpha init."""
   path = str(tmp_path / "baseline.pth")

@@ -332,10 +332,12 @@ def test_tensorboard_events_are_read_by_tensorboard(tiny_record):
   assert len([t for t in histograms if t.startswith("activations/")]) == 19
 
 
-def test_abr_site_selection(small_setup):
-  config, model, state, batch = small_setup
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  every = train.activation_sites(model, variables, batch["image"])
+def test_abr_site_selection():
+  config = Config(batch_size=4)
+  x = jnp.ones((4, 32, 32, 3))
+  model = models.create_model("resnet20", bits_w=2, bits_a=2)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+  every = train.activation_sites(model, shapes, x)  # traced only: shapes suffice
   assert len(every) == 19 and every[0] == "act_init" and every[-1] == "BasicBlock_8/QuantReLU_1"
   assert train.select_abr_sites(config, every) is None  # no selection: every site
   pick = lambda **kw: train.select_abr_sites(dataclasses.replace(config, **kw), every)
@@ -345,13 +347,19 @@ def test_abr_site_selection(small_setup):
   with pytest.raises(ValueError, match="selects no activation site of resnet20; its sites "
                                        "are: act_init, "):
     pick(abr_layers="act_init", abr_exclude_first=True)
-  # The step's A-BR sums exactly the selected sites.
-  chosen = pick(abr_layers="BasicBlock_8/")
+  # The step's A-BR sums exactly the selected sites (a small ResNet: the same names).
+  small = models.CifarResNet(stage_sizes=(1, 1), stage_filters=(4, 8),
+                             conv=functools.partial(quant.QuantConv, bits=2),
+                             dense=functools.partial(quant.QuantDense, bits=2),
+                             act=functools.partial(quant.QuantReLU, bits=2))
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  variables = small.init(jax.random.key(1), x)
+  chosen = ["BasicBlock_1/QuantReLU_0", "act_init"]
   settings = train.br_settings(config, train.BR, chosen)
-  _, recorded = model.apply(variables, batch["image"], train=True,
-                            mutable=["quant", "batch_stats"])
+  _, recorded = small.apply(variables, x, train=True, mutable=["quant", "batch_stats"])
   want = sum(regularizer.site_br(s, alpha_grad=False)
              for path, _, s in sites.iterate(recorded["quant"], ("output",)) if path in chosen)
+  assert len(list(sites.iterate(recorded["quant"], ("output",)))) == 5
   np.testing.assert_allclose(regularizer.activation_br(recorded["quant"],
                                                        layers=settings.abr_layers), want,
                              rtol=1e-6)
