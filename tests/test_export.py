@@ -279,6 +279,7 @@ def test_integer_forward_matches_fake_quant(bits_w, bits_a, clip, per_channel, r
       assert np.sum(flips > 0) <= 2  # measured: 0 or 1 example of 16 touched by a flip
 
 
+@pytest.mark.slow
 def test_one_bit_exports_ternary_weights_and_binary_activations(random_images, tmp_path):
   """W1A1: weight codes in {-1, 0, 1} (2-bit containers), activation codes in {0, 1}; the
   integer forward reproduces the fake-quant model."""

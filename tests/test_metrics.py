@@ -238,6 +238,7 @@ class CollectorsTest(parameterized.TestCase):
       site = block[layer]["output"][i]
       assert_metrics_close(got[name], np_layer_metrics(site.values, site.alpha, 0, 7))
 
+  @pytest.mark.slow
   def test_activation_metrics_mask(self):
     model, variables, x = tiny_model_and_variables()
     col = recorded(model, variables, x)

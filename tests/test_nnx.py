@@ -86,6 +86,7 @@ def _step_size_paths(model):
 
 # --- quantize_model / quantize_nnx ---
 
+@pytest.mark.slow
 def test_every_kernel_is_quantized_and_paths_are_kept():
   model = CNN(rngs=nnx.Rngs(0))
   before = _flat(nnx.state(model))

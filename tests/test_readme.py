@@ -6,6 +6,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -22,6 +23,7 @@ def _run_snippet(heading: str, capsys) -> dict:
   return namespace
 
 
+@pytest.mark.slow
 def test_linen_snippet_quantizes_an_unmodified_model_and_trains(capsys):
   namespace = _run_snippet("### Linen", capsys)
   lines = capsys.readouterr().out.splitlines()
@@ -32,6 +34,7 @@ def test_linen_snippet_quantizes_an_unmodified_model_and_trains(capsys):
   assert set(params["Dense_0"]) == {"kernel", "bias", "alpha", "input_alpha"}
 
 
+@pytest.mark.slow
 def test_nnx_snippet_quantizes_an_unmodified_model_and_trains(capsys):
   namespace = _run_snippet("### NNX", capsys)
   lines = capsys.readouterr().out.splitlines()
@@ -41,6 +44,7 @@ def test_nnx_snippet_quantizes_an_unmodified_model_and_trains(capsys):
   assert model.conv.alpha[...].shape == () and model.head.input_alpha[...].shape == ()
 
 
+@pytest.mark.slow
 def test_layers_snippet_runs_and_trains(capsys):
   namespace = _run_snippet("### The layers: the reference package's placement", capsys)
   assert np.isfinite(float(namespace["loss"]))

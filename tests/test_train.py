@@ -332,6 +332,7 @@ def test_tensorboard_events_are_read_by_tensorboard(tiny_record):
   assert len([t for t in histograms if t.startswith("activations/")]) == 19
 
 
+@pytest.mark.slow
 def test_abr_site_selection():
   config = Config(batch_size=4)
   x = jnp.ones((4, 32, 32, 3))
