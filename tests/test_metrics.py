@@ -205,6 +205,7 @@ class CollectorsTest(parameterized.TestCase):
       p = variables["params"]["block"][name.split("/")[1]]
       assert_metrics_close(m, np_layer_metrics(p["kernel"], p["alpha"], -2, 1))
 
+  @pytest.mark.slow
   def test_per_channel_and_mixed_bits(self):
     class Mixed(nn.Module):
       @nn.compact

@@ -200,6 +200,7 @@ class NNXNet(nnx.Module):
                                             per_channel=True),
                                   QuantRule(".*", weight_bits=1, act_bits=1, act_signed=True),
                                   QuantRule(".*", act_bits=3, act_batch_grad_scale=True)])
+@pytest.mark.slow
 def test_quantized_layer_matches_linen(rule):
   kernel = jax.random.normal(jax.random.key(0), (5, 3)) * 0.3
   bias = jnp.linspace(-0.1, 0.1, 3)

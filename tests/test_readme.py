@@ -23,12 +23,18 @@ def _run_snippet(heading: str, capsys) -> dict:
   return namespace
 
 
-@pytest.mark.slow
-def test_linen_snippet_quantizes_an_unmodified_model_and_trains(capsys):
-  namespace = _run_snippet("### Linen", capsys)
+def _run_training_snippet(heading: str, capsys) -> dict:
+  """Runs a snippet that prints ``step i: loss x`` lines; checks that the loss fell."""
+  namespace = _run_snippet(heading, capsys)
   lines = capsys.readouterr().out.splitlines()
   losses = [float(l.split("loss ")[1]) for l in lines if l.startswith("step ")]
   assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0], lines
+  return namespace
+
+
+@pytest.mark.slow
+def test_linen_snippet_quantizes_an_unmodified_model_and_trains(capsys):
+  namespace = _run_training_snippet("### Linen", capsys)
   params = namespace["variables"]["params"]
   assert set(params["head"]) == {"kernel", "bias", "alpha", "input_alpha"}
   assert set(params["Dense_0"]) == {"kernel", "bias", "alpha", "input_alpha"}
@@ -36,10 +42,7 @@ def test_linen_snippet_quantizes_an_unmodified_model_and_trains(capsys):
 
 @pytest.mark.slow
 def test_nnx_snippet_quantizes_an_unmodified_model_and_trains(capsys):
-  namespace = _run_snippet("### NNX", capsys)
-  lines = capsys.readouterr().out.splitlines()
-  losses = [float(l.split("loss ")[1]) for l in lines if l.startswith("step ")]
-  assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0], lines
+  namespace = _run_training_snippet("### NNX", capsys)
   model = namespace["model"]
   assert model.conv.alpha[...].shape == () and model.head.input_alpha[...].shape == ()
 

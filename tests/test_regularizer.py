@@ -168,6 +168,7 @@ def test_weight_br_bins_every_kernel_on_its_own_range():
     regularizer.weight_br({"relu": col["relu"]})
 
 
+@pytest.mark.slow
 def test_activation_br_collects_every_call_signed_and_unsigned():
   col = _collection()
   acts = [s for _, _, s in sites.iterate(col, ("output",))]
@@ -199,6 +200,7 @@ def test_br_losses_returns_both_parts():
   assert float(br_a) > 0 and float(br_w) > 0
 
 
+@pytest.mark.slow
 def test_stacked_sites_bin_each_layer_on_its_own_grid():
   """nn.scan stacks records: each layer of the stack is binned with its own step size."""
   k1, _ = _kernels()
