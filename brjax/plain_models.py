@@ -10,6 +10,7 @@ Flax ImageNet example's ResNet, a ViT encoder and MobileNetV2's inverted residua
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -158,4 +159,4 @@ class MobileNetV2(nn.Module):
 
 def count_params(params) -> int:
   """The number of parameters in a params tree."""
-  return sum(int(jnp.size(p)) for p in jax.tree.leaves(params))
+  return sum(math.prod(jnp.shape(p)) for p in jax.tree.leaves(params))
