@@ -12,8 +12,8 @@ import os
 import re
 
 from brjax import recipes
+from brjax.bits import FLOAT_BITS
 
-FLOAT_BITS = 32
 MODELS = ("resnet18", "resnet20", "resnet18_reference", "resnet20_option_a")
 PRETRAINED_SUFFIXES = (".pth", ".pt")
 

@@ -2,7 +2,8 @@
 
 The math lives in pure functions:
 
-* :func:`qrange` gives the integer range ``[qn, qp]`` of a bit width;
+* :func:`qrange` gives the integer range ``[qn, qp]`` of a bit width (defined in the
+  JAX-free ``brjax.bits``);
 * :func:`init_alpha` and :func:`grad_scale` are LSQ's step-size init and gradient scale;
 * :func:`lsq_quantize` is the fake-quantizer, a ``jax.custom_vjp`` with LSQ's
   straight-through estimator.
@@ -24,35 +25,13 @@ import jax
 import jax.numpy as jnp
 
 from brjax import sites
-
-FLOAT_BITS = 32
-"""The bit width that means "not quantized" at the layer level."""
+from brjax.bits import FLOAT_BITS, MAX_BITS, MIN_BITS, qrange  # pylint: disable=unused-import
 
 STATE = "quant_state"
 """Variable collection of per-site decisions fixed at init (a data-decided input sign)."""
 
-MIN_BITS, MAX_BITS = 1, 8
-
 # Floor of the step size used by lsq_quantize, in float32 terms; see `_alpha_floor`.
 _ALPHA_FLOOR = 1e-8
-
-
-def qrange(bits: int, signed: bool) -> tuple[int, int]:
-  """Integer range ``(qn, qp)`` of a ``bits``-bit quantizer.
-
-  Signed: ``(-2^(b-1), 2^(b-1) - 1)`` (2 bits: -2..1). Unsigned: ``(0, 2^b - 1)`` (2 bits: 0..3).
-  One bit, as the reference package quantizes it: signed is *ternary* ``(-1, 1)`` (levels
-  -1, 0, 1: a symmetric grid needs the zero level), unsigned is binary ``(0, 1)``.
-
-  Raises:
-    ValueError: if ``bits`` is not an integer in 1..8.
-  """
-  if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-    raise ValueError(f"bits={bits!r} is not supported: use an integer in "
-                     f"{MIN_BITS}..{MAX_BITS}")
-  if signed:
-    return (-1, 1) if bits == 1 else (-(2**(bits - 1)), 2**(bits - 1) - 1)
-  return 0, 2**bits - 1
 
 
 def check_layer_bits(bits: int) -> None:

@@ -1,9 +1,13 @@
-"""End-to-end tests of scripts/analyze.py on the shared tiny W2A2 run (``tiny_run``)."""
+"""Tests of scripts/analyze.py and brjax.analysis on the shared tiny W2A2 run (``tiny_run``).
+
+One run of the command line end to end; the comparison of two runs calls
+``brjax.analysis.analyze`` in this process (same outputs, no second interpreter); the
+figures and tables of synthetic runs are in tests/test_plots.py.
+"""
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import pathlib
@@ -16,21 +20,14 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from brjax import analysis
+from brjax import plots
 from conftest import run_main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "analyze.py"
 EXAMPLES = 64  # test images the activations are computed on (the script's default is 256)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def analyze():
-  """The script as a module, for its figure geometry (DPI, PANEL_SIZE, ...)."""
-  spec = importlib.util.spec_from_file_location("analyze_script", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +63,15 @@ def png_size(path: pathlib.Path) -> tuple[int, int]:
   return width, height
 
 
-def pixels(analyze, size: tuple[float, float]) -> tuple[int, int]:
-  return round(size[0] * analyze.DPI), round(size[1] * analyze.DPI)
+def pixels(size: tuple[float, float]) -> tuple[int, int]:
+  return round(size[0] * plots.DPI), round(size[1] * plots.DPI)
 
 
-def hist_pixels(analyze, num_panels: int) -> tuple[int, int]:
-  """Independent of analyze.hist_figsize: MAX_COLS panels of PANEL_SIZE inches per row."""
-  cols = min(num_panels, analyze.MAX_COLS)
+def hist_pixels(num_panels: int) -> tuple[int, int]:
+  """Independent of plots.hist_figsize: MAX_COLS panels of PANEL_SIZE inches per row."""
+  cols = min(num_panels, plots.MAX_COLS)
   rows = -(-num_panels // cols)
-  return pixels(analyze, (cols * analyze.PANEL_SIZE[0], rows * analyze.PANEL_SIZE[1]))
+  return pixels((cols * plots.PANEL_SIZE[0], rows * plots.PANEL_SIZE[1]))
 
 
 def parse_markdown(text: str) -> dict[str, dict[tuple[str, str], dict]]:
@@ -110,7 +107,7 @@ def assert_table_matches(rows: dict, recomputed: dict) -> None:
     np.testing.assert_allclose(row["occupancy"], m["occupancy"], atol=6e-5, err_msg=f"{key}")
 
 
-def test_analyze_one_run(tiny_run, recomputed, analyze, tmp_path):
+def test_analyze_one_run(tiny_run, recomputed, tmp_path):
   workdir, _ = tiny_run
   out = tmp_path / "out"
   result = run_script(f"--workdir={workdir}", f"--out={out}", f"--examples={EXAMPLES}")
@@ -120,13 +117,13 @@ def test_analyze_one_run(tiny_run, recomputed, analyze, tmp_path):
       "activations_hist.png", "alpha_curves.png", "br_curves.png", "metrics.md",
       "weights_hist.png"]
   assert all(pathlib.Path(p).parent == out for p in written)
-  assert png_size(out / "alpha_curves.png") == pixels(analyze, analyze.ALPHA_CURVES_SIZE)
+  assert png_size(out / "alpha_curves.png") == pixels(plots.ALPHA_CURVES_SIZE)
   assert not os.path.exists(os.path.join(workdir, "analysis"))  # --out respected
 
-  assert png_size(out / "weights_hist.png") == hist_pixels(analyze, len(recomputed["weights"]))
+  assert png_size(out / "weights_hist.png") == hist_pixels(len(recomputed["weights"]))
   assert png_size(out / "activations_hist.png") == hist_pixels(
-      analyze, len(recomputed["activations"]))
-  assert png_size(out / "br_curves.png") == pixels(analyze, analyze.CURVES_SIZE)
+      len(recomputed["activations"]))
+  assert png_size(out / "br_curves.png") == pixels(plots.CURVES_SIZE)
 
   text = (out / "metrics.md").read_text()
   sections = parse_markdown(text)
@@ -148,8 +145,8 @@ def test_analyze_one_run(tiny_run, recomputed, analyze, tmp_path):
                              recomputed["weights"]["conv_init"]["effectiveness"], rtol=1e-5)
 
 
-def test_analyze_compare(tiny_run, recomputed, analyze, tmp_path):
-  """The run compared to a copy of it; then a copy without per-epoch "quant" entries."""
+def test_analyze_compare(tiny_run, recomputed, tmp_path):
+  """The run compared to a copy of it, in this process (the command line's own call)."""
   workdir, _ = tiny_run
   copy = tmp_path / "with_quant"
   shutil.copytree(workdir, copy)
@@ -157,17 +154,18 @@ def test_analyze_compare(tiny_run, recomputed, analyze, tmp_path):
   assert lines and all("quant" in line for line in lines)
 
   out = tmp_path / "out"
-  result = run_script(f"--workdir={copy}", f"--compare={workdir}", f"--out={out}",
-                      f"--examples={EXAMPLES}")
-  assert result.returncode == 0, result.stderr
-  assert sorted(os.path.basename(p) for p in result.stdout.split()) == [
+  workdirs = [("workdir", str(copy)), ("compare", workdir)]
+  notes = []
+  written = analysis.analyze(workdirs, [analysis.read_run_history(w, f) for f, w in workdirs],
+                             str(out), None, EXAMPLES, note=notes.append)
+  assert not notes, notes
+  assert sorted(os.path.basename(p) for p in written) == [
       "activations_hist.png", "alpha_curves.png", "br_curves.png", "metrics.md",
       "weights_hist.png"]
-  assert png_size(out / "alpha_curves.png") == pixels(analyze, analyze.ALPHA_CURVES_SIZE)
-  assert png_size(out / "weights_hist.png") == hist_pixels(analyze, len(recomputed["weights"]))
-  assert png_size(out / "activations_hist.png") == hist_pixels(
-      analyze, len(recomputed["activations"]))
-  assert png_size(out / "br_curves.png") == pixels(analyze, analyze.CURVES_SIZE)
+  assert png_size(out / "alpha_curves.png") == pixels(plots.ALPHA_CURVES_SIZE)
+  assert png_size(out / "weights_hist.png") == hist_pixels(len(recomputed["weights"]))
+  assert png_size(out / "activations_hist.png") == hist_pixels(len(recomputed["activations"]))
+  assert png_size(out / "br_curves.png") == pixels(plots.CURVES_SIZE)
 
   sections = parse_markdown((out / "metrics.md").read_text())
   # Same config twice: the labels are told apart by the workdir names.
@@ -211,82 +209,3 @@ def test_bad_input_is_one_line_error(case, tmp_path, capsys):
   assert lines[0].startswith("error: ") and expect in lines[0], lines[0]
   assert out == ""
   assert not (tmp_path / "out").exists()
-
-
-def test_analyze_without_quant_entries(tiny_run, tmp_path):
-  """metrics.jsonl written before per-epoch "quant" entries existed: no alpha curves."""
-  copy = tmp_path / "no_quant"
-  shutil.copytree(tiny_run[0], copy)
-  lines = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
-  (copy / "metrics.jsonl").write_text(
-      "".join(json.dumps({k: v for k, v in line.items() if k != "quant"}) + "\n"
-              for line in lines))
-  out = tmp_path / "out"
-  result = run_script(f"--workdir={copy}", f"--out={out}", f"--examples={EXAMPLES}")
-  assert result.returncode == 0, result.stderr
-  assert not (out / "alpha_curves.png").exists()
-  assert 'no per-epoch "quant" entries' in result.stderr
-
-
-# ------------------------------------------------- figures of a synthetic run (fast)
-
-
-def synthetic_run(workdir="runs/lsq_br_s0", epochs=2, warmup=1):
-  """What ``load_run`` returns, for a W2A2 run with one kernel and one activation layer."""
-  layers = {"weights": ["conv_init", "QuantDense_0"], "activations": ["act_init"]}
-  quant = {kind: {name: {"alpha": 0.1, "mse": 0.001, "near_frac": 0.5,
-                         "occupancy": [0.25] * 4} for name in names}
-           for kind, names in layers.items()}
-  history = [{"epoch": e, "phase": "WARMUP" if e <= warmup else "BR",
-              "br_w": None if e <= warmup else 0.3, "br_a": None if e <= warmup else 1.2,
-              "test_acc": 30.0 if e == 1 else 20.0, "quant": quant} for e in range(1, epochs + 1)]
-  rng = np.random.default_rng(0)
-  return {"workdir": workdir, "label": f"LSQ+BR ({os.path.basename(workdir)})",
-          "config": {"bits_w": 2, "bits_a": 2, "epochs": epochs, "warmup_epochs": warmup},
-          "meta": {"epoch": epochs, "best_test_acc": 30.0}, "history": history,
-          "quant": quant, "order": ["conv_init", "act_init", "QuantDense_0"],
-          "weights": {n: rng.normal(0, 0.1, 500) for n in layers["weights"]},
-          "activations": {"act_init": np.abs(rng.normal(0, 1, 500))},
-          "data_dir": "data", "examples": 8}
-
-
-def test_run_label_names_the_workdir(analyze):
-  config = {"bits_w": 2, "bits_a": 2, "lambda_w": 1.0, "lambda_a": 0.0, "warmup_epochs": 1,
-            "epochs": 3}
-  assert analyze.run_label(config, "study/w_br_s0/") == "LSQ+BR (w_br_s0)"
-  assert analyze.run_label({**config, "lambda_w": 0.0}, "study/lsq_s0") == "LSQ (lsq_s0)"
-
-
-def test_one_br_epoch_sits_on_the_whole_integer_epoch_axis(analyze):
-  fig = analyze.br_curves_figure([synthetic_run(epochs=2, warmup=1)])
-  for ax in fig.axes:
-    assert ax.get_xlim() == (0.5, 2.5)
-    ticks = [t for t in ax.get_xticks() if 0.5 <= t <= 2.5]
-    assert ticks and all(float(t).is_integer() for t in ticks), ticks
-  br_w = fig.axes[0].lines[0]
-  assert list(br_w.get_xdata()) == [2] and br_w.get_marker() == "o"
-
-
-def test_alpha_curves_have_a_colour_scale_naming_the_layers(analyze):
-  fig = analyze.alpha_curves_figure([synthetic_run()])
-  bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
-  assert len(bars) == 2  # weights, activations
-  weights_bar = [t.get_text() for t in bars[0].get_yticklabels()]
-  assert weights_bar == ["1: conv_init", "2: QuantDense_0"], weights_bar
-  assert bars[0].get_title(loc="left") == "layer (2)"
-  assert analyze.alpha_curves_figure([{**synthetic_run(), "history": [{"epoch": 1}]}]) is None
-
-
-def test_activation_histograms_label_their_log_axis(analyze):
-  fig = analyze.histograms_figure([synthetic_run()], "activations")
-  assert fig.axes[0].get_yscale() == "log"
-  assert fig.axes[0].get_ylabel() == "fraction (log scale)"
-  assert "(log scale)" in fig._suptitle.get_text()  # pylint: disable=protected-access
-  weights = analyze.histograms_figure([synthetic_run()], "weights")
-  assert weights.axes[0].get_ylabel() == "fraction" and weights.axes[0].get_yscale() == "linear"
-
-
-def test_checkpoint_line_gives_each_accuracy_its_own_epoch(analyze):
-  run = synthetic_run()  # epoch 1: 30%, epoch 2 (the checkpoint): 20%
-  assert analyze.checkpoint_line(run["meta"], run["history"]) == (
-      "checkpoint: epoch 2 (test accuracy 20.00%); best test accuracy 30.00%, epoch 1")

@@ -1,0 +1,252 @@
+"""Runs a study (``brjax.study``): one child process per training run, then its result.
+
+The study holds a lock on its folder; each run is a ``scripts/train.py`` process that dies
+with the study's (Linux), whose output is streamed to the terminal and to the run's
+``train.log`` without progress-bar redraws; the devices and the code version the runs see
+are recorded in every result. Standard library only: no JAX in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import fcntl
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from brjax import history
+from brjax import study
+from brjax import study_summary
+
+# Prints a JSON description of the devices and JAX version the runs will see.
+DEVICE_PROBE = """\
+import importlib.metadata, json, jax
+d = jax.devices()
+print(json.dumps({"platform": d[0].platform, "device_kind": d[0].device_kind,
+                  "device_count": len(d), "jax_version": jax.__version__,
+                  "jaxlib_version": importlib.metadata.version("jaxlib")}))
+"""
+
+try:  # resolved here: nothing may be imported between fork and exec
+  _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+  _PRCTL = None
+_PR_SET_PDEATHSIG = 1
+
+
+def now() -> str:
+  """The current UTC time, ISO 8601 to the second."""
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _die_with_parent() -> None:
+  """In the child, before exec: SIGKILL when the study's process dies (Linux), so that a
+  killed study never leaves a run training on its own (orbax checkpoints are atomic)."""
+  if _PRCTL is not None:
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def log_line(line: str) -> str:
+  """A terminal line as a log line: progress bars rewritten with ``\\r`` keep their end."""
+  return line.rsplit("\r", 1)[-1].rstrip()
+
+
+def execute(argv: list[str], log_path: str, cwd: str) -> tuple[int, float, str]:
+  """Runs ``argv`` in ``cwd``, streaming its output to stdout and (without progress bars)
+  appending it to ``log_path``, after a ``# <time> <command>`` header.
+
+  Returns:
+    ``(exit code, wall time in seconds, last non-empty output line)``.
+  """
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  start = time.monotonic()
+  last, pending = "", ""
+  with open(log_path, "a") as log:
+    log.write(f"# {now()} {shlex.join(argv)}\n")
+    log.flush()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
+                            env=env, preexec_fn=_die_with_parent)
+    try:
+      while chunk := proc.stdout.read1(65536):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+        *lines, pending = (pending + chunk.decode(errors="replace")).split("\n")
+        for line in map(log_line, lines):
+          log.write(line + "\n")
+          last = line or last
+      proc.wait()
+    finally:
+      if proc.poll() is None:  # interrupted: the run resumes from its last checkpoint
+        proc.kill()
+        proc.wait()
+    if pending.strip():
+      log.write(log_line(pending) + "\n")
+      last = log_line(pending) or last
+  return proc.returncode, time.monotonic() - start, last
+
+
+def probe_device(cwd: str) -> dict:
+  """The platform, device kind and count, and JAX versions that a run's process sees (a
+  child process: this one never initializes a JAX backend), and this host's name."""
+  proc = subprocess.run([sys.executable, "-c", DEVICE_PROBE], capture_output=True, text=True,
+                        cwd=cwd, timeout=600, check=False)
+  try:
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+  except (IndexError, ValueError):
+    err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    info = {"error": err[:200]}
+  info["host"] = socket.gethostname()
+  return info
+
+
+def git_commit(repo: str) -> dict:
+  """``{"commit", "dirty"}`` of the git checkout at ``repo`` (read-only git; None when
+  unknown): the commit, and whether tracked files differ from it."""
+  env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")  # never touch the index
+  try:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=repo, env=env, timeout=30, check=False)
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], capture_output=True,
+                           cwd=repo, env=env, timeout=30, check=False)
+  except (OSError, subprocess.TimeoutExpired):
+    return {"commit": None, "dirty": None}
+  commit = head.stdout.strip() if head.returncode == 0 else None
+  return {"commit": commit, "dirty": {0: False, 1: True}.get(dirty.returncode)}
+
+
+# ------------------------------------------------------------------ a study
+
+
+def build_result(run: study.Run, wall_time_s: float, resumed_from: int | None, device: dict,
+                 git: dict) -> dict:
+  """The result of a finished run, from its metrics.jsonl.
+
+  Raises:
+    RuntimeError: the history does not end at the run's last epoch.
+    OSError, ValueError: no readable history.
+  """
+  records = history.read_history(run.workdir)
+  config = run.train_config
+  if not records or records[-1]["epoch"] != config.epochs:
+    ended = records[-1]["epoch"] if records else "no epoch"
+    raise RuntimeError(f"run {run.name} exited without error but its metrics.jsonl ends at "
+                       f"{ended}, not epoch {config.epochs}")
+  last = records[-1]
+  best_epoch = max(records, key=lambda m: m["test_acc"])["epoch"]
+  description, lambda_w, lambda_a = study.CONFIGS[run.config]
+  return {
+      "config": run.config, "seed": run.seed, "description": description,
+      "lambda_w": lambda_w, "lambda_a": lambda_a,
+      "bits_w": config.bits_w, "bits_a": config.bits_a,
+      "command": run.command(), "workdir": run.workdir,
+      "epochs": config.epochs, "warmup_epochs": config.warmup_epochs,
+      "final_test_acc": last["test_acc"], "best_test_acc": last["best_test_acc"],
+      "best_epoch": best_epoch, "final_train_acc": last["train_acc"],
+      "final_test_loss": last["test_loss"], "br_w": last["br_w"], "br_a": last["br_a"],
+      "wall_time_s": wall_time_s,
+      "train_time_s": sum(m["epoch_time_s"] for m in records),
+      "resumed_from_epoch": resumed_from,
+      "device": {k: v for k, v in device.items() if not k.endswith("_version")},
+      "jax_version": device.get("jax_version"), "jaxlib_version": device.get("jaxlib_version"),
+      "python_version": sys.version.split()[0], "git": git, "finished": now(),
+  }
+
+
+@contextlib.contextmanager
+def _lock(study_dir: str):
+  """Holds an exclusive lock on the study (released by the kernel if this process dies).
+
+  Raises:
+    study.StudyError: another process holds it.
+  """
+  with open(os.path.join(study_dir, ".lock"), "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
+      holder = f.read().strip() or "unknown"
+      raise study.StudyError(f"--study_dir={study_dir} is in use by another "
+                             f"scripts/experiments.py (pid {holder}): wait for it to "
+                             "finish, or stop it first") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    yield
+
+
+def run_study(study_dir: str, flags: dict, command: str) -> int:
+  """Runs every unfinished run of the study in order, writing its result; returns the exit
+  code (0, 1 if a run failed, 2 if scripts/train.py refused its flags or checkpoints).
+
+  Prints each run's state, command and output as it goes, and the summary table at the end.
+
+  Args:
+    study_dir: the study's folder (absolute).
+    flags: the study's flags, from ``study.check_study``.
+    command: the command line that started the study, recorded in a new study.json.
+
+  Raises:
+    study.StudyError: as ``study.plan``; another process holds the study; other flags in
+      its study.json; a malformed result.
+    KeyboardInterrupt: Ctrl-C; the current run's process is killed, and resumes from its
+      last checkpoint when the study is run again.
+  """
+  runs = study.plan(study_dir, flags)
+  os.makedirs(study_dir, exist_ok=True)
+  with _lock(study_dir):
+    if not study.check_study_file(study_dir, flags):
+      study_summary.write_json(os.path.join(study_dir, "study.json"), {
+          "flags": flags, "created": now(), "command": command})
+    probes = {}  # the devices and commit, probed once and only if a run starts
+    for i, run in enumerate(runs, 1):
+      code = _run_one(run, f"[{i}/{len(runs)}] {run.name}", probes)
+      if code:
+        return code
+      if code is not None:
+        study.write_summary(study_dir, flags, flags["pretrained"])
+  print("\n" + study.write_summary(study_dir, flags, flags["pretrained"]), end="")
+  return 0
+
+
+def _run_one(run: study.Run, head: str, probes: dict) -> int | None:
+  """Runs ``run`` unless its result exists (None); 0 once its result is written, else the
+  study's exit code (a one-line error printed)."""
+  state = run.state()
+  if state == "done":
+    print(f"{head}: skip, its result exists ({run.result_path})", flush=True)
+    return None
+  argv = [sys.executable, os.path.join(study.REPO, study.TRAIN_SCRIPT), *run.flags()]
+  resumed_from = None
+  if state == "resume":
+    resumed_from = history.checkpoint_epochs(run.workdir, "latest")[-1]
+    argv.append("--resume")
+  if not probes:
+    probes.update(device=probe_device(study.REPO), git=git_commit(study.REPO))
+  what = f"resume from epoch {resumed_from}" if state == "resume" else "start"
+  print(f"{head}: {what}\n{run.command()}{' --resume' if state == 'resume' else ''}",
+        flush=True)
+  os.makedirs(run.workdir, exist_ok=True)
+  log_path = os.path.join(run.workdir, "train.log")
+  code, wall, last = execute(argv, log_path, study.REPO)
+  if code != 0:
+    print(f"error: run {run.name} failed (exit {code}): {last[:300]} (log: {log_path}); "
+          "fix the cause and run the study again to continue", file=sys.stderr)
+    return 2 if code == 2 else 1
+  try:
+    result = build_result(run, wall, resumed_from, probes["device"], probes["git"])
+  except (OSError, ValueError, KeyError, RuntimeError) as e:
+    print(f"error: run {run.name} left no usable metrics ({type(e).__name__}: {e}) "
+          f"(log: {log_path})", file=sys.stderr)
+    return 1
+  study_summary.write_json(run.result_path, result)
+  print(f"{head}: done in {wall:.0f}s: final test acc {result['final_test_acc']:.2f}%, "
+        f"best {result['best_test_acc']:.2f}% -> {run.result_path}", flush=True)
+  return 0

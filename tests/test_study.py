@@ -1,0 +1,219 @@
+"""brjax.study, brjax.study_summary and brjax.study_runner without training anything.
+
+The command line and a real study are tests/test_experiments.py's; here the plan, the
+run states, results and summaries are built from files written by the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from brjax import study
+from brjax import study_runner
+from brjax import study_summary
+from brjax.config import Config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def flags(**overrides) -> dict:
+  values = {"bits": 2, "seeds": ["0", "1"], "configs": ["lsq", "lsq_br"], "warmup_epochs": 1,
+            "epochs": 2, "lr": 0.01, "batch_size": 32, "train_examples": 64,
+            "test_examples": 32, "pretrained": None, "data_dir": None}
+  values.update(overrides)
+  return study.check_study(values)
+
+
+def test_check_study_parses_lists_and_records_paths_from_the_repository(tmp_path):
+  checked = flags(seeds=[" 2", "0"], data_dir=str(REPO.parent / "shared" / "d.tar.gz"))
+  assert checked["seeds"] == [2, 0] and checked["configs"] == ["lsq", "lsq_br"]
+  assert checked["data_dir"] == os.path.join(os.pardir, "shared", "d.tar.gz")
+  assert set(checked) == set(study.STUDY_FLAGS)
+  for bad, message in ((dict(seeds=["0", "0"]), "--seeds=0,0"),
+                       (dict(configs=["lsq", "bogus"]), "--configs=lsq,bogus"),
+                       (dict(bits=32), "--bits=32")):
+    with pytest.raises(study.StudyError, match=message):
+      flags(**bad)
+
+
+def test_plan_goes_seed_by_seed_with_each_configs_lambdas(tmp_path):
+  runs = study.plan(str(tmp_path), flags())
+  assert [r.name for r in runs] == ["lsq_s0", "lsq_br_s0", "lsq_s1", "lsq_br_s1"]
+  run = runs[1]
+  assert run.workdir == str(tmp_path / "lsq_br_s0")
+  assert run.result_path == str(tmp_path / "lsq_br_s0.json")
+  assert (run.train_config.lambda_w, run.train_config.lambda_a) == (1.0, 1.0)
+  assert runs[0].train_config.lambda_w == 0.0 and runs[0].train_config.seed == 0
+  assert run.command().startswith("python scripts/train.py --model=resnet20 --bits=2 ")
+  assert run.flags()[-1] == f"--workdir={run.workdir}"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(warmup_epochs=2), "--warmup_epochs=2 is not accepted: use an integer in 0..1"),
+    (dict(lr=0.0), "--lr=0.0 is not accepted"),
+])
+def test_plan_refuses_what_train_py_would(tmp_path, overrides, message):
+  with pytest.raises(study.StudyError, match=message):
+    study.plan(str(tmp_path), flags(**overrides))
+
+
+def test_train_flags_write_bits_once_when_equal():
+  assert "--bits=4" in study.train_flags(Config(bits_w=4, bits_a=4))
+  mixed = study.train_flags(Config(bits_w=4, bits_a=8, clip=6.0))
+  assert "--bits_w=4" in mixed and "--bits_a=8" in mixed and "--clip=6.0" in mixed
+  assert not any(f.startswith("--bits=") or f.startswith("--width=") for f in mixed)
+
+
+def test_run_states_and_dry_run(tmp_path):
+  checked = flags(seeds=["0"])
+  lsq, lsq_br = study.plan(str(tmp_path), checked)
+  assert lsq.state() == lsq_br.state() == "new"
+  (pathlib.Path(lsq_br.workdir) / "checkpoints" / "latest" / "1").mkdir(parents=True)
+  pathlib.Path(lsq.result_path).write_text("{}")
+  assert (lsq.state(), lsq_br.state()) == ("done", "resume")
+  lines = study.dry_run(str(tmp_path), checked)
+  assert lines[0] == f"lsq_s0 (skip): {lsq.command()}"
+  assert lines[1] == f"lsq_br_s0 (resume): {lsq_br.command()} --resume"
+
+
+def test_a_study_file_with_other_flags_is_refused(tmp_path):
+  checked = flags()
+  assert not study.check_study_file(str(tmp_path), checked)
+  study_summary.write_json(str(tmp_path / "study.json"), {"flags": {**checked, "lr": 0.1}})
+  with pytest.raises(study.StudyError, match="--lr=0.1 there, --lr=0.01 here"):
+    study.check_study_file(str(tmp_path), checked)
+  (tmp_path / "study.json").write_text("{")
+  with pytest.raises(study.StudyError, match="could not be read"):
+    study.read_study_file(str(tmp_path))
+
+
+def write_metrics(workdir: pathlib.Path, epochs: int) -> list[dict]:
+  records = [{"epoch": e, "phase": "WARMUP" if e == 1 else "BR", "test_acc": 10.0 * e % 25,
+              "best_test_acc": 20.0, "train_acc": 5.0 * e, "test_loss": 2.0,
+              "br_w": None if e == 1 else 0.5, "br_a": None if e == 1 else 1.5,
+              "epoch_time_s": 3.0} for e in range(1, epochs + 1)]
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  return records
+
+
+def test_build_result_from_the_runs_history(tmp_path):
+  run = study.plan(str(tmp_path), flags(seeds=["0"]))[1]
+  write_metrics(pathlib.Path(run.workdir), 2)
+  device = {"platform": "cpu", "device_count": 1, "jax_version": "0.x"}
+  result = study_runner.build_result(run, 12.5, None, device, {"commit": None})
+  assert result["final_test_acc"] == 20.0 and result["best_epoch"] == 2
+  assert result["best_test_acc"] == 20.0 and result["final_train_acc"] == 10.0
+  assert (result["br_w"], result["br_a"]) == (0.5, 1.5) and result["train_time_s"] == 6.0
+  assert result["description"] == "LSQ + W-BR + A-BR" and result["command"] == run.command()
+  assert result["device"] == {"platform": "cpu", "device_count": 1}
+  assert result["jax_version"] == "0.x" and set(study.RESULT_KEYS) <= set(result)
+  write_metrics(pathlib.Path(run.workdir), 1)
+  with pytest.raises(RuntimeError, match="ends at 1, not epoch 2"):
+    study_runner.build_result(run, 1.0, None, device, {})
+
+
+def fake_result(study_dir: pathlib.Path, config: str, seed: int, final: float, **extra):
+  result = {"config": config, "seed": seed, "final_test_acc": final, "best_test_acc": final,
+            "final_train_acc": final, "command": f"python scripts/train.py --seed={seed} "
+            f"--workdir={study_dir / f'{config}_s{seed}'}", **extra}
+  study_summary.write_json(str(study_dir / f"{config}_s{seed}.json"), result)
+
+
+def test_collect_results_by_config_order_then_seed(tmp_path):
+  for config, seed in (("w_br", 0), ("lsq", 1), ("lsq_br", 0), ("lsq", 0)):
+    fake_result(tmp_path, config, seed, 50.0)
+  study_summary.write_json(str(tmp_path / "summary.json"), {})
+  results = study.collect_results(str(tmp_path))
+  assert [(r["config"], r["seed"]) for r in results] == [
+      ("lsq", 0), ("lsq", 1), ("lsq_br", 0), ("w_br", 0)]
+  assert results[0]["description"] == "LSQ"  # filled in from CONFIGS
+
+
+def test_summary_of_two_seeds(tmp_path):
+  fake_result(tmp_path, "lsq", 0, 80.0, description="LSQ")
+  fake_result(tmp_path, "lsq", 1, 82.0, description="LSQ")
+  summary = study_summary.summarize(study.collect_results(str(tmp_path)), None, None)
+  c = summary["configs"]["lsq"]
+  assert c["final_test_acc"]["mean"] == 81.0
+  assert c["final_test_acc"]["std"] == pytest.approx(2 ** 0.5)
+  assert c["command_template"] == (f"python scripts/train.py --seed={{seed}} "
+                                   f"--workdir={tmp_path}/lsq_s{{seed}}")
+  markdown = study_summary.summary_markdown(summary)
+  assert markdown.startswith("# LSQ vs LSQ+BR\n")
+  assert "| lsq | LSQ | 2 | 81.00 ± 1.41 | 81.00 ± 1.41 | 81.00 ± 1.41 |" in markdown
+
+
+def test_results_of_one_config_from_different_commands_are_refused(tmp_path):
+  fake_result(tmp_path, "lsq", 0, 80.0)
+  fake_result(tmp_path, "lsq", 1, 82.0, command="python scripts/train.py --lr=0.5 --seed=1")
+  with pytest.raises(ValueError, match="config lsq were run with different commands"):
+    study_summary.summarize(study.collect_results(str(tmp_path)), None, None)
+
+
+def test_markdown_describes_the_study_and_an_unreadable_baseline(tmp_path):
+  baseline = study_summary.read_baseline("no_such_run", str(tmp_path))
+  assert baseline["error"] == "no readable metrics.jsonl (FileNotFoundError)"
+  fake_result(tmp_path, "lsq", 0, 80.0)
+  summary = study_summary.summarize(study.collect_results(str(tmp_path)),
+                                    flags(seeds=["0"], train_examples=64), baseline)
+  markdown = study_summary.summary_markdown(summary)
+  assert markdown.startswith("# LSQ vs LSQ+BR: ResNet-20 W2A2\n\n2 epochs (1 LSQ warmup, then "
+                             "BR), lr 0.01, batch 32, seeds 0; data: tensorflow-datasets "
+                             "cifar10, first 64 train images, first 32 test images; from "
+                             "scratch.\n")
+  assert "| float baseline | float, ? epochs | 1 | n/a | n/a | n/a |" in markdown
+  assert markdown.endswith("Float baseline no_such_run: no readable metrics.jsonl "
+                           "(FileNotFoundError).\n")
+
+
+def test_baseline_from_its_history(tmp_path):
+  write_metrics(tmp_path / "float", 3)
+  baseline = study_summary.read_baseline("float", str(tmp_path))
+  assert baseline == {"workdir": "float", "final_test_acc": 5.0, "best_test_acc": 20.0,
+                      "epochs": 3, "phase": "BR"}
+
+
+def test_execute_streams_and_logs_without_progress_redraws(tmp_path):
+  """In a JAX-free interpreter, as scripts/experiments.py runs it (a fork from this
+  multithreaded one would warn)."""
+  log = tmp_path / "train.log"
+  child = "import sys; print('a\\rb'); print('last'); sys.exit(3)"
+  driver = ("import json, sys; from brjax import study_runner; "
+            f"r = study_runner.execute([sys.executable, '-c', {child!r}], {str(log)!r}, "
+            f"{str(tmp_path)!r}); print(json.dumps(r))")
+  proc = subprocess.run([sys.executable, "-c", driver], capture_output=True, cwd=REPO,
+                        timeout=60, check=True)
+  streamed, result = proc.stdout.decode().rsplit("\n", 2)[:2]
+  code, wall, last = json.loads(result)
+  assert code == 3 and wall > 0 and last == "last"
+  assert streamed == "a\rb\nlast"  # the terminal sees the redraws
+  lines = log.read_text().splitlines()
+  assert lines[0].startswith("# ") and lines[1:] == ["b", "last"]
+
+
+def test_paths_in_and_beside_the_repository_are_recorded_relative_to_it():
+  """Commands run from the repository root: a clone with ../shared beside it reruns them."""
+  assert study.repo_path(str(REPO / "checkpoints" / "x")) == os.path.join("checkpoints", "x")
+  assert study.repo_path(str(REPO.parent / "shared" / "d.tar.gz")) == os.path.join(
+      os.pardir, "shared", "d.tar.gz")
+  if len(REPO.parts) >= 3:  # /a/repo: ../../elsewhere exists as a path
+    far = REPO.parent.parent / "elsewhere"
+    assert study.repo_path(str(far)) == str(far)
+  assert study.repo_path(None) is None
+
+
+def test_the_shipped_study_summary_is_rebuilt_exactly():
+  """checkpoints/study_resnet20_W2A2: its run results give its summary.json and summary.md."""
+  study_dir = REPO / "checkpoints" / "study_resnet20_W2A2"
+  shipped = json.loads((study_dir / "summary.json").read_text())
+  summary = study_summary.summarize(study.collect_results(str(study_dir)), shipped["study"],
+                                    shipped["baseline"])
+  assert summary == shipped
+  assert study_summary.summary_markdown(summary) == (study_dir / "summary.md").read_text()
