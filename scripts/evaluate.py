@@ -44,10 +44,10 @@ def main(argv: list[str]) -> int:
     return 2
 
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from brjax import train  # pylint: disable=g-import-not-at-top
+  from brjax import evaluation  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.ERROR)  # orbax's read-only-manager warnings
   try:
-    result = train.evaluate_run(FLAGS.workdir, prefer=FLAGS.checkpoint,
+    result = evaluation.evaluate_run(FLAGS.workdir, prefer=FLAGS.checkpoint,
                                 data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size)
   except (ValueError, OSError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)

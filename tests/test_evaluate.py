@@ -1,5 +1,5 @@
-"""Evaluating a run's checkpoint (``train.evaluate_run``, scripts/evaluate.py) and the
-float baseline shipped in checkpoints/."""
+"""Evaluating a run's checkpoint (``brjax.evaluation.evaluate_run``, scripts/evaluate.py)
+and the float baseline shipped in checkpoints/."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from brjax import checkpoint
+from brjax import evaluation
 from brjax import input_pipeline
 from brjax import models
 from brjax import train
@@ -35,13 +36,13 @@ def _logged(workdir: str, epoch: int) -> float:
 def test_evaluate_run_reproduces_the_logged_accuracy(tiny_run, prefer):
   workdir, _ = tiny_run
   _, meta = checkpoint.restore_pretrained(workdir, prefer)
-  result = train.evaluate_run(workdir, prefer=prefer)
+  result = evaluation.evaluate_run(workdir, prefer=prefer)
   assert result["epoch"] == meta["epoch"]
   assert result["test_count"] == 128  # the run's --test_examples
   assert result["logged_test_acc"] == _logged(workdir, meta["epoch"])
   assert result["test_acc"] == pytest.approx(result["logged_test_acc"], abs=1e-9)
   # Another batch size pads differently (mask): the same images count, once each.
-  other = train.evaluate_run(workdir, prefer=prefer, batch_size=50)
+  other = evaluation.evaluate_run(workdir, prefer=prefer, batch_size=50)
   assert other["test_count"] == 128
   assert other["test_acc"] == pytest.approx(result["test_acc"], abs=1e-9)
   assert other["test_loss"] == pytest.approx(result["test_loss"], rel=1e-5)
@@ -53,15 +54,15 @@ def test_evaluate_run_uses_the_runs_normalization(tiny_run, tmp_path):
   _, meta = checkpoint.restore_pretrained(workdir)
   assert meta["data"]["mean"] and meta["data"]["std"]
   calls = []
-  real = train.evaluate
+  real = evaluation.evaluate
 
   def spy(eval_fn, variables, ds, batch_size, topology):
     calls.append((ds.mean, ds.std))
     return real(eval_fn, variables, ds, batch_size, topology)
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train, "evaluate", spy)
-    train.evaluate_run(workdir)
+    mp.setattr(evaluation, "evaluate", spy)
+    evaluation.evaluate_run(workdir)
   (mean, std), = calls
   np.testing.assert_array_equal(mean, np.float32(meta["data"]["mean"]))
   np.testing.assert_array_equal(std, np.float32(meta["data"]["std"]))
@@ -77,7 +78,7 @@ def test_evaluate_run_refuses_data_of_other_classes(tiny_run, tmp_path):
       Image.new("RGB", (32, 32)).save(folder / "0.png")
   with pytest.raises(ValueError,
                      match=r"classes of .* \(\['cat', 'dog'\]\) differ from the run's"):
-    train.evaluate_run(workdir, data_dir=str(tmp_path / "data"))
+    evaluation.evaluate_run(workdir, data_dir=str(tmp_path / "data"))
 
 
 def _run_script(*args):
@@ -171,7 +172,7 @@ def test_shipped_baseline_record_matches_its_checkpoint(baseline_record):
 @pytest.mark.slow
 def test_shipped_baseline_reproduces_its_test_accuracy(baseline_record, cifar_tar):
   """Loads checkpoints/resnet20_float_cifar10 and evaluates it on the offline test set."""
-  result = train.evaluate_run(str(BASELINE), data_dir=cifar_tar)
+  result = evaluation.evaluate_run(str(BASELINE), data_dir=cifar_tar)
   assert result["test_count"] == 10000
   assert abs(result["test_acc"] - baseline_record["test_acc"]) <= 0.1, result
 

@@ -30,7 +30,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = textwrap.dedent("""
     import functools, sys
     import jax, numpy as np
-    from brjax import input_pipeline, models, quant, train
+    from brjax import input_pipeline, models, parallel, quant, steps, train
     from brjax.config import Config
 
     def tiny_dataset(n=32):
@@ -52,10 +52,10 @@ STEPS = textwrap.dedent("""
       return jax.device_get(train.create_train_state(CONFIG, model, ds, 2))
 
     def two_steps(devices, ds, state):
-      topology = train.Topology.create(devices)
+      topology = parallel.Topology.create(devices)
       state = jax.device_put(state, topology.replicated)
-      step = train.jit_train_step(topology, train.br_settings(CONFIG, train.BR))
-      batch = next(train.process_local_batches(
+      step = parallel.jit_train_step(topology, steps.br_settings(CONFIG, steps.BR))
+      batch = next(parallel.process_local_batches(
           input_pipeline.train_batches(ds, 16, seed=0, epoch=1), topology.batch))
       assert len(batch["image"].sharding.device_set) == len(devices)
       for _ in range(2):
@@ -146,7 +146,7 @@ def test_two_processes_each_feed_their_rows(steps_on_one_and_two_devices, tmp_pa
   """2 processes x 2 devices, each passing only its half of every batch: same result.
 
   Each process builds the global arrays with ``jax.make_array_from_process_local_data``
-  from its own rows (``train.process_local_batches``); BatchNorm statistics and gradients
+  from its own rows (``parallel.process_local_batches``); BatchNorm statistics and gradients
   are reduced across the processes (gloo, over localhost).
   """
   one, _ = steps_on_one_and_two_devices

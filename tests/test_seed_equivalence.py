@@ -10,8 +10,8 @@ The replay uses nothing but brjax's public pieces, as the CLI does: the model
 ``resnet18_reference`` (``models.create_model``), the ``.pth`` name mapping of
 ``brjax.torch_import`` (on numpy arrays: torch is not needed), the ``reference`` recipe
 (``Config``, ``optim.create_optimizer``, ``optim.learning_rate_schedule``), the LSQ init of
-the first training step (``quant.init_alphas(..., train=True)``) and ``train.train_step``
-with ``train.br_settings`` and the phase switch of ``train.train_and_evaluate``. Every
+the first training step (``quant.init_alphas(..., train=True)``) and ``steps.train_step``
+with ``steps.br_settings`` and the phase switch of ``brjax.train.train_and_evaluate``. Every
 setting comes from the file's own ``args``.
 
 Tolerances (float64 on both sides): every logged value and every final array within
@@ -37,8 +37,8 @@ import pytest
 from brjax import models
 from brjax import optim
 from brjax import quant
+from brjax import steps
 from brjax import torch_import
-from brjax import train
 from brjax.config import Config
 
 pytestmark = pytest.mark.slow  # a whole replay: the slow tier
@@ -104,17 +104,18 @@ def replay(path: pathlib.Path, epochs: int | None = None, **overrides) -> dict:
 
   steps_per_epoch = len(batches)
   schedule = optim.learning_rate_schedule(config, steps_per_epoch)
-  state = train.TrainState.create(
+  state = steps.TrainState.create(
       apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"],
       tx=optim.create_optimizer(config, steps_per_epoch), rng=jax.random.key(0))
   step_fns, epochs = {}, []
   for epoch in range(1, (epochs or config.epochs) + 1):
-    phase = train.phase_of(config, epoch)
-    if phase == train.BR and phase not in step_fns:  # the switch, as train_and_evaluate
+    phase = steps.phase_of(config, epoch)
+    if phase == steps.BR and phase not in step_fns:  # the switch, as train_and_evaluate
       state = state.replace(tx=optim.create_optimizer(config, steps_per_epoch,
                                                       optim.frozen_labels(config)))
     step_fn = step_fns.setdefault(
-        phase, jax.jit(functools.partial(train.train_step, br=train.br_settings(config, phase))))
+        phase, jax.jit(functools.partial(steps.train_step,
+                                         br=steps.br_settings(config, phase))))
     lr = float(schedule(int(state.step)))
     per_batch = []
     for batch in batches:

@@ -1,4 +1,5 @@
-"""Tests of brjax.train and brjax.checkpoint: steps, phases, checkpoints, resume."""
+"""Tests of brjax.train and the modules it calls (steps, parallel, report) and of
+brjax.checkpoint: steps, phases, the banner, checkpoints, resume."""
 
 import dataclasses
 import functools
@@ -15,12 +16,16 @@ import numpy as np
 import pytest
 
 from brjax import checkpoint
+from brjax import evaluation
 from brjax import input_pipeline
 from brjax import models
 from brjax import optim
+from brjax import parallel
 from brjax import quant
 from brjax import regularizer
+from brjax import report
 from brjax import sites
+from brjax import steps
 from brjax import train
 from brjax.config import Config
 
@@ -54,15 +59,15 @@ def small_setup():
 
 def test_phases():
   config = Config(epochs=5, warmup_epochs=2)
-  assert [train.phase_of(config, e) for e in range(1, 6)] == ["WARMUP"] * 2 + ["BR"] * 3
-  assert train.phase_of(Config(bits_w=32, bits_a=32), 1) == "FLOAT"
-  assert train.br_settings(config, "WARMUP") == train.BRSettings()
-  assert train.br_settings(Config(bits_w=32, bits_a=4), "BR").lambda_w == 0.0
+  assert [steps.phase_of(config, e) for e in range(1, 6)] == ["WARMUP"] * 2 + ["BR"] * 3
+  assert steps.phase_of(Config(bits_w=32, bits_a=32), 1) == "FLOAT"
+  assert steps.br_settings(config, "WARMUP") == steps.BRSettings()
+  assert steps.br_settings(Config(bits_w=32, bits_a=4), "BR").lambda_w == 0.0
 
 
 def test_banner_names_the_start_and_shows_only_settings_in_use():
-  banner = functools.partial(train._banner,  # pylint: disable=protected-access
-                             topology=train.Topology.create(), ds=_synthetic_dataset())
+  banner = functools.partial(report.banner, topology=parallel.Topology.create(),
+                             ds=_synthetic_dataset())
   text = banner(Config(lambda_a=0.0))
   assert "A-BR (activations): lambda=0 [DISABLED]" in text and "--br_alpha_grad_a" not in text
   assert "Start: random initialization" in text
@@ -82,10 +87,10 @@ def _scatter_count(fn, *args):
 @pytest.mark.slow
 def test_loss_terms_and_no_abr_work_without_lambda_a(small_setup):
   config, model, state, batch = small_setup
-  plain = train.BRSettings()
-  both = train.BRSettings(lambda_w=0.5, lambda_a=2.0)
-  w_only = train.BRSettings(lambda_w=0.5, lambda_a=0.0)
-  step = jax.jit(train.train_step, static_argnums=2)
+  plain = steps.BRSettings()
+  both = steps.BRSettings(lambda_w=0.5, lambda_a=2.0)
+  w_only = steps.BRSettings(lambda_w=0.5, lambda_a=0.0)
+  step = jax.jit(steps.train_step, static_argnums=2)
   _, m0 = step(state, batch, plain)
   _, m2 = step(state, batch, both)
   n = batch["label"].shape[0]
@@ -99,7 +104,7 @@ def test_loss_terms_and_no_abr_work_without_lambda_a(small_setup):
   np.testing.assert_allclose(m2["loss"] / n, m0["ce"] / n + 0.5 * br_w + 2.0 * br_a, rtol=1e-5)
   assert float(m0["br_w"]) == 0 and float(m0["br_a"]) == 0
   # lambda_a = 0: no A-BR histogram is built (one scatter per kernel).
-  counts = {name: _scatter_count(lambda st, b, s=s: train.train_step(st, b, s), state, batch)
+  counts = {name: _scatter_count(lambda st, b, s=s: steps.train_step(st, b, s), state, batch)
             for name, s in [("plain", plain), ("w_only", w_only), ("both", both)]}
   per_tensor = _scatter_count(lambda v: regularizer.bin_regularization(v, 0.1, -2, 1),
                               jnp.ones((64,)))
@@ -112,8 +117,8 @@ def test_loss_terms_and_no_abr_work_without_lambda_a(small_setup):
 def test_frozen_alphas_stay_put_in_the_br_phase(small_setup):
   config, _, state, batch = small_setup
   state = state.replace(tx=optim.create_optimizer(config, 4, optim.frozen_labels(config)))
-  topology = train.Topology.create()
-  step = train.jit_train_step(topology, train.br_settings(config, "BR"))
+  topology = parallel.Topology.create()
+  step = parallel.jit_train_step(topology, steps.br_settings(config, "BR"))
   before = jax.device_get(state.params)
   new_state, _ = step(jax.device_put(state, topology.replicated), batch)
   after = jax.device_get(new_state.params)
@@ -256,7 +261,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_the_good_ones_stay(tiny_run, tm
   # Resuming a finished run reads no state; reading the broken one is a clear error.
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"latest/2 could not be read .*epochs \[1\]\) are kept"):
-    train.evaluate_run(workdir, prefer="latest")
+    evaluation.evaluate_run(workdir, prefer="latest")
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "latest", "1"))
   # Moving the broken one away resumes from the good one.
   shutil.move(os.path.join(workdir, "checkpoints", "latest", "2"), str(tmp_path / "broken"))
@@ -338,10 +343,10 @@ def test_abr_site_selection():
   x = jnp.ones((4, 32, 32, 3))
   model = models.create_model("resnet20", bits_w=2, bits_a=2)
   shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
-  every = train.activation_sites(model, shapes, x)  # traced only: shapes suffice
+  every = steps.activation_sites(model, shapes, x)  # traced only: shapes suffice
   assert len(every) == 19 and every[0] == "act_init" and every[-1] == "BasicBlock_8/QuantReLU_1"
-  assert train.select_abr_sites(config, every) is None  # no selection: every site
-  pick = lambda **kw: train.select_abr_sites(dataclasses.replace(config, **kw), every)
+  assert steps.select_abr_sites(config, every) is None  # no selection: every site
+  pick = lambda **kw: steps.select_abr_sites(dataclasses.replace(config, **kw), every)
   assert pick(abr_layers="BasicBlock_8/") == ["BasicBlock_8/QuantReLU_0",
                                               "BasicBlock_8/QuantReLU_1"]
   assert pick(abr_exclude_first=True, abr_exclude_last=True) == every[1:-1]
@@ -356,7 +361,7 @@ def test_abr_site_selection():
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
   variables = small.init(jax.random.key(1), x)
   chosen = ["BasicBlock_1/QuantReLU_0", "act_init"]
-  settings = train.br_settings(config, train.BR, chosen)
+  settings = steps.br_settings(config, steps.BR, chosen)
   _, recorded = small.apply(variables, x, train=True, mutable=["quant", "batch_stats"])
   want = sum(regularizer.site_br(s, alpha_grad=False)
              for path, _, s in sites.iterate(recorded["quant"], ("output",)) if path in chosen)

@@ -1,0 +1,88 @@
+"""Run control: stopping at a safe point on Ctrl-C, and the clock that estimates the rest.
+
+``StopOnSigint`` turns the first Ctrl-C into a request that the loop honours between two
+steps (``StopRequested``), which ``train_and_evaluate`` reports as ``Interrupted``;
+``RunClock`` and ``format_duration`` give the "time left" of the progress bar and log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+
+
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C stopped a run between two steps: the epoch in progress was dropped, the
+  checkpoints of the finished epochs are kept, and ``resume=True`` continues the run.
+
+  Attributes:
+    workdir: the run's workdir.
+    saved_epoch: the epoch of the latest checkpoint (None if no epoch finished).
+  """
+
+  def __init__(self, workdir: str, saved_epoch: int | None):
+    super().__init__(f"interrupted after epoch {saved_epoch or 0}")
+    self.workdir, self.saved_epoch = workdir, saved_epoch
+
+
+class StopRequested(Exception):
+  """Raised at a safe point after a Ctrl-C (see ``StopOnSigint``)."""
+
+
+class StopOnSigint:
+  """Within it, Ctrl-C (SIGINT) asks the loop to stop at its next safe point: ``check()``,
+  called between steps and between evaluation batches, then raises ``StopRequested``; a
+  checkpoint being saved is finished first. A second Ctrl-C interrupts at once.
+
+  It only takes over Python's default SIGINT handling, in the main thread; elsewhere (a
+  thread, a custom or ignored SIGINT) it does nothing and Ctrl-C behaves as before.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._installed = False
+
+  def __enter__(self) -> "StopOnSigint":
+    if (threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+      signal.signal(signal.SIGINT, self._request)
+      self._installed = True
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self._installed:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  def _request(self, signum, frame) -> None:
+    del signum, frame
+    self.requested = True
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
+
+  def check(self) -> None:
+    if self.requested:
+      raise StopRequested()
+
+
+def format_duration(seconds: float) -> str:
+  """``"45s"``, ``"12m05s"``, ``"10h02m"``."""
+  seconds = max(0, int(round(seconds)))
+  if seconds < 60:
+    return f"{seconds}s"
+  if seconds < 3600:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+@dataclasses.dataclass
+class RunClock:
+  """Estimates how long the rest of the run takes from measured step and evaluation times."""
+  epochs: int
+  steps_per_epoch: int
+  eval_s: float = 0.0  # the last evaluation's time (0 before the first)
+
+  def seconds_left(self, epoch: int, steps_done: int, step_s: float) -> float:
+    """Time left after ``steps_done`` steps of ``epoch``, at ``step_s`` seconds a step."""
+    epoch_s = self.steps_per_epoch * step_s + self.eval_s
+    return ((self.steps_per_epoch - steps_done) * step_s + self.eval_s
+            + (self.epochs - epoch) * epoch_s)
