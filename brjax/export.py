@@ -1,97 +1,63 @@
-"""Integer export of a trained quantized CIFAR ResNet, and an integer-arithmetic inference.
+"""Export of any brjax-quantized Flax model: packed integer kernels and the float rest.
+
+    exported = export.from_linen(model, variables, images, train=False)   # or from_nnx
+    size = export.save("model.npz", exported)
+    variables = export.load_variables("model.npz")
+    model.apply(variables, images, train=False)   # the fake-quantized original's logits
 
 What is exported
 ----------------
-For every quantized layer (each ``QuantConv``, including the stem and the residual
-projections, and the final ``QuantDense``) the signed integer weight codes
+One recording forward pass (``apply(..., mutable=["quant"])`` or ``brjax.nnx.record_sites``,
+jitted) lists the model's quantizers as sites (``brjax.sites``). Each ``"weight"`` site is
+a quantized kernel with its step size and integer range, whatever the rules: per-channel
+step sizes, bits per layer, ``nn.scan`` stacks (leading layer axes, a grid per layer).
+brjax's quantizers read a kernel as the variable ``kernel`` of the site's module and keep
+its step size beside it (``alpha``; a layer input's ``input_alpha``); export checks that
+these variables hold exactly the tensors the site recorded, so nothing is taken from a
+name alone. A kernel is stored as its codes ``round(clip(kernel / alpha, qn, qp))``
+(``packing.weight_codes``: the quantizer's own float operations) packed at its bit width;
+every other variable as it is (biases, step sizes, norms, batch statistics,
+``quant_state``, kernels left float). The header also lists each quantized activation (a
+layer's input, a ``QuantReLU``'s output): its step size, bits and signedness.
 
-    codes = round(clip(kernel / alpha_w, qn, qp)),   qn, qp = quant.qrange(bits_w, signed=True)
+Loading and exactness
+---------------------
+:func:`to_variables` puts ``codes * max(alpha, floor)``, in the kernel's dtype, in place of
+each quantized kernel: the very tensor the fake-quantizer made of the original kernel. The
+same model quantizes it again as it runs, and ``(codes * alpha) / alpha`` rounds back to
+``codes`` (two float roundings move it by at most ``2^-23 * |codes| <= 2^-16``, far from
+a rounding boundary), so every quantized kernel, and everything computed from it, equals
+the original's (bit for bit, except that a code 0 from a negative weight gives +0.0 where
+the original had -0.0, equal in every sum). Run the same way (jit or not, same device),
+the loaded variables give exactly the logits of the fake-quantized original variables.
 
-computed exactly as ``quant.lsq_quantize`` does (float32, ``alpha_w = quant.safe_alpha``,
-half-to-even), so ``codes * alpha_w`` is bit for bit the kernel the fake-quant model uses.
-Every ``QuantReLU`` keeps its step size ``alpha_a`` and range ``[0, qp_a]``. The float parts:
-each BatchNorm folded into the conv before it as a per-channel ``(scale, bias)`` (see
-:func:`fold_batchnorm`) and the dense bias. The input normalization of the training data
-(per-channel ``mean``/``std``) is kept too, so the first conv can run on uint8 pixels.
+Failures are loud, one line naming the path: a model that records no quantized kernel; a
+kernel or step size that is not the variable beside its site (computed from other
+variables, broadcast by a lifted transform); a step size that no site used (an ``nn.scan``
+without ``"quant"`` in its ``variable_axes``, a layer the call skipped); non-finite
+values; kernels that are not float32/float64; leaves that are not arrays.
 
 File format (:func:`save`, :func:`load`)
 -----------------------------------------
-One ``.npz`` (a zip of ``.npy`` arrays, read with ``np.load(path, allow_pickle=False)``):
+One ``.npz`` of two uint8 arrays (``np.load(path, allow_pickle=False)``), laid out as
+safetensors: a JSON header, and one buffer that holds every tensor at an offset.
 
-* ``header``: uint8, the UTF-8 bytes of a JSON object: ``format`` (``"brjax.export"``),
-  ``version`` (1), ``model``, ``bits_w``, ``bits_a``, ``clip``, ``num_classes``,
-  ``bn_epsilon``, ``normalization`` (``{"mean": [3], "std": [3]}``, pixels in [0, 1], or
-  null), ``packing``, ``blocks`` (``{"name", "strides", "proj"}`` per residual block),
-  ``layers`` (per quantized layer, in execution order: ``name``, ``kind``
-  ``"conv"``/``"dense"``, ``shape`` (HWIO or (in, out)), ``strides``, ``bits``,
-  ``packed_bits``, ``alpha`` (the weight step size), ``input`` (the activation it reads),
-  ``bn`` (the BatchNorm folded into it, or null)), ``activations`` (per ``QuantReLU``:
-  ``name``, ``bits``, ``qp``, ``alpha``, ``clip``) and ``source`` (workdir, epoch,
-  ``float_bytes``). Step sizes are JSON numbers: a float32 printed as a float64 reads back
-  exactly.
-* ``<layer>/codes``: uint8, the packed weight codes (:func:`pack_codes`) of ``shape``;
-* ``<layer>/scale``, ``<layer>/bias``: float32 ``(C_out,)``, the folded BatchNorm (convs);
-  the dense layer has ``<layer>/bias`` only.
-
-Each array costs ~250 bytes of npy and zip headers: ~15 KB of the ~0.1 MB of a W2A2
-ResNet-20, negligible for ResNet-18.
-
-Packing: codes of ``b`` bits are stored in ``packed_bits(b)`` = 2, 4 or 8 bits (3..4 -> 4,
-5..8 -> 8: a byte holds a whole number of codes, so any code is read with one shift and
-mask; 3-bit codes in 4 bits waste 25%, 5..7-bit codes in 8 bits 37..12%). Codes are taken
-in C order (row-major over ``shape``); code ``i`` sits in byte ``i // k`` at bit offset
-``(i % k) * packed_bits`` with ``k = 8 // packed_bits`` (first code in the lowest bits, as
-ONNX int4), signed codes in two's complement; the unused bits of the last byte are zero.
-So a tensor of ``n`` codes takes ``ceil(n * packed_bits / 8)`` bytes.
-
-Integer inference (:func:`integer_forward`)
--------------------------------------------
-Every conv and the dense layer multiply integer activation codes by integer weight codes
-with int32 accumulation (``lax.conv_general_dilated``/``lax.dot_general`` on int8 operands,
-int16 for 8-bit activations whose codes reach 255, ``preferred_element_type=int32``); then
-one float32 multiply-add per output channel, ``y = (s * alpha_w * alpha_in) * acc + b``
-(``s``, ``b``: the folded BatchNorm), the residual add in float32, and the next
-``QuantReLU``'s requantization ``round(clip(relu(y) / alpha_a, 0, qp))`` gives the next codes
-(``clip(y, 0, clip)`` in place of ``relu(y)`` for a clipped ReLU).
-The global average pool is an int32 sum of codes, scaled by ``alpha / (H * W)`` after the
-dense layer's integer product. The first conv:
-
-* on uint8 pixels ``p`` (needs ``normalization``): the normalization is the per-channel
-  affine map ``x = a_c * p + d_c`` (``a_c = 1 / (255 std_c)``, ``d_c = -mean_c / std_c``), so
-  with ``p' = p - 128`` (int8), ``conv(x, W)[o] = sum_c a_c * S_c[o] + sum_c d'_c * T_c[o]``,
-  ``d'_c = d_c + 128 a_c``, where ``S_c = conv_c(p', W)`` is an exact int32 accumulation per
-  input channel (a grouped conv) and ``T_c`` is the int32 sum of the kernel taps that fall
-  inside the image (the "SAME" padding is zero in ``x``-space, as in training, not zero
-  pixels). Only the 3-term float combination and the rescale are float.
-* on float images (already normalized, as ``input_pipeline.eval_batches`` yields them):
-  float input times integer weight codes with float32 accumulation: the first layer's
-  input was never quantized in training, so this layer is not integer arithmetic.
-
-Agreement with the fake-quant eval (``model.apply(variables, x, train=False)``)
-------------------------------------------------------------------------------
-Both compute the same real-valued function and differ only in float32 rounding. The
-integer accumulations are exact (``|acc| <= fan_in * qp_in * 2^(bits_w-1)`` < 2^28 for both
-CIFAR ResNets at 8 bits, checked at run time; converting an ``|acc| > 2^24`` to float32
-rounds it by a relative 2^-24); the fake-quant float32 conv is not exact, and the folded
-BatchNorm rounds differently (:func:`fold_batchnorm`). So a pre-requantization value
-differs by a few float32 ulps of the terms summed into it, a relative ~1e-7..1e-6.
-
-* Without any code difference, the logits agree to that rounding: measured at most
-  ~2e-7 * (1 + max|logits|). The tests allow ``1e-4 * (1 + max|logits|)`` per example.
-* Tie flips: a code differs when ``relu(y) / alpha_a`` lies within that rounding of a
-  boundary ``k + 1/2``, changing one activation by one step ``alpha_a``. Measured with
-  :func:`integer_forward_with_codes` against the sown fake-quant codes, teacher-forced (each
-  layer reads the fake-quant codes of its inputs, so only its own rounding counts): 0 to 1
-  per 10^7 codes at W2A2/W4A4 (random and trained ResNet-20), ~3 per 10^6 at W8A8 (error
-  in code units grows with ``qp``). The tests require at most 1 per 10^5.
-* Effect of a flip: in the last block, exactly ``alpha_a * alpha_dense * |w_code| / (H*W)``
-  per logit. Earlier, it propagates and can flip codes downstream (a cascade). Forcing one
-  flip per layer moved the logits by at most 6e-3 (1% of max|logits|) on the trained
-  2-epoch W2A2 tiny run, and by up to 4-6% of max|logits| on random, chaotic W2A2/W4A4
-  nets; free-running random W8A8 nets, where flips are common, differed by up to 1% of
-  max|logits| (ResNet-18) after cascades. So argmax agreement is expected except where
-  the top two logits are that close; on the tiny run's 128 test images there was no flip at
-  all (0 of 2.4e7 codes), the max logit difference was 9e-8 and every class agreed.
+* ``header``: the UTF-8 bytes of a JSON object: ``format`` (``"brjax.quantized"``),
+  ``version`` (1), ``framework`` (``"linen"``: variables ``{"params": ..., ...}``;
+  ``"nnx"``: the pure dict of ``nnx.state(model)`` without rng state), ``packing``
+  (``brjax.packing``'s layout in words), ``top_level`` (the top-level keys, empty ones
+  included), ``kernels`` (per quantized kernel: ``path`` (its keys in the variables, a
+  list), ``module``, ``shape``, ``dtype``, ``bits``, ``qn``, ``qp``, ``packed_bits``,
+  ``step_size`` (the path of its ``alpha``), ``stack_axes`` (leading layer axes of a
+  stack), ``offset``), ``floats`` (per other variable: ``path``, ``shape``, ``dtype``,
+  ``offset``), ``activations`` (per quantized layer input or ``QuantReLU`` output:
+  ``module``, ``kind`` (``"input"``/``"output"``), ``step_size``, ``bits``, ``signed`` (a
+  list, one per layer, in a stack), ``calls``), ``data_bytes``, ``float_bytes`` (the size
+  of the variables as given) and ``source`` (provenance);
+* ``data``: ``(data_bytes,)``; at a kernel's ``offset``, its codes as
+  ``packing.pack_codes`` packs them (``packed_size(prod(shape), bits)`` bytes); at a
+  float's, its C-order bytes in its ``dtype`` (little-endian; bfloat16 included). Offsets
+  are multiples of 8, kernels first.
 """
 
 from __future__ import annotations
@@ -100,631 +66,393 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from flax import traverse_util
 import jax
-from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
 from brjax import checkpoint
-from brjax import input_pipeline
 from brjax import models
+from brjax import packing
 from brjax import quant
+from brjax import sites
 
-FORMAT = "brjax.export"
+FORMAT = "brjax.quantized"
 VERSION = 1
-BN_EPSILON = models.BN_EPSILON
-"""The BatchNorm epsilon of ``models.CifarResNet`` (folded into the exported scale)."""
+PARAMS_PREFIX = {"linen": ("params",), "nnx": ()}
+"""Where each framework's variables keep a layer's kernel and step sizes."""
 
-_CONV_DIMS = ("NHWC", "HWIO", "NHWC")
-_INT32_LIMIT = 2**31 - 1
-_PACKING = ("C order; code i in byte i // k at bit (i % k) * packed_bits, k = 8 // "
-            "packed_bits; signed codes in two's complement; unused trailing bits zero")
+_STEP_SIZE = {sites.WEIGHT: "alpha", sites.INPUT: "input_alpha", sites.OUTPUT: "alpha"}
 
 
 @dataclasses.dataclass(frozen=True)
-class Exported:
-  """An exported model: a JSON-able header and its arrays (codes unpacked in memory).
+class QuantizedExport:
+  """An exported quantized model in memory (codes unpacked).
 
   Attributes:
     header: the JSON header described in the module docstring.
-    arrays: ``<layer>/codes`` int8 of the layer's ``shape``; ``<layer>/scale`` and
-      ``<layer>/bias`` float32 ``(C_out,)``.
+    codes: ``{"/"-joined kernel path: int8 codes of the kernel's shape}``.
+    floats: ``{"/"-joined path: array}``, every other variable.
   """
   header: dict[str, Any]
-  arrays: dict[str, np.ndarray]
+  codes: dict[str, np.ndarray]
+  floats: dict[str, np.ndarray]
 
 
-# ------------------------------------------------------------------------------- packing
+# ----------------------------------------------------------------------------- recording
 
 
-def packed_bits(bits: int) -> int:
-  """The container width of a ``bits``-bit code: 1..2 -> 2, 3..4 -> 4, 5..8 -> 8.
+def _weights_only(collection: Any) -> dict:
+  """The ``"quant"`` collection without the values of input and output sites."""
+  flat = traverse_util.flatten_dict(collection or {})
+  return traverse_util.unflatten_dict({
+      path: tuple(s if path[-1] == sites.WEIGHT else s.replace(values=None) for s in records)
+      for path, records in flat.items()})
 
-  One bit takes two: a 1-bit signed code is ternary (-1, 0, 1).
 
-  Raises:
-    ValueError: if ``bits`` is not an integer in 1..8.
+def record_linen(model: Any, variables: Mapping[str, Any], *inputs, **kwargs) -> dict:
+  """The ``"quant"`` collection of ``model.apply(variables, *inputs, **kwargs)``, jitted.
+
+  ``kwargs`` select the evaluation mode (e.g. ``train=False``). Activation sites come
+  back without their values (export needs only their step sizes and ranges), so XLA
+  drops most of the forward pass. Returns numpy leaves.
   """
-  quant.qrange(bits, signed=True)  # validates bits
-  return 2 if bits <= 2 else 4 if bits <= 4 else 8
+  def run(variables, inputs):
+    _, state = model.apply(variables, *inputs, mutable=[sites.COLLECTION], **kwargs)
+    return _weights_only(state.get(sites.COLLECTION))
+
+  return jax.device_get(jax.jit(run)(variables, inputs))
 
 
-def packed_size(num_codes: int, bits: int) -> int:
-  """Bytes that ``num_codes`` codes of ``bits`` bits take: ``ceil(n * packed_bits / 8)``."""
-  return -(-num_codes * packed_bits(bits) // 8)
+def _nnx_state(model: Any) -> tuple[Any, Any]:
+  """``(flax.nnx, the model's state without rng state)``."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return nnx, nnx.state(model, nnx.Not(nnx.RngState))
 
 
-def pack_codes(codes: np.ndarray, bits: int, *, signed: bool) -> np.ndarray:
-  """Packs integer codes into bytes, ``packed_bits(bits)`` bits per code.
+def record_nnx(model: Any, *inputs, **kwargs) -> dict:
+  """:func:`record_linen` for NNX: ``brjax.nnx.record_sites`` on a copy, jitted."""
+  from brjax import nnx as brjax_nnx  # pylint: disable=g-import-not-at-top
+  nnx, _ = _nnx_state(model)
+  graphdef, state = nnx.split(model)
 
-  Args:
-    codes: an integer array of any shape, values in ``quant.qrange(bits, signed)``.
-    bits: the code width, 2..8.
-    signed: two's complement codes (weights) or unsigned codes (activations).
+  def run(state, inputs):
+    _, collection = brjax_nnx.record_sites(nnx.merge(graphdef, state), *inputs, **kwargs)
+    return _weights_only(collection)
 
-  Returns:
-    uint8 ``(ceil(codes.size * packed_bits(bits) / 8),)``, laid out as in the module
-    docstring; :func:`unpack_codes` with ``codes.shape`` inverts it exactly.
+  return jax.device_get(jax.jit(run)(state, inputs))
 
-  Raises:
-    ValueError: for a bad ``bits``, a non-integer array, or a code outside the range.
+
+def from_linen(model: Any, variables: Mapping[str, Any], *inputs, **kwargs
+               ) -> QuantizedExport:
+  """Exports a quantized Linen model (``quantize_model`` or brjax layers).
+
+  ``variables``: every collection its ``init`` returned (``params``, ``quant_state``,
+  ``batch_stats``, ...), e.g. trained. ``*inputs, **kwargs``: one ``model.apply`` call in
+  evaluation mode (``images, train=False``); one example will do: no exported value
+  depends on the inputs. Raises ValueError for the failures of the module docstring.
   """
-  qn, qp = quant.qrange(bits, signed)
-  codes = np.asarray(codes)
-  if not np.issubdtype(codes.dtype, np.integer):
-    raise ValueError(f"codes of dtype {codes.dtype} are not accepted: use an integer array")
-  flat = codes.reshape(-1).astype(np.int64)
-  if flat.size and (flat.min() < qn or flat.max() > qp):
-    raise ValueError(f"codes hold values in [{flat.min()}, {flat.max()}]: "
-                     f"{bits}-bit {'signed' if signed else 'unsigned'} codes must be in "
-                     f"[{qn}, {qp}]")
-  width = packed_bits(bits)
-  per_byte = 8 // width
-  fields = (flat & (2**width - 1)).astype(np.uint8)  # two's complement low bits
-  fields = np.pad(fields, (0, -fields.size % per_byte)).reshape(-1, per_byte)
-  shifts = (np.arange(per_byte) * width).astype(np.uint8)
-  return np.bitwise_or.reduce(fields << shifts, axis=1).astype(np.uint8)
+  if isinstance(variables, Mapping) and sites.COLLECTION in variables:
+    raise ValueError(f"variables hold the {sites.COLLECTION!r} collection (recorded sites): "
+                     "pass the model's variables without it")
+  return from_sites(variables, record_linen(model, variables, *inputs, **kwargs),
+                    framework="linen")
 
 
-def unpack_codes(packed: np.ndarray, shape: Sequence[int], bits: int, *,
-                 signed: bool) -> np.ndarray:
-  """Inverse of :func:`pack_codes`.
-
-  Args:
-    packed: uint8 ``(ceil(prod(shape) * packed_bits(bits) / 8),)``.
-    shape: the shape of the codes.
-    bits: the code width, 2..8.
-    signed: as given to :func:`pack_codes`.
-
-  Returns:
-    The codes, int8 (signed) or uint8 (unsigned), of ``shape``.
-
-  Raises:
-    ValueError: if ``packed`` has the wrong dtype or size, or decodes to codes outside
-      ``quant.qrange(bits, signed)`` (a corrupt file).
-  """
-  qn, qp = quant.qrange(bits, signed)
-  packed = np.asarray(packed)
-  shape = tuple(int(d) for d in shape)
-  n = math.prod(shape)
-  if packed.dtype != np.uint8 or packed.ndim != 1 or packed.size != packed_size(n, bits):
-    raise ValueError(f"packed codes are {packed.dtype}{packed.shape}: shape {shape} at "
-                     f"{bits} bits needs uint8 ({packed_size(n, bits)},)")
-  width = packed_bits(bits)
-  per_byte = 8 // width
-  shifts = (np.arange(per_byte) * width).astype(np.uint8)
-  fields = ((packed[:, None] >> shifts) & (2**width - 1)).reshape(-1)[:n].astype(np.int16)
-  if signed:
-    fields = np.where(fields >= 2**(width - 1), fields - 2**width, fields)
-  if n and (fields.min() < qn or fields.max() > qp):
-    raise ValueError(f"packed codes decode to values in [{fields.min()}, {fields.max()}], "
-                     f"outside the {bits}-bit range [{qn}, {qp}]: the data is corrupt")
-  return fields.astype(np.int8 if signed else np.uint8).reshape(shape)
-
-
-# ------------------------------------------------------------------------------- folding
-
-
-def fold_batchnorm(scale: np.ndarray, bias: np.ndarray, mean: np.ndarray, var: np.ndarray,
-                   epsilon: float = BN_EPSILON) -> tuple[np.ndarray, np.ndarray]:
-  """Folds inference BatchNorm into a per-channel affine map ``BN(z) = s * z + b``.
-
-  ``BN(z) = scale * (z - mean) / sqrt(var + eps) + bias``, so ``s = scale / sqrt(var + eps)``
-  and ``b = bias - s * mean``. This is exact in real arithmetic, for every ``z``: it is
-  only the distributive law. What rounding remains: ``s`` and ``b`` are computed here in
-  float64 and rounded once each (the export stores them as float32: a relative 2^-24 each);
-  at inference ``s * z + b`` in float32 has an absolute error of a few ulps of
-  ``|s * z| + |b|``, which can exceed ``|BN(z)|`` when ``z`` is close to ``mean``
-  (cancellation), whereas Flax computes ``(z - mean) * s + bias``, whose error scales with
-  ``|z - mean|``. Both are at the float32 noise level of the conv output ``z`` itself.
-
-  Args:
-    scale, bias, mean, var: float ``(C,)``: the BatchNorm's params and running statistics.
-    epsilon: the BatchNorm's epsilon.
-
-  Returns:
-    ``(s, b)``, float64 ``(C,)``.
-  """
-  scale, bias, mean, var = (np.asarray(t, np.float64) for t in (scale, bias, mean, var))
-  s = scale / np.sqrt(var + epsilon)
-  return s, bias - s * mean
-
-
-def weight_codes(kernel: np.ndarray, alpha: float | np.ndarray, bits: int) -> np.ndarray:
-  """``round(clip(kernel / alpha, qn, qp))`` as int8: the codes ``lsq_quantize`` rounds to.
-
-  The same float32 operations as ``quant.lsq_quantize`` (IEEE division, half-to-even
-  rounding, step size floored by ``quant.safe_alpha``), in numpy, so that
-  ``codes * alpha`` equals the fake-quantized kernel bit for bit.
-
-  Args:
-    kernel: float32 weights of any shape.
-    alpha: the layer's weight step size: a scalar, or one per output channel (shape
-      ``(O,)`` or the kernel's rank with ones elsewhere).
-    bits: the weight bit width, 1..8 (signed codes).
-  """
-  qn, qp = quant.qrange(bits, signed=True)
-  a = np.asarray(quant.safe_alpha(jnp.asarray(alpha, jnp.float32)), np.float32)
-  return np.round(np.clip(np.asarray(kernel, np.float32) / a, qn, qp)).astype(np.int8)
+def from_nnx(model: Any, *inputs, **kwargs) -> QuantizedExport:
+  """Exports a quantized NNX model's state (without rng state); ``inputs``, ``kwargs``:
+  one call of the model, in eval mode, as :func:`from_linen`."""
+  nnx, state = _nnx_state(model)
+  return from_sites(nnx.to_pure_dict(state), record_nnx(model, *inputs, **kwargs),
+                    framework="nnx")
 
 
 # -------------------------------------------------------------------------------- export
 
 
-def float_size_bytes(variables: Mapping[str, Any]) -> int:
-  """Bytes of the float model: every leaf of ``params`` and ``batch_stats`` as float32."""
-  leaves = jax.tree.leaves({k: variables.get(k, {}) for k in ("params", "batch_stats")})
-  return 4 * sum(int(np.size(x)) for x in leaves)
+def _join(path) -> str:
+  return "/".join(str(k) for k in path)
 
 
-EXPORTABLE_MODELS = ("resnet20", "resnet18")
-
-
-def check_exportable(bits_w: int, bits_a: int) -> None:
-  """Raises ValueError unless weights and activations are both quantized (2..8 bits)."""
-  for name, bits in (("bits_w", bits_w), ("bits_a", bits_a)):
+def _flatten(variables: Mapping[str, Any]) -> dict[tuple, np.ndarray]:
+  """``{path: numpy array}`` of every leaf; raises, naming the path, for other leaves."""
+  if not isinstance(variables, Mapping):
+    raise TypeError(f"variables must be a dict of collections, not {type(variables).__name__}")
+  flat, names = {}, {}
+  for path, leaf in traverse_util.flatten_dict(dict(variables)).items():
+    name = _join(path)
+    if not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in path):
+      raise ValueError(f"{name}: a path with a key that is neither str nor int")
     try:
-      quant.check_layer_bits(bits)
-    except ValueError:
-      raise ValueError(f"{name}={bits!r} is not accepted: use an integer in "
-                       f"{quant.MIN_BITS}..{quant.MAX_BITS}") from None
-  if bits_w == quant.FLOAT_BITS or bits_a == quant.FLOAT_BITS:
-    kind = ("a float run" if bits_w == bits_a else
-            "an activation-only quantized run" if bits_w == quant.FLOAT_BITS else
-            "a weight-only quantized run")
-    raise ValueError(f"W{bits_w}A{bits_a} is {kind}: integer export needs quantized weights "
-                     f"and activations (bits_w and bits_a in {quant.MIN_BITS}.."
-                     f"{quant.MAX_BITS})")
+      value = np.asarray(leaf)
+    except (TypeError, ValueError):  # e.g. a typed PRNG key array
+      value = None
+    if value is None or value.dtype == object:
+      raise ValueError(f"{name}: a {type(leaf).__name__}, which export cannot store as an "
+                       "array")
+    if name in names:
+      raise ValueError(f"{name}: two variables join to this name ({names[name]})")
+    flat[path], names[name] = value, path
+  return flat
 
 
-def _block_plan(model: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
-  net = models.create_model(model)
-  blocks = []
-  for i, num in enumerate(net.stage_sizes):
-    for j in range(num):
-      name = f"BasicBlock_{len(blocks)}"
-      blocks.append({"name": name, "strides": 2 if i > 0 and j == 0 else 1,
-                     "proj": "conv_proj" in params.get(name, {})})
-  return blocks
+def _variable(names: dict[str, tuple], prefix: tuple, module: str, name: str, kind: str
+              ) -> tuple:
+  joined = _join([*prefix, *([module] if module else []), name])
+  if joined not in names:
+    raise ValueError(f"{joined} is missing, but the {kind} site of {module or '<root>'} "
+                     "keeps it there: these variables are not the recorded model's")
+  return names[joined]
 
 
-def export_model(variables: Mapping[str, Any], *, model: str, bits_w: int, bits_a: int,
-                 clip: float | None = None, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None,
-                 source: Mapping[str, Any] | None = None) -> Exported:
-  """Exports the variables of a ``models.create_model(model, bits_w=, bits_a=, clip=)`` net.
+def _check_recorded(name: str, value: np.ndarray, recorded: Any, what: str) -> None:
+  if not np.all(np.isfinite(value)):
+    raise ValueError(f"{name} holds non-finite values: the run diverged")
+  recorded = np.asarray(recorded)
+  if value.shape != recorded.shape or not np.array_equal(value, recorded):
+    raise ValueError(f"{name} (shape {value.shape}) is not the {what} its site recorded "
+                     f"(shape {recorded.shape}): computed from other variables, or broadcast "
+                     "by a lifted transform, it cannot be packed")
+
+
+def _bits(qn: int, qp: int, where: str) -> int:
+  """The bit width whose range (signed if ``qn < 0``) is ``[qn, qp]``."""
+  for bits in range(quant.MIN_BITS, quant.MAX_BITS + 1):
+    if quant.qrange(bits, qn < 0) == (qn, qp):
+      return bits
+  raise ValueError(f"{where}: the range [{qn}, {qp}] is no brjax quantizer's")
+
+
+def _kernel(flat: dict, names: dict, prefix: tuple, module: str, site: sites.Site,
+            step: tuple) -> tuple[dict[str, Any], np.ndarray]:
+  """The header entry and the codes of one ``"weight"`` site."""
+  path = _variable(names, prefix, module, "kernel", sites.WEIGHT)
+  kernel, name = flat[path], _join(path)
+  if kernel.dtype not in (np.float32, np.float64):
+    raise ValueError(f"{name} has dtype {kernel.dtype}: export packs float32 or float64 "
+                     "kernels")
+  _check_recorded(name, kernel, site.values, "kernel")
+  qn = np.unique(np.asarray(site.qn))
+  if qn.size != 1:
+    raise ValueError(f"{name}: the layers of its stack have different ranges")
+  qn, lead = int(qn[0]), kernel.ndim - site.ndim
+  bits = _bits(qn, qn + site.levels - 1, name)
+  try:
+    alpha = packing.broadcastable_alpha(flat[step], kernel.shape, lead)
+  except ValueError as e:
+    raise ValueError(f"{_join(step)}: {e}") from None
+  entry = {"path": list(path), "module": module, "shape": list(kernel.shape),
+           "dtype": kernel.dtype.name, "bits": bits, "qn": qn, "qp": qn + site.levels - 1,
+           "packed_bits": packing.packed_bits(bits), "step_size": list(step),
+           "stack_axes": lead}
+  return entry, packing.weight_codes(kernel, alpha, bits)
+
+
+def _activation(module: str, kind: str, step: tuple, records: list[sites.Site]
+                ) -> dict[str, Any]:
+  """The header entry of a quantized layer input or ``QuantReLU`` output."""
+  qn, levels = np.asarray(records[-1].qn), records[-1].levels
+  bits = _bits(int(qn.flat[0]), int(qn.flat[0]) + levels - 1, _join(step))
+  return {"module": module, "kind": kind, "step_size": list(step), "bits": bits,
+          "signed": (qn < 0).tolist(), "calls": len(records)}
+
+
+def _nbytes(entry: Mapping[str, Any]) -> int:
+  """Bytes of an entry's tensor in the data buffer: packed codes, or the float's own."""
+  n = math.prod(entry["shape"])
+  if "bits" in entry:
+    return packing.packed_size(n, entry["bits"])
+  return n * jnp.dtype(entry["dtype"]).itemsize
+
+
+def _layout(entries: list[dict]) -> int:
+  """Gives every entry its ``offset`` (multiples of 8); returns the buffer's size."""
+  end = 0
+  for entry in entries:
+    entry["offset"] = end
+    end += -(-_nbytes(entry) // 8) * 8
+  return end
+
+
+def from_sites(variables: Mapping[str, Any], collection: Any, *, framework: str = "linen",
+               source: Mapping[str, Any] | None = None) -> QuantizedExport:
+  """Exports ``variables`` given the ``"quant"`` collection that one pass recorded.
 
   Args:
-    variables: ``{"params": ..., "batch_stats": ...}`` of that model (numpy or jax arrays).
-    model: ``"resnet20"`` or ``"resnet18"``.
-    bits_w, bits_a: the run's bit widths, both in 2..8 (see :func:`check_exportable`).
-    clip: the run's ReLU clip (None: plain ReLU).
-    mean, std: float ``(3,)`` input normalization (pixels in [0, 1]) of the training data,
-      to run the first conv on uint8 pixels; None exports without it (float input only).
+    variables: the model's variables: Linen collections, or an NNX pure state dict.
+    collection: its sites (:func:`record_linen`, :func:`record_nnx`).
+    framework: ``"linen"`` (kernels under ``params``) or ``"nnx"``.
     source: provenance stored as ``header["source"]`` (JSON-able).
 
-  Returns:
-    An :class:`Exported`.
-
   Raises:
-    ValueError: for float or half-quantized runs, a model other than ``resnet20`` and
-      ``resnet18``, a variable missing, misshapen or not finite, or a bad normalization.
+    ValueError: the loud failures of the module docstring.
   """
-  check_exportable(bits_w, bits_a)
-  if model not in EXPORTABLE_MODELS:
-    raise ValueError(f"model={model!r} is not exportable: integer export knows the layouts of "
-                     f"{', '.join(EXPORTABLE_MODELS)} only")
-  if clip is not None and not (math.isfinite(clip) and clip > 0):
-    raise ValueError(f"clip={clip!r} is not accepted: use a positive number or None")
-  params = variables.get("params", {})
-  stats = variables.get("batch_stats", {})
-  flat = {"params": traverse_util.flatten_dict(params, sep="/"),
-          "batch_stats": traverse_util.flatten_dict(stats, sep="/")}
-
-  used: set[tuple[str, str]] = set()
-
-  def get(collection: str, path: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    used.add((collection, path))
-    if path not in flat[collection]:
-      raise ValueError(f"{collection}/{path} is missing: these variables are not a {model} "
-                       f"W{bits_w}A{bits_a} model")
-    value = np.asarray(flat[collection][path], np.float32)
-    if shape is not None and value.shape != shape:
-      raise ValueError(f"{collection}/{path} has shape {value.shape}, expected {shape}")
-    if not np.all(np.isfinite(value)):
-      raise ValueError(f"{collection}/{path} holds non-finite values: the run diverged")
-    return value
-
-  def alpha(path: str) -> float:
-    return float(quant.safe_alpha(jnp.asarray(get("params", f"{path}/alpha", ()))))
-
-  def weight_alpha(path: str, channels: int) -> float | list[float]:
-    """A kernel's step size: a float, or (per channel) a list of ``channels`` floats."""
-    value = get("params", f"{path}/alpha")
-    if value.size == 1:
-      return alpha(path)
-    if value.size != channels or value.shape[-1] != channels:
-      raise ValueError(f"params/{path}/alpha has shape {value.shape}: expected a scalar or "
-                       f"one step size per output channel ({channels})")
-    return np.asarray(quant.safe_alpha(jnp.asarray(value.ravel()))).tolist()
-
-  arrays: dict[str, np.ndarray] = {}
-  layers: list[dict[str, Any]] = []
-  activations: list[dict[str, Any]] = []
-  _, qp_a = quant.qrange(bits_a, signed=False)
-
-  def add_act(name: str) -> str:
-    activations.append({"name": name, "bits": bits_a, "qp": qp_a, "alpha": alpha(name),
-                        "clip": clip})
-    return name
-
-  def add_conv(name: str, bn: str, strides: int, source_act: str) -> None:
-    kernel = get("params", f"{name}/kernel")
-    if kernel.ndim != 4:
-      raise ValueError(f"params/{name}/kernel has shape {kernel.shape}, expected HWIO")
-    c = kernel.shape[-1]
-    s, b = fold_batchnorm(get("params", f"{bn}/scale", (c,)), get("params", f"{bn}/bias", (c,)),
-                          get("batch_stats", f"{bn}/mean", (c,)),
-                          get("batch_stats", f"{bn}/var", (c,)))
-    alpha_w = weight_alpha(name, c)
-    arrays[f"{name}/codes"] = weight_codes(kernel, alpha_w, bits_w)
-    arrays[f"{name}/scale"] = s.astype(np.float32)
-    arrays[f"{name}/bias"] = b.astype(np.float32)
-    layers.append({"name": name, "kind": "conv", "shape": list(kernel.shape),
-                   "strides": [strides, strides], "padding": "SAME", "bits": bits_w,
-                   "packed_bits": packed_bits(bits_w), "alpha": alpha_w,
-                   "input": source_act, "bn": bn})
-
-  blocks = _block_plan(model, params)
-  add_conv("conv_init", "bn_init", 1, "image")
-  act = add_act("act_init")
-  for block in blocks:
-    b = block["name"]
-    add_conv(f"{b}/QuantConv_0", f"{b}/BatchNorm_0", block["strides"], act)
-    mid = add_act(f"{b}/QuantReLU_0")
-    add_conv(f"{b}/QuantConv_1", f"{b}/BatchNorm_1", 1, mid)
-    if block["proj"]:
-      add_conv(f"{b}/conv_proj", f"{b}/norm_proj", block["strides"], act)
-    act = add_act(f"{b}/QuantReLU_1")
-  kernel = get("params", "QuantDense_0/kernel")
-  if kernel.ndim != 2:
-    raise ValueError(f"params/QuantDense_0/kernel has shape {kernel.shape}, expected (in, out)")
-  dense_alpha = weight_alpha("QuantDense_0", kernel.shape[-1])
-  arrays["QuantDense_0/codes"] = weight_codes(kernel, dense_alpha, bits_w)
-  arrays["QuantDense_0/bias"] = get("params", "QuantDense_0/bias", kernel.shape[-1:])
-  layers.append({"name": "QuantDense_0", "kind": "dense", "shape": list(kernel.shape),
-                 "bits": bits_w, "packed_bits": packed_bits(bits_w),
-                 "alpha": dense_alpha, "input": f"mean({act})", "bn": None})
-
-  unused = sorted(f"{c}/{p}" for c in flat for p in flat[c] if (c, p) not in used)
+  if framework not in PARAMS_PREFIX:
+    raise ValueError(f"framework={framework!r} is not accepted: use one of "
+                     f"{sorted(PARAMS_PREFIX)}")
+  prefix = PARAMS_PREFIX[framework]
+  flat = _flatten(variables)
+  names = {_join(p): p for p in flat}
+  kernels, codes, acts, used = [], {}, {}, set()
+  for module, kind, site in sites.iterate(collection):
+    step = _variable(names, prefix, module, _STEP_SIZE[kind], kind)
+    _check_recorded(_join(step), flat[step], site.alpha, "step size")
+    used.add(step)
+    if kind == sites.WEIGHT:
+      entry, kernel_codes = _kernel(flat, names, prefix, module, site, step)
+      kernels.append(entry)
+      codes[_join(entry["path"])] = kernel_codes
+    else:
+      acts.setdefault((module, kind, step), []).append(site)
+  if not kernels:
+    raise ValueError("the model recorded no quantized kernel (no 'weight' site): nothing "
+                     "to pack (quantize it with brjax, and pass the inputs of one call)")
+  unused = [p for p in flat if p[:len(prefix)] == prefix and quant.is_alpha_path(p)
+            and p not in used]
   if unused:
-    raise ValueError(f"{unused[0]} (and {len(unused) - 1} more) is not part of a {model}: "
-                     "export with the run's --model")
-  normalization = None
-  if (mean is None) != (std is None):
-    raise ValueError("pass both mean and std (the input normalization), or neither")
-  if mean is not None:
-    m, sd = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-    if m.shape != (3,) or sd.shape != (3,) or not np.all(np.isfinite(m)) or not np.all(sd > 0):
-      raise ValueError(f"normalization mean={m.tolist()} std={sd.tolist()} is not accepted: "
-                       "use 3 finite means and 3 positive stds")
-    normalization = {"mean": [float(v) for v in m], "std": [float(v) for v in sd]}
-
-  header = {"format": FORMAT, "version": VERSION, "model": model, "bits_w": bits_w,
-            "bits_a": bits_a, "clip": clip, "num_classes": int(kernel.shape[-1]),
-            "bn_epsilon": BN_EPSILON, "normalization": normalization, "packing": _PACKING,
-            "blocks": blocks, "layers": layers, "activations": activations,
-            "source": dict(source or {})}
-  return Exported(header, arrays)
+    raise ValueError(f"{_join(unused[0])} is a step size that no recorded site used "
+                     f"({len(unused)} in all): its layer did not run in the call, or runs "
+                     f"in an nn.scan/nn.vmap without {sites.COLLECTION!r} in variable_axes")
+  quantized = {tuple(k["path"]) for k in kernels}
+  rest = {p: v for p, v in flat.items() if p not in quantized}
+  floats = [{"path": list(p), "shape": list(v.shape), "dtype": v.dtype.name}
+            for p, v in rest.items()]
+  header = {
+      "format": FORMAT, "version": VERSION, "framework": framework,
+      "packing": packing.LAYOUT, "top_level": list(variables), "kernels": kernels,
+      "floats": floats,
+      "activations": [_activation(m, k, s, r) for (m, k, s), r in acts.items()],
+      "data_bytes": _layout(kernels + floats),
+      "float_bytes": sum(int(v.nbytes) for v in flat.values()), "source": dict(source or {})}
+  return QuantizedExport(header, codes, {_join(p): v for p, v in rest.items()})
 
 
-def export_run(workdir: str, *, data_dir: str | None = None) -> Exported:
-  """Exports the best (else latest) checkpoint of the training run in ``workdir``.
+def export_run(workdir: str, *, prefer: str = "best") -> QuantizedExport:
+  """Exports the best (else latest; or ``prefer="latest"``) checkpoint of a training run.
 
-  The input normalization is recomputed from the run's dataset (``data_dir`` overrides the
-  run's ``--data_dir``); ``input_pipeline`` derives it from the full train split only, so
-  it equals the run's.
+  Any ``scripts/train.py`` run with quantized weights: every model, per-channel step
+  sizes, weight-only runs. ``header["source"]`` keeps the run's ``config`` and ``data``
+  (class names, input normalization): the model that runs :func:`load_variables`' result
+  is ``models.from_run_config(config, len(data["class_names"]))``.
 
   Raises:
-    ValueError: no checkpoint, a float or half-quantized run, or unreadable data.
+    ValueError: no checkpoint, a meta not written by ``brjax.train``, a float run.
   """
-  root = os.path.join(workdir, "checkpoints")
-  kinds = [os.path.join(root, k) for k in ("best", "latest")
-           if os.path.isdir(os.path.join(root, k))]
-  if not any(name.isdigit() for d in kinds for name in os.listdir(d)):
-    raise ValueError(f"--workdir={workdir} holds no checkpoint (checkpoints/best/<epoch> or "
-                     "checkpoints/latest/<epoch>): use the --workdir of a training run")
-  variables, meta = checkpoint.restore_pretrained(workdir)
-  config = meta.get("config") or {}
-  missing = [k for k in ("model", "bits_w", "bits_a") if k not in config]
-  if missing:
-    raise ValueError(f"the checkpoint meta in {workdir} lacks config {missing}: it was not "
-                     "written by brjax.train")
-  check_exportable(config["bits_w"], config["bits_a"])
-  data_dir = data_dir or config.get("data_dir")
-  try:
-    ds = input_pipeline.load_dataset(config.get("dataset", "cifar10"), data_dir,
-                                     train_examples=1, test_examples=1)
-  except (ValueError, OSError) as e:
-    raise ValueError(f"cannot load the run's data for its input normalization ({e}); pass "
-                     "--data_dir=<the run's image folder or .tar.gz>") from e
+  variables, meta = checkpoint.restore_pretrained(workdir, prefer)
+  config, data = meta.get("config") or {}, meta.get("data") or {}
+  if "model" not in config:
+    raise ValueError(f"the checkpoint meta in {workdir} has no config: it was not written "
+                     "by brjax.train")
+  if config.get("bits_w") == quant.FLOAT_BITS:
+    raise ValueError(f"W{config['bits_w']}A{config.get('bits_a')}: the run's kernels are "
+                     "float, there is nothing to pack")
+  if "class_names" not in data:
+    raise ValueError(f"the checkpoint meta in {workdir} lacks the run's class names: it was "
+                     "written by an older brjax.train")
+  model = models.from_run_config(config, len(data["class_names"]))
+  sample = np.zeros((1, 32, 32, 3), np.float32)  # no exported value depends on it
   source = {"workdir": os.path.abspath(workdir), "epoch": meta.get("epoch"),
-            "best_test_acc": meta.get("best_test_acc"),
-            "float_bytes": float_size_bytes(variables)}
-  return export_model(variables, model=config["model"], bits_w=config["bits_w"],
-                      bits_a=config["bits_a"], clip=config.get("clip"), mean=ds.mean,
-                      std=ds.std, source=source)
+            "best_test_acc": meta.get("best_test_acc"), "config": config, "data": data}
+  return from_sites(variables, record_linen(model, variables, sample, train=False),
+                    framework="linen", source=source)
 
 
-# ------------------------------------------------------------------------------ file I/O
+# ------------------------------------------------------------------------------- loading
 
 
-def save(path: str, exported: Exported) -> int:
-  """Writes ``exported`` as one ``.npz`` (format in the module docstring), atomically.
-
-  Returns:
-    The size of the file in bytes.
-  """
+def to_variables(exported: QuantizedExport) -> dict:
+  """The variables of the exported model, kernels dequantized (module docstring): Linen
+  collections for ``model.apply``, or an NNX pure state dict for :func:`update_nnx`;
+  numpy arrays in their original dtypes."""
   h = exported.header
+  tree = {key: {} for key in h["top_level"]}
+  for entry in h["floats"] + h["kernels"]:
+    name = _join(entry["path"])
+    if "bits" in entry:
+      value = packing.dequantize(exported.codes[name],
+                                 exported.floats[_join(entry["step_size"])],
+                                 entry["dtype"], entry["stack_axes"])
+    else:
+      value = exported.floats[name]
+    node = tree
+    for key in entry["path"][:-1]:
+      node = node.setdefault(key, {})
+    node[entry["path"][-1]] = value
+  return tree
+
+
+def update_nnx(model: Any, variables: Mapping[str, Any]) -> None:
+  """Puts an NNX pure state dict (:func:`to_variables`) into ``model``, in place."""
+  nnx, state = _nnx_state(model)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, variables))
+  nnx.update(model, state)
+
+
+def save(path: str, exported: QuantizedExport) -> int:
+  """Writes ``exported`` as one ``.npz`` (module docstring), atomically; returns its bytes."""
+  h = exported.header
+  data = np.zeros(h["data_bytes"], np.uint8)
+  for entry in h["kernels"] + h["floats"]:
+    name = _join(entry["path"])
+    if "bits" in entry:
+      raw = packing.pack_codes(exported.codes[name], entry["bits"], signed=True)
+    else:
+      raw = np.ascontiguousarray(exported.floats[name], jnp.dtype(entry["dtype"]))
+    raw = raw.reshape(-1).view(np.uint8)
+    data[entry["offset"]:entry["offset"] + raw.size] = raw
   text = json.dumps(h, separators=(",", ":"), allow_nan=False)
-  arrays = {"header": np.frombuffer(text.encode(), np.uint8)}
-  for layer in h["layers"]:
-    name = layer["name"]
-    arrays[f"{name}/codes"] = pack_codes(exported.arrays[f"{name}/codes"], layer["bits"],
-                                         signed=True)
-    for key in (f"{name}/scale", f"{name}/bias"):
-      if key in exported.arrays:
-        arrays[key] = np.asarray(exported.arrays[key], np.float32)
   tmp = f"{path}.tmp"
   with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
+    np.savez(f, header=np.frombuffer(text.encode(), np.uint8), data=data)
   os.replace(tmp, path)
   return os.path.getsize(path)
 
 
-def load(path: str) -> Exported:
-  """Reads a file written by :func:`save`; the codes come back unpacked (int8).
-
-  Raises:
-    ValueError: if the file is not a readable brjax export of a supported version.
-  """
+def _read(path: str) -> tuple[dict, np.ndarray]:
+  """``(header, data)`` of a file of this format and version."""
   try:
     with np.load(path, allow_pickle=False) as z:
-      stored = {k: z[k] for k in z.files}
-    header = json.loads(bytes(stored.pop("header")).decode())
+      header, data = json.loads(bytes(z["header"]).decode()), z.get("data")
   except (OSError, ValueError, KeyError, EOFError) as e:
     raise ValueError(f"{path} is not a brjax export ({type(e).__name__}: "
                      f"{str(e).splitlines()[0] if str(e) else ''})") from e
   if header.get("format") != FORMAT or header.get("version") != VERSION:
+    hint = ("; read it with brjax.integer_export.load"
+            if header.get("format") == "brjax.export" else "")
     raise ValueError(f"{path} is format {header.get('format')!r} version "
-                     f"{header.get('version')!r}: expected {FORMAT!r} version {VERSION}")
-  arrays = {}
-  for layer in header["layers"]:
-    name = layer["name"]
-    keys = [f"{name}/bias"] + ([f"{name}/scale"] if layer["kind"] == "conv" else [])
-    try:
-      arrays[f"{name}/codes"] = unpack_codes(stored[f"{name}/codes"], layer["shape"],
-                                             layer["bits"], signed=True)
-      for key in keys:
-        arrays[key] = np.asarray(stored[key], np.float32)
-        if arrays[key].shape != (layer["shape"][-1],):
-          raise ValueError(f"{key} has shape {arrays[key].shape}, expected "
-                           f"({layer['shape'][-1]},)")
-    except (KeyError, ValueError) as e:
-      raise ValueError(f"{path}: layer {name} is unreadable ({e})") from e
-  return Exported(header, arrays)
+                     f"{header.get('version')!r}: expected {FORMAT!r} version {VERSION}{hint}")
+  if data is None or data.dtype != np.uint8 or data.shape != (header.get("data_bytes"),):
+    raise ValueError(f"{path}: its data is not the uint8 ({header.get('data_bytes')},) "
+                     "buffer its header describes")
+  return header, data
 
 
-# ----------------------------------------------------------------------- integer forward
+def load(path: str) -> QuantizedExport:
+  """Reads a file written by :func:`save`, codes unpacked (int8); raises ValueError for
+  a file of another format or version, or a corrupt entry (named)."""
+  header, data = _read(path)
+  codes, floats, name = {}, {}, "the header"
+  try:
+    for entry in header["kernels"] + header["floats"]:
+      name, start = _join(entry["path"]), entry["offset"]
+      raw = data[start:start + _nbytes(entry)]
+      if start < 0 or raw.size != _nbytes(entry):
+        raise ValueError(f"offset {start} is outside the data")
+      if "bits" in entry:
+        codes[name] = packing.unpack_codes(raw, entry["shape"], entry["bits"], signed=True)
+      else:
+        floats[name] = raw.view(jnp.dtype(entry["dtype"])).reshape(entry["shape"]).copy()
+    for entry in header["kernels"]:
+      name = _join(entry["path"])
+      packing.broadcastable_alpha(floats[_join(entry["step_size"])], entry["shape"],
+                                  entry["stack_axes"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{path}: {name} is unreadable ({type(e).__name__}: {e})") from e
+  return QuantizedExport(header, codes, floats)
 
 
-def _code_dtype(bits_a: int) -> Any:
-  """int8 holds codes up to 127 (activations up to 7 bits, all weights); else int16."""
-  return jnp.int8 if 2**bits_a - 1 <= 127 else jnp.int16
-
-
-def _int_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], dtype: Any,
-              groups: int = 1) -> jax.Array:
-  return lax.conv_general_dilated(x.astype(dtype), w.astype(dtype), tuple(strides), "SAME",
-                                  dimension_numbers=_CONV_DIMS, feature_group_count=groups,
-                                  preferred_element_type=jnp.int32)
-
-
-def _check_accumulator(layer: dict[str, Any], qp_in: int, terms: int) -> None:
-  """Raises if ``terms`` products of codes could overflow the int32 accumulator."""
-  bound = terms * qp_in * 2**(layer["bits"] - 1)
-  if bound > _INT32_LIMIT:
-    raise ValueError(f"layer {layer['name']}: |accumulator| may reach {bound} > 2^31 - 1")
-
-
-def _alpha(layer: Mapping[str, Any]) -> np.ndarray:
-  """A layer's weight step size as float64: a scalar, or ``(O,)`` per output channel."""
-  return np.asarray(layer["alpha"], np.float64)
-
-
-def _requantize(y: jax.Array, act: Mapping[str, Any]) -> jax.Array:
-  """``QuantReLU``: ``round(clip(relu_or_clip(y) / alpha_a, 0, qp))`` as integer codes."""
-  y = jax.nn.relu(y) if act["clip"] is None else jnp.clip(y, 0.0, act["clip"])
-  codes = jnp.round(jnp.clip(y / jnp.float32(act["alpha"]), 0, act["qp"]))
-  return codes.astype(_code_dtype(act["bits"]))
-
-
-def _conv_bn(exported: Exported, layer: Mapping[str, Any], codes: jax.Array,
-             alpha_in: float, qp_in: int) -> jax.Array:
-  """Integer conv of activation codes, then ``(s * alpha_w * alpha_in) * acc + b``.
-
-  Args:
-    codes: int8/int16 ``(B, H, W, C_in)`` activation codes with step size ``alpha_in``.
-
-  Returns:
-    float32 ``(B, H', W', C_out)``: the conv's BatchNorm output.
-  """
-  name = layer["name"]
-  w = exported.arrays[f"{name}/codes"]
-  _check_accumulator(layer, qp_in, math.prod(w.shape[:3]))
-  acc = _int_conv(codes, jnp.asarray(w), layer["strides"], codes.dtype)
-  m = np.asarray(exported.arrays[f"{name}/scale"], np.float64) * _alpha(layer) * alpha_in
-  return acc.astype(jnp.float32) * m.astype(np.float32) + exported.arrays[f"{name}/bias"]
-
-
-def _inside_taps(image_hw: Sequence[int], w: np.ndarray, strides: Sequence[int]) -> np.ndarray:
-  """``T[h, w, c, o]``: the sum of the kernel taps ``W[:, :, c, o]`` that a "SAME" conv
-  places inside the image at output position ``(h, w)`` (the others read padding).
-
-  Returns:
-    int64 ``(H', W', C, O)``, computed in numpy (static given the shapes).
-  """
-  kh, kw = w.shape[:2]
-  pads = lax.padtype_to_pads(tuple(image_hw), (kh, kw), tuple(strides), "SAME")
-  inside = np.pad(np.ones(tuple(image_hw), np.int64), pads)
-  out_h = (inside.shape[0] - kh) // strides[0] + 1
-  out_w = (inside.shape[1] - kw) // strides[1] + 1
-  taps = np.zeros((out_h, out_w, *w.shape[2:]), np.int64)
-  for i in range(kh):
-    for j in range(kw):
-      window = inside[i:i + strides[0] * out_h:strides[0], j:j + strides[1] * out_w:strides[1]]
-      taps += window[:, :, None, None] * w[i, j].astype(np.int64)
-  return taps
-
-
-def _stem(exported: Exported, layer: Mapping[str, Any], images: jax.Array) -> jax.Array:
-  """The first conv + BatchNorm on uint8 pixels (integer) or normalized floats."""
-  name = layer["name"]
-  w = exported.arrays[f"{name}/codes"]
-  s = np.asarray(exported.arrays[f"{name}/scale"], np.float64)
-  b = np.asarray(exported.arrays[f"{name}/bias"], np.float64)
-  if images.dtype != jnp.uint8:
-    acc = lax.conv_general_dilated(images.astype(jnp.float32), jnp.asarray(w, jnp.float32),
-                                   tuple(layer["strides"]), "SAME",
-                                   dimension_numbers=_CONV_DIMS,
-                                   preferred_element_type=jnp.float32)
-    return acc * (s * _alpha(layer)).astype(np.float32) + b.astype(np.float32)
-  norm = exported.header["normalization"]
-  if norm is None:
-    raise ValueError("uint8 images need the input normalization, and this export has none: "
-                     "pass normalized float32 images")
-  _, _, cin, cout = w.shape
-  if images.shape[-1] != cin:
-    raise ValueError(f"images have {images.shape[-1]} channels, the first conv takes {cin}")
-  _check_accumulator(layer, 128, math.prod(w.shape[:2]))
-  std = np.asarray(norm["std"], np.float64)
-  a = 1.0 / (255.0 * std)  # x = a * p + d = a * (p - 128) + (d + 128 a)
-  d = 128.0 * a - np.asarray(norm["mean"], np.float64) / std
-  grouped = jnp.asarray(w.reshape(*w.shape[:2], 1, cin * cout))  # group c: W[:, :, c, :]
-  shifted = (images.astype(jnp.int16) - 128).astype(jnp.int8)
-  acc = _int_conv(shifted, grouped, layer["strides"], jnp.int8, groups=cin)
-  acc = acc.reshape(*acc.shape[:3], cin, cout)  # S_c[o], exact int32 per input channel
-  taps = _inside_taps(images.shape[1:3], w, layer["strides"])  # T_c[o]: (H', W', C, O)
-  scale = s * _alpha(layer)  # (O,)
-  m = (a[:, None] * scale[None, :]).astype(np.float32)  # (C, O)
-  offset = (np.einsum("hwco,c->hwo", taps, d) * scale + b).astype(np.float32)  # (H, W, O)
-  return jnp.einsum("bhwco,co->bhwo", acc.astype(jnp.float32), m) + offset
-
-
-def _forward(exported: Exported, images: jax.Array,
-             given: Mapping[str, Any] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  h = exported.header
-  images = jnp.asarray(images)
-  if images.ndim != 4:
-    raise ValueError(f"images of shape {images.shape} are not accepted: use (B, H, W, 3)")
-  if not (images.dtype == jnp.uint8 or jnp.issubdtype(images.dtype, jnp.floating)):
-    raise ValueError(f"images of dtype {images.dtype} are not accepted: use uint8 pixels or "
-                     "normalized float images")
-  layers = {layer["name"]: layer for layer in h["layers"]}
-  acts = {act["name"]: act for act in h["activations"]}
-  codes: dict[str, jax.Array] = {}
-
-  def act(name: str, y: jax.Array) -> tuple[jax.Array, Mapping[str, Any]]:
-    codes[name] = _requantize(y, acts[name])
-    if given is None:
-      return codes[name], acts[name]
-    if name not in given or np.shape(given[name]) != codes[name].shape:
-      raise ValueError(f"given codes for {name} are missing or not of shape "
-                       f"{codes[name].shape}")
-    return jnp.asarray(given[name]).astype(codes[name].dtype), acts[name]
-
-  x, a = act("act_init", _stem(exported, layers["conv_init"], images))
-  for block in h["blocks"]:
-    b = block["name"]
-    y = _conv_bn(exported, layers[f"{b}/QuantConv_0"], x, a["alpha"], a["qp"])
-    mid, am = act(f"{b}/QuantReLU_0", y)
-    y = _conv_bn(exported, layers[f"{b}/QuantConv_1"], mid, am["alpha"], am["qp"])
-    if block["proj"]:
-      residual = _conv_bn(exported, layers[f"{b}/conv_proj"], x, a["alpha"], a["qp"])
-    else:
-      residual = x.astype(jnp.float32) * jnp.float32(a["alpha"])  # = the fake-quant value
-    x, a = act(f"{b}/QuantReLU_1", residual + y)
-  dense = layers["QuantDense_0"]
-  positions = x.shape[1] * x.shape[2]
-  _check_accumulator(dense, a["qp"] * positions, dense["shape"][0])
-  pooled = jnp.sum(x.astype(jnp.int32), axis=(1, 2))  # (B, C): sum of codes, exact
-  acc = lax.dot_general(pooled, jnp.asarray(exported.arrays["QuantDense_0/codes"], jnp.int32),
-                        (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-  m = (np.float64(a["alpha"]) * _alpha(dense) / positions).astype(np.float32)
-  logits = acc.astype(jnp.float32) * m + exported.arrays["QuantDense_0/bias"]
-  return logits, codes
-
-
-def integer_forward(exported: Exported, images: np.ndarray | jax.Array) -> jax.Array:
-  """Logits of the exported model, computed on integer codes (module docstring).
-
-  Args:
-    exported: from :func:`export_model` or :func:`load`.
-    images: uint8 pixels ``(B, H, W, 3)`` (first conv in exact integer arithmetic; needs
-      ``header["normalization"]``), or float images normalized as in training (first conv
-      in float32: float input times integer weight codes).
-
-  Returns:
-    float32 ``(B, num_classes)``: equal to the fake-quant eval's logits up to float32
-    rounding and rare requantization tie flips (see the module docstring).
-  """
-  return _forward(exported, images)[0]
-
-
-def integer_forward_with_codes(exported: Exported, images: np.ndarray | jax.Array, *,
-                               given: Mapping[str, Any] | None = None
-                               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """:func:`integer_forward`, plus the integer codes every ``QuantReLU`` produced.
-
-  Args:
-    exported, images: as :func:`integer_forward`.
-    given: optional reference codes ``{activation name: (B, H, W, C)}`` for every
-      ``QuantReLU`` (e.g. the fake-quant model's ``round(pre_quant / alpha)``). When given,
-      each layer reads the *given* codes of its inputs instead of its own ("teacher
-      forcing"), so a returned code differs from the given one only by that layer's own
-      rounding: the local tie-flip rate, without the downstream cascade of earlier flips.
-
-  Returns:
-    ``(logits, codes)``, ``codes = {name: int8/int16 (B, H, W, C)}`` keyed by the header's
-    activation names.
-  """
-  return _forward(exported, images, given)
-
-
-def describe_size(exported_bytes: int, float_bytes: int, bits_w: int, bits_a: int) -> str:
-  """``exported 0.07 MB (W2A2) vs float 1.09 MB: 15.6x smaller`` (MB = 10^6 bytes)."""
-  return (f"exported {exported_bytes / 1e6:.2f} MB (W{bits_w}A{bits_a}) vs float "
-          f"{float_bytes / 1e6:.2f} MB: {float_bytes / exported_bytes:.1f}x smaller")
+def load_variables(path: str) -> dict:
+  """``to_variables(load(path))``: the variables the exported model runs."""
+  return to_variables(load(path))

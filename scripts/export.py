@@ -1,15 +1,23 @@
-"""Exports a trained quantized run as integer weight codes (one .npz; see brjax/export.py).
+"""Exports a trained quantized run as packed integer weight codes (one .npz).
 
     python scripts/export.py --workdir=checkpoints/resnet20_W2A2_lw1_la1_s42 --out=model.npz
 
-Reads the run's best (else latest) checkpoint, packs every layer's weight codes at 2, 4 or
-8 bits, folds BatchNorm, and prints the file size against the float model's. A float run,
-or a run with only weights or only activations quantized, is refused. Errors stop with a
-one-line message (exit 2).
+Reads the run's best (else latest) checkpoint and prints the file size against the float
+model's. ``--format``:
+
+* ``integer`` (default; ``brjax/integer_export.py``): every layer's weight codes packed at
+  2, 4 or 8 bits and BatchNorm folded, for ``brjax.integer_inference.integer_forward``;
+  ResNet-20/18 runs with quantized weights and activations only.
+* ``quantized`` (``brjax/export.py``): the weight codes packed at their bit width and the
+  float rest of the variables, which ``brjax.export.load_variables`` gives back to the same
+  model; any run with quantized weights (every model, weight-only runs).
+
+A float run is refused. Errors stop with a one-line message (exit 2).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -18,12 +26,64 @@ from absl import flags
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from brjax import cli  # pylint: disable=g-import-not-at-top
 
+FORMATS = ("integer", "quantized")
+
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "The --workdir of a finished quantized training run.",
                     flag_values=FLAGS)
 flags.DEFINE_string("out", None, "Output file (.npz).", flag_values=FLAGS)
 flags.DEFINE_string("data_dir", None, "The run's images (folder or .tar.gz), for the input "
-                    "normalization; default: the run's --data_dir.", flag_values=FLAGS)
+                    "normalization of --format=integer; default: the run's --data_dir.",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("format", "integer", FORMATS, "integer: codes and folded BatchNorm for "
+                  "integer-only inference (ResNet-20/18); quantized: codes and the float "
+                  "rest, loaded back into the same model (any quantized run).",
+                  flag_values=FLAGS)
+
+
+def _size(num_bytes: float) -> str:
+  return f"{num_bytes / 1e6:.2f} MB" if num_bytes >= 1e5 else f"{num_bytes / 1e3:.1f} kB"
+
+
+def _integer(workdir: str, out: str) -> list[str]:
+  from brjax import integer_export  # pylint: disable=g-import-not-at-top
+  from brjax import packing  # pylint: disable=g-import-not-at-top
+  try:
+    exported = integer_export.export_run(workdir, data_dir=FLAGS.data_dir)
+  except integer_export.NotIntegerExportable as e:
+    raise ValueError(f"{e}; --format=quantized exports any quantized run") from e
+  size = integer_export.save(out, exported)
+  h = exported.header
+  codes = sum(packing.packed_size(v.size, h["bits_w"]) for k, v in exported.arrays.items()
+              if k.endswith("/codes"))
+  floats = sum(v.nbytes for k, v in exported.arrays.items() if not k.endswith("/codes"))
+  return [f"{out}: {h['model']}, {len(h['layers'])} quantized layers, "
+          f"epoch {h['source'].get('epoch')}",
+          integer_export.describe_size(size, h["source"]["float_bytes"], h["bits_w"],
+                                       h["bits_a"]),
+          f"  codes {codes / 1e6:.3f} MB at {packing.packed_bits(h['bits_w'])} bits per "
+          f"weight, folded BatchNorm and bias {floats / 1e6:.3f} MB, header and container "
+          f"{(size - codes - floats) / 1e6:.3f} MB"]
+
+
+def _quantized(workdir: str, out: str) -> list[str]:
+  from brjax import export  # pylint: disable=g-import-not-at-top
+  from brjax import packing  # pylint: disable=g-import-not-at-top
+  exported = export.export_run(workdir)
+  size = export.save(out, exported)
+  h = exported.header
+  config = h["source"]["config"]
+  codes = sum(packing.packed_size(math.prod(k["shape"]), k["bits"]) for k in h["kernels"])
+  floats = sum(v.nbytes for v in exported.floats.values())
+  bits = sorted({k["bits"] for k in h["kernels"]})
+  ratio = h["float_bytes"] / size
+  return [f"{out}: {config['model']} (W{config['bits_w']}A{config['bits_a']}), "
+          f"{len(h['kernels'])} quantized kernels, epoch {h['source'].get('epoch')}",
+          f"exported {_size(size)} vs float {_size(h['float_bytes'])}: "
+          + (f"{ratio:.1f}x smaller" if ratio >= 1 else f"{1 / ratio:.1f}x larger"),
+          f"  codes {_size(codes)} at {'-'.join(map(str, sorted({bits[0], bits[-1]})))} bits "
+          f"per weight, float rest {_size(floats)}, header and container "
+          f"{_size(size - codes - floats)}"]
 
 
 def main(argv: list[str]) -> int:
@@ -40,24 +100,13 @@ def main(argv: list[str]) -> int:
     return 2
 
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from brjax import export  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.ERROR)  # orbax's read-only-manager warnings
   try:
-    exported = export.export_run(FLAGS.workdir, data_dir=FLAGS.data_dir)
-    size = export.save(FLAGS.out, exported)
+    lines = (_integer if FLAGS.format == "integer" else _quantized)(FLAGS.workdir, FLAGS.out)
   except (ValueError, OSError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
-  h = exported.header
-  print(f"{FLAGS.out}: {h['model']}, {len(h['layers'])} quantized layers, "
-        f"epoch {h['source'].get('epoch')}")
-  print(export.describe_size(size, h["source"]["float_bytes"], h["bits_w"], h["bits_a"]))
-  codes = sum(export.packed_size(v.size, h["bits_w"]) for k, v in exported.arrays.items()
-              if k.endswith("/codes"))
-  floats = sum(v.nbytes for k, v in exported.arrays.items() if not k.endswith("/codes"))
-  print(f"  codes {codes / 1e6:.3f} MB at {export.packed_bits(h['bits_w'])} bits per weight, "
-        f"folded BatchNorm and bias {floats / 1e6:.3f} MB, header and container "
-        f"{(size - codes - floats) / 1e6:.3f} MB")
+  print("\n".join(lines))
   return 0
 
 

@@ -1,425 +1,380 @@
-"""Tests of brjax.export and scripts/export.py: packing, folding, integer inference."""
+"""Tests of brjax.export: any quantized model out as packed codes and back, exactly."""
 
 import dataclasses
 import functools
 import json
 import math
 import re
-import subprocess
-import sys
 
 import flax.linen as nn
+from flax import nnx
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import brjax
 from brjax import checkpoint
 from brjax import export
-from brjax import input_pipeline
 from brjax import models
+from brjax import packing
+from brjax import plain_models
 from brjax import quant
-from brjax import sites
 from brjax.config import Config
 
-from conftest import REPO
+from conftest import run_main
 
-SCRIPT = str(REPO / "scripts" / "export.py")
-MEAN = np.array([0.49, 0.48, 0.45], np.float32)
-STD = np.array([0.25, 0.24, 0.26], np.float32)
-# A flip-free example differs only by float32 rounding: measured <= 2e-7 * (1 + max|logit|).
-ROUNDING_TOL = 1e-4
-# Requantization tie flips: measured about 1 code in 10^7; anything near 1e-5 is a bug.
-MAX_FLIP_RATE = 1e-5
+IMAGES = np.random.default_rng(0).normal(0, 1, (4, 8, 8, 3)).astype(np.float32)
 
 
-# ------------------------------------------------------------------------------- packing
+def _random_variables(model: nn.Module, images: np.ndarray, seed: int, **kwargs) -> dict:
+  """Non-trivial variables of ``model``, from ``jax.eval_shape`` (no init compile).
 
-
-@pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("bits", range(1, 9))
-def test_pack_round_trip(bits, signed):
-  qn, qp = quant.qrange(bits, signed)
-  rng = np.random.default_rng(bits)
-  width = {1: 2, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}[bits]
-  assert export.packed_bits(bits) == width
-  for shape in [(0,), (1,), (3,), (7,), (13,), (3, 5, 7), (2, 1, 3, 3)]:
-    codes = rng.integers(qn, qp + 1, shape)
-    codes.reshape(-1)[:2] = [qn, qp][:codes.size]  # both ends of the range
-    packed = export.pack_codes(codes, bits, signed=signed)
-    n = codes.size
-    assert packed.dtype == np.uint8 and packed.shape == (math.ceil(n * width / 8),)
-    assert export.packed_size(n, bits) == packed.size
-    back = export.unpack_codes(packed, shape, bits, signed=signed)
-    assert back.dtype == (np.int8 if signed else np.uint8) and back.shape == shape
-    np.testing.assert_array_equal(back, codes)
-
-
-def test_pack_layout_is_the_documented_one():
-  # 2-bit signed: two's complement fields 2, 3, 0, 1 | 1, first code in the lowest bits.
-  packed = export.pack_codes(np.array([-2, -1, 0, 1, 1]), 2, signed=True)
-  np.testing.assert_array_equal(packed, [2 | 3 << 2 | 0 << 4 | 1 << 6, 1])
-  # 3-bit codes use 4-bit fields; 5-bit codes a whole byte.
-  packed = export.pack_codes(np.array([-4, 3]), 3, signed=True)
-  np.testing.assert_array_equal(packed, [0xC | 3 << 4])
-  packed = export.pack_codes(np.array([15, -16]), 5, signed=True)
-  np.testing.assert_array_equal(packed, [15, 0xF0])
-  packed = export.pack_codes(np.array([255, 1, 0]), 8, signed=False)
-  np.testing.assert_array_equal(packed, [255, 1, 0])
-
-
-def test_pack_rejects_bad_input():
-  with pytest.raises(ValueError, match=r"\[-2, 2\].*\[-2, 1\]"):
-    export.pack_codes(np.array([0, 2, -2]), 2, signed=True)
-  with pytest.raises(ValueError, match=r"\[-1, 3\].*\[0, 3\]"):
-    export.pack_codes(np.array([-1, 3]), 2, signed=False)
-  with pytest.raises(ValueError, match="dtype float"):
-    export.pack_codes(np.array([0.5]), 4, signed=True)
-  for bits in (0, 9, 32):
-    with pytest.raises(ValueError, match=f"bits={bits}"):
-      export.pack_codes(np.array([0]), bits, signed=True)
-  with pytest.raises(ValueError, match=r"needs uint8 \(2,\)"):
-    export.unpack_codes(np.zeros(3, np.uint8), (5,), 2, signed=True)
-  # A 3-bit code stored in 4 bits can decode outside [-4, 3]: a corrupt file.
-  with pytest.raises(ValueError, match="corrupt"):
-    export.unpack_codes(np.array([0x08], np.uint8), (1,), 3, signed=True)
-
-
-# ------------------------------------------------------------------------------- folding
-
-
-def test_fold_batchnorm_is_exact_in_float64():
-  rng = np.random.default_rng(0)
-  c = 64
-  scale, bias = rng.normal(0, 1, c), rng.normal(0, 1, c)
-  mean = rng.normal(0, 3, c)
-  var = np.exp(rng.uniform(-14, 3, c))  # down to ~1e-6: epsilon matters there
-  z = mean + rng.normal(0, 1, (500, c)) * np.sqrt(var)
-  z[:10] = mean  # the cancellation case
-  s, b = export.fold_batchnorm(scale, bias, mean, var)
-  reference = scale * (z - mean) / np.sqrt(var + 1e-5) + bias
-  bound = 8 * np.finfo(np.float64).eps * (np.abs(s * z) + np.abs(b) + np.abs(reference))
-  assert np.all(np.abs(s * z + b - reference) <= bound)
-
-
-def test_fold_batchnorm_matches_flax_batchnorm():
-  rng = np.random.default_rng(1)
-  c = 32
-  bn = nn.BatchNorm(use_running_average=True, epsilon=export.BN_EPSILON)
-  variables = {"params": {"scale": rng.normal(0, 1, c).astype(np.float32),
-                          "bias": rng.normal(0, 1, c).astype(np.float32)},
-               "batch_stats": {"mean": rng.normal(0, 2, c).astype(np.float32),
-                               "var": np.exp(rng.uniform(-12, 2, c)).astype(np.float32)}}
-  z = rng.normal(0, 3, (200, c)).astype(np.float32)
-  expected = np.asarray(bn.apply(variables, z), np.float64)
-  s, b = export.fold_batchnorm(**variables["params"], **variables["batch_stats"])
-  s32, b32 = s.astype(np.float32), b.astype(np.float32)
-  got = (z * s32 + b32).astype(np.float64)
-  # float32 rounding of both sides, relative to the magnitudes of the folded terms.
-  bound = 1e-6 * (np.abs(s * z) + np.abs(b) + 1e-3)
-  assert np.all(np.abs(got - expected) <= bound)
-
-
-def test_weight_codes_reproduce_lsq_bit_for_bit():
-  rng = np.random.default_rng(2)
-  kernel = rng.normal(0, 0.1, (3, 3, 8, 16)).astype(np.float32)
-  for bits in (2, 3, 8):
-    qn, qp = quant.qrange(bits, signed=True)
-    alpha = np.float32(quant.init_alpha(kernel, qp))
-    codes = export.weight_codes(kernel, alpha, bits)
-    assert codes.dtype == np.int8 and codes.min() >= qn and codes.max() <= qp
-    fake = jax.jit(quant.lsq_quantize, static_argnums=(2, 3))(kernel, alpha, qn, qp, 1.0)
-    np.testing.assert_array_equal(codes.astype(np.float32) * alpha, np.asarray(fake))
-
-
-# ------------------------------------------------------------- integer vs fake-quant
-
-
-def _random_variables(model: nn.Module, images: np.ndarray, seed: int,
-                      alpha_scale: float = 1.0) -> dict:
-  """Non-trivial variables: random kernels, BatchNorm and step sizes.
-
-  Shapes come from ``jax.eval_shape(model.init)`` (``model.init`` itself compiles its
-  random initializers for ~15 s on a busy CPU); activation step sizes are set the LSQ way
-  from ``images`` (``quant.init_alphas``) and then scaled by random factors in
-  ``alpha_scale * [0.7, 1.4]``.
+  Kernels ~ He normal, each weight step size a random fraction of its kernel's std (per
+  channel too), activation step sizes in [0.05, 0.5], BatchNorm around its identity,
+  data-decided input signs at random.
   """
+  shapes = jax.eval_shape(functools.partial(model.init, **kwargs), jax.random.key(0), images)
   rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                          images)
-  flat = traverse_util.flatten_dict(shapes, sep="/")
+  flat = traverse_util.flatten_dict(shapes)
   values = {}
   for path, leaf in flat.items():
-    shape, last = leaf.shape, path.rsplit("/", 1)[-1]
-    if last == "kernel":
+    shape, name = leaf.shape, path[-1]
+    if leaf.dtype == bool:
+      value = rng.random(shape) < 0.5
+    elif name == "kernel":
       value = rng.normal(0, math.sqrt(2 / math.prod(shape[:-1])), shape)
-    elif last in ("scale", "var"):
-      value = rng.uniform(0.4, 1.6, shape)
-    elif last in ("bias", "mean"):
-      value = rng.normal(0, 0.3, shape)
-    else:  # alpha: recomputed below
-      value = np.ones(shape)
-    values[path] = np.asarray(value, np.float32)
-  variables = traverse_util.unflatten_dict(values, sep="/")
-  variables = jax.jit(functools.partial(quant.init_alphas, model, train=False))(
-      variables, images)
-  flat = traverse_util.flatten_dict(jax.device_get(variables), sep="/")
-  for path in flat:
-    if path.endswith("/alpha"):
-      flat[path] = np.float32(flat[path] * alpha_scale * rng.uniform(0.7, 1.4))
-  return traverse_util.unflatten_dict(flat, sep="/")
+    elif name in ("scale", "var"):
+      value = rng.uniform(0.5, 1.5, shape)
+    elif name in ("alpha", "input_alpha"):
+      value = rng.uniform(0.05, 0.5, shape)
+    else:
+      value = rng.normal(0, 0.2, shape)
+    values[path] = np.asarray(value, leaf.dtype)
+  for path in values:  # a weight step size: a fraction of its kernel's std
+    if path[-1] == "alpha" and path[:-1] + ("kernel",) in values:
+      kernel = values[path[:-1] + ("kernel",)]
+      values[path] = (np.std(kernel) * rng.uniform(0.3, 1.0, values[path].shape)
+                      ).astype(values[path].dtype)
+  return traverse_util.unflatten_dict(values)
 
 
-def _fake_quant(model: nn.Module, variables: dict, images: np.ndarray):
-  """Fake-quant eval: logits, each QuantReLU's codes ``round(clip(y / alpha, 0, qp))``, and
-  how many activations sit at the top of their range (code ``qp``, or ``y`` at the clip)."""
-  apply = jax.jit(functools.partial(model.apply, train=False, mutable=["quant"]))
-  logits, state = apply(variables, images)
-  recorded = sites.named(jax.device_get(state["quant"]), (sites.OUTPUT,))
-  qp, clip = 2**model.act.keywords["bits"] - 1, model.act.keywords["clip"]
-  codes, saturated = {}, 0
-  for name, site in recorded.items():
-    value = np.asarray(site.values)
-    codes[name] = np.round(np.clip(value / np.asarray(quant.safe_alpha(site.alpha)), 0, qp))
-    saturated += np.sum((codes[name] == qp) | (value == clip))
-  return np.asarray(logits), codes, saturated
-
-
-def _integer(exported, images, given=None, chunk=16):
-  """``integer_forward_with_codes`` in chunks of 16 images: every test reuses its ops."""
-  parts = []
-  for i in range(0, len(images), chunk):
-    part = None if given is None else {k: v[i:i + chunk] for k, v in given.items()}
-    parts.append(export.integer_forward_with_codes(exported, images[i:i + chunk], given=part))
-  logits = np.concatenate([np.asarray(p[0]) for p in parts])
-  codes = {k: np.concatenate([np.asarray(p[1][k]) for p in parts]) for k in parts[0][1]}
-  return logits, codes
-
-
-def _flips(codes, fq_codes):
-  """Per example, how many activation codes differ from the fake-quant ones."""
-  assert sorted(codes) == sorted(fq_codes)
-  n = len(next(iter(codes.values())))
-  return sum((codes[k] != fq_codes[k]).reshape(n, -1).sum(1) for k in codes)
-
-
-def _compare(exported, images, fq_logits, fq_codes, teacher_forced=True):
-  """Checks integer vs fake-quant inference; returns (logits, flips, max |dlogit|) per example.
-
-  Teacher-forced (every layer reads the fake-quant codes of its inputs): a code differs
-  only by that layer's own rounding (a tie flip), which must be rare, and the logits,
-  computed from the same final codes, agree to float32 rounding. Free-running: an early
-  flip can cascade, so only the examples without any differing code must agree tightly.
-  """
-  total = sum(c.size for c in fq_codes.values())
-  tol = ROUNDING_TOL * (1 + np.abs(fq_logits).max(axis=1))
-  if teacher_forced:
-    logits, codes = _integer(exported, images, given=fq_codes)
-    local = _flips(codes, fq_codes).sum()
-    assert local <= MAX_FLIP_RATE * total, f"{local} of {total} codes differ (teacher-forced)"
-    err = np.abs(logits - fq_logits).max(axis=1)
-    assert np.all(err <= tol), (err.max(), tol.min())
-  logits, codes = _integer(exported, images)
-  flips = _flips(codes, fq_codes)
-  exact = flips == 0
-  err = np.abs(logits - fq_logits).max(axis=1)
-  assert np.all(err[exact] <= tol[exact]), (err[exact].max(), tol.min())
-  np.testing.assert_array_equal(logits[exact].argmax(1), fq_logits[exact].argmax(1))
-  return logits, flips, err
-
-
-@pytest.fixture(scope="module")
-def random_images():
-  rng = np.random.default_rng(7)
-  pixels = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
-  return pixels, ((pixels / np.float32(255) - MEAN) / STD).astype(np.float32)
-
-
-@pytest.mark.parametrize("bits_w,bits_a,clip,per_channel", [
-    (2, 2, None, False), (4, 4, 2.0, False), (8, 8, None, False), (3, 4, None, True)])
-@pytest.mark.slow
-def test_integer_forward_matches_fake_quant(bits_w, bits_a, clip, per_channel, random_images,
-                                            tmp_path):
-  pixels, images = random_images
-  model = models.create_model("resnet20", bits_w=bits_w, bits_a=bits_a, clip=clip,
-                              per_channel=per_channel)
-  # LSQ's init puts 8-bit grids far above the data: shrink them so that codes reach qp.
-  variables = _random_variables(model, images, seed=bits_w,
-                                alpha_scale=0.25 if bits_a == 8 else 1.0)
-  fq_logits, fq_codes, saturated = _fake_quant(model, variables, images)
-  # The perturbation must make a network that is not trivial: logits that vary between
-  # images far more than the tolerance, layers neither dead nor saturated.
-  assert fq_logits.std(axis=0).min() > 10 * ROUNDING_TOL * (1 + np.abs(fq_logits).max())
-  for name, c in fq_codes.items():
-    assert 0.02 < np.mean(c > 0) < 0.98 and len(np.unique(c)) >= 4, name
-  assert saturated > 1000  # clipping at qp (or at the ReLU clip) is exercised
-  assert max(c.max() for c in fq_codes.values()) > 127 or bits_a < 8  # int16 codes
-  exported = export.export_model(variables, model="resnet20", bits_w=bits_w, bits_a=bits_a,
-                                 clip=clip, mean=MEAN, std=STD)
-  if per_channel:  # one step size per output channel, in the header
-    stem = next(l for l in exported.header["layers"] if l["name"] == "conv_init")
-    assert isinstance(stem["alpha"], list) and len(stem["alpha"]) == stem["shape"][-1]
+def _check_round_trip(model, variables, exported, tmp_path, **kwargs):
+  """Saved, loaded: the same logits bit for bit, every kernel the fake-quantized one, every
+  other variable as it was, every kernel's codes in ``packed_size`` bytes."""
   size = export.save(str(tmp_path / "model.npz"), exported)
   loaded = export.load(str(tmp_path / "model.npz"))
   assert loaded.header == json.loads(json.dumps(exported.header))
-  assert loaded.arrays.keys() == exported.arrays.keys()
-  for key, value in exported.arrays.items():
-    np.testing.assert_array_equal(loaded.arrays[key], value)
-  codes_bytes = sum(export.packed_size(v.size, bits_w) for k, v in exported.arrays.items()
-                    if k.endswith("/codes"))
-  # Per-channel step sizes travel in the JSON header: ~25 bytes of text each.
-  header_alphas = sum(len(l["alpha"]) for l in exported.header["layers"]
-                      if isinstance(l["alpha"], list))
-  assert codes_bytes < size < codes_bytes + 40_000 + 25 * header_alphas
-  # Integer stem on uint8 pixels, float stem on normalized float images.
-  for inputs, teacher_forced in ((pixels, True), (images, False)):
-    _, flips, _ = _compare(loaded, inputs, fq_logits, fq_codes, teacher_forced)
-    if bits_a <= 4:  # at 8 bits flips are ~30x likelier, and cascade in a random net
-      assert np.sum(flips > 0) <= 2  # measured: 0 or 1 example of 16 touched by a flip
+  h = loaded.header
+  for entry in h["kernels"]:
+    assert packing.packed_bits(entry["bits"]) == entry["packed_bits"]
+    assert quant.qrange(entry["bits"], signed=True) == (entry["qn"], entry["qp"])
+  # Packed size: each kernel takes ceil(n * packed_bits / 8) bytes; the file, little more.
+  codes = sum(packing.packed_size(math.prod(k["shape"]), k["bits"]) for k in h["kernels"])
+  floats = sum(v.nbytes for v in loaded.floats.values())
+  entries = len(h["kernels"]) + len(h["floats"])
+  assert codes + floats <= h["data_bytes"] < codes + floats + 8 * entries
+  with np.load(str(tmp_path / "model.npz")) as z:
+    assert z["data"].size == h["data_bytes"]
+    header_bytes = z["header"].size
+  assert h["data_bytes"] + header_bytes < size < h["data_bytes"] + header_bytes + 1000
+
+  original = traverse_util.flatten_dict(jax.device_get(variables))
+  restored = traverse_util.flatten_dict(export.load_variables(str(tmp_path / "model.npz")))
+  assert restored.keys() == original.keys()
+  kernels = {tuple(k["path"]): k for k in h["kernels"]}
+  for path, value in restored.items():
+    assert value.dtype == original[path].dtype and value.shape == original[path].shape, path
+    if path not in kernels:
+      np.testing.assert_array_equal(value, original[path], err_msg=str(path))
+      continue
+    k = kernels[path]
+    alpha = packing.broadcastable_alpha(original[tuple(k["step_size"])], k["shape"],
+                                        k["stack_axes"])
+    fake = jax.jit(quant.lsq_quantize, static_argnums=(2, 3))(original[path], alpha, k["qn"],
+                                                              k["qp"], 1.0)
+    np.testing.assert_array_equal(value, np.asarray(fake), err_msg=str(path))
+  apply = jax.jit(functools.partial(model.apply, **kwargs))
+  expected = np.asarray(apply(variables, IMAGES))
+  assert expected.std(axis=0).min() > 1e-3  # a network whose outputs depend on the input
+  np.testing.assert_array_equal(np.asarray(apply(traverse_util.unflatten_dict(restored),
+                                                 IMAGES)), expected)
+  return h
 
 
-@pytest.mark.slow
-def test_one_bit_exports_ternary_weights_and_binary_activations(random_images, tmp_path):
-  """W1A1: weight codes in {-1, 0, 1} (2-bit containers), activation codes in {0, 1}; the
-  integer forward reproduces the fake-quant model."""
-  pixels, images = random_images
-  model = models.create_model("resnet20", bits_w=1, bits_a=1)
-  variables = _random_variables(model, images, seed=1)
-  fq_logits, fq_codes, _ = _fake_quant(model, variables, images)
-  for name, c in fq_codes.items():
-    assert set(np.unique(c)) <= {0, 1}, name
-  exported = export.export_model(variables, model="resnet20", bits_w=1, bits_a=1, mean=MEAN,
-                                 std=STD)
-  export.save(str(tmp_path / "w1a1.npz"), exported)
-  loaded = export.load(str(tmp_path / "w1a1.npz"))
-  layers = [l for l in loaded.header["layers"] if "shape" in l]
-  assert layers and all(l["packed_bits"] == 2 for l in layers)
-  for layer in layers:
-    codes = loaded.arrays[f"{layer['name']}/codes"]
-    assert set(np.unique(codes)) <= {-1, 0, 1} and -1 in codes and 1 in codes, layer["name"]
-  for inputs, teacher_forced in ((pixels, True), (images, False)):
-    _, flips, _ = _compare(loaded, inputs, fq_logits, fq_codes, teacher_forced)
-    assert np.sum(flips > 0) <= 2
+def test_plain_resnet_mixed_bits_per_channel(tmp_path):
+  """quantize_model'ed plain ResNet: 8-bit first and last layer, 2-4 bits elsewhere,
+  per-channel step sizes, a weight-only rule, a layer kept float, data-decided signs."""
+  model = brjax.quantize_model(plain_models.ResNet(), [
+      brjax.QuantRule("conv_init|Dense_0", weight_bits=8, act_bits=8),
+      brjax.QuantRule("ResNetBlock_1/conv_proj", weight_bits=4, per_channel=True),
+      brjax.QuantRule("ResNetBlock_1/Conv_1"),  # float
+      brjax.QuantRule("ResNetBlock_0/.*", weight_bits=2, act_bits=2, per_channel=True),
+      brjax.QuantRule(".*", weight_bits=3, act_bits=4)])
+  variables = _random_variables(model, IMAGES, seed=1, train=False)
+  exported = export.from_linen(model, variables, IMAGES[:1], train=False)
+  h = _check_round_trip(model, variables, exported, tmp_path, train=False)
+  bits = {k["module"]: (k["bits"], np.ndim(exported.floats["/".join(k["step_size"])]) > 0)
+          for k in h["kernels"]}  # (bits, per channel)
+  assert bits == {"conv_init": (8, False), "Dense_0": (8, False),
+                  "ResNetBlock_0/Conv_0": (2, True), "ResNetBlock_0/Conv_1": (2, True),
+                  "ResNetBlock_1/Conv_0": (3, False), "ResNetBlock_1/conv_proj": (4, True)}
+  assert "params/ResNetBlock_1/Conv_1/kernel" in exported.floats
+  assert {f"params/{k['module']}/kernel" for k in h["kernels"]}.isdisjoint(exported.floats)
+  acts = {a["module"]: a for a in h["activations"]}
+  assert sorted(acts) == ["Dense_0", "ResNetBlock_0/Conv_0", "ResNetBlock_0/Conv_1",
+                          "ResNetBlock_1/Conv_0", "conv_init"]
+  for module, act in acts.items():
+    assert act["kind"] == "input" and act["calls"] == 1
+    assert act["step_size"] == ["params", *module.split("/"), "input_alpha"]
+    signed = variables["quant_state"]
+    for key in module.split("/"):
+      signed = signed[key]
+    assert act["signed"] == bool(signed["input_signed"])
+  assert (acts["conv_init"]["bits"], acts["ResNetBlock_0/Conv_1"]["bits"],
+          acts["ResNetBlock_1/Conv_0"]["bits"]) == (8, 2, 4)
 
 
-def test_export_refuses_other_layouts():
-  for name in ("resnet18_reference", "resnet20_option_a"):
-    with pytest.raises(ValueError, match=f"model='{name}' is not exportable"):
-      export.export_model({}, model=name, bits_w=2, bits_a=2)
+def test_vit_scan_stacks_each_layer_on_its_grid(tmp_path):
+  model = brjax.quantize_model(plain_models.ViT(scan=True, hidden=16, mlp_dim=32), [
+      brjax.QuantRule("embedding|head", weight_bits=8, act_bits=8),
+      brjax.QuantRule(".*", weight_bits=2, act_bits=4, per_channel=True)])
+  variables = _random_variables(model, IMAGES, seed=2)
+  exported = export.from_linen(model, variables, IMAGES[:1])
+  h = _check_round_trip(model, variables, exported, tmp_path)
+  stacked = [k for k in h["kernels"] if k["module"].startswith("encoder/block/")]
+  assert len(stacked) == 6 and all(k["stack_axes"] == 1 and k["bits"] == 2 for k in stacked)
+  query = next(k for k in stacked if k["module"].endswith("/query"))
+  assert query["shape"] == [2, 16, 2, 8]
+  assert exported.floats["/".join(query["step_size"])].shape == (2, 1, 2, 8)
+  acts = [a for a in h["activations"] if a["module"].startswith("encoder/block/")]
+  assert acts and all(isinstance(a["signed"], list) and len(a["signed"]) == 2 for a in acts)
 
 
-def test_export_refuses_unquantized_or_mismatched(random_images):
-  for bits_w, bits_a, kind in ((32, 32, "a float run"), (2, 32, "weight-only"),
-                               (32, 4, "activation-only")):
-    with pytest.raises(ValueError, match=f"W{bits_w}A{bits_a} is .*{kind}"):
-      export.export_model({}, model="resnet20", bits_w=bits_w, bits_a=bits_a)
-  with pytest.raises(ValueError, match="bits_w=9 is not accepted"):
-    export.export_model({}, model="resnet20", bits_w=9, bits_a=2)
-  with pytest.raises(ValueError, match="params/conv_init/kernel is missing"):
-    export.export_model({"params": {}}, model="resnet20", bits_w=2, bits_a=2)
-  # ResNet-20 variables (9 blocks) read as a ResNet-18 (8 blocks, 4 stages).
-  model = models.create_model("resnet20", bits_w=2, bits_a=2)
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                          random_images[1])
-  variables = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes)
-  with pytest.raises(ValueError, match="BasicBlock_8/.* is not part of a resnet18"):
-    export.export_model(variables, model="resnet18", bits_w=2, bits_a=2)
-  variables["params"]["conv_init"]["alpha"] = np.float32(np.nan)
-  with pytest.raises(ValueError, match="params/conv_init/alpha holds non-finite"):
-    export.export_model(variables, model="resnet20", bits_w=2, bits_a=2)
+def test_quantconv_resnet_and_relu_outputs(tmp_path):
+  """brjax's own layers (the CIFAR ResNet's): QuantConv/QuantDense kernels (ternary 1-bit
+  convs), QuantReLU outputs as "output" activations."""
+  model = models.CifarResNet(
+      stage_sizes=(1, 1), stage_filters=(4, 8),
+      conv=functools.partial(quant.QuantConv, bits=1, per_channel=True),
+      dense=functools.partial(quant.QuantDense, bits=8),
+      act=functools.partial(quant.QuantReLU, bits=4))
+  variables = _random_variables(model, IMAGES, seed=3, train=False)
+  exported = export.from_linen(model, variables, IMAGES[:1], train=False)
+  h = _check_round_trip(model, variables, exported, tmp_path, train=False)
+  assert sorted((k["bits"], k["packed_bits"], k["qn"]) for k in h["kernels"]) == (
+      [(1, 2, -1)] * 6 + [(8, 8, -128)])
+  outputs = [a for a in h["activations"] if a["kind"] == "output"]
+  assert len(outputs) == 5 and all(a["bits"] == 4 and a["signed"] is False for a in outputs)
 
 
-def test_load_rejects_other_files(tmp_path):
+class _CNN(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.norm = nnx.BatchNorm(8, rngs=rngs)
+    self.blocks = nnx.List([nnx.Linear(8, 8, rngs=rngs) for _ in range(2)])
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.head = nnx.Linear(8, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.norm(self.conv(x))).mean(axis=(1, 2))
+    for block in self.blocks:
+      x = nnx.relu(block(x))
+    return self.head(self.drop(x))
+
+
+def test_nnx_model_round_trip(tmp_path):
+  model = _CNN(nnx.Rngs(0))
+  brjax.quantize_model(model, [
+      brjax.QuantRule("head", weight_bits=8, act_bits=8),
+      brjax.QuantRule("blocks/.*", weight_bits=2, act_bits=4, per_channel=True),
+      brjax.QuantRule("conv", weight_bits=4)], IMAGES)
+  model.eval()
+  expected = np.asarray(model(IMAGES))
+  exported = export.from_nnx(model, IMAGES[:1])
+  h = exported.header
+  assert h["framework"] == "nnx"
+  assert {k["module"]: k["bits"] for k in h["kernels"]} == {
+      "conv": 4, "blocks/0": 2, "blocks/1": 2, "head": 8}
+  assert ["blocks", 0, "kernel"] in [k["path"] for k in h["kernels"]]  # int keys kept
+  assert not any(f["path"][0] == "drop" for f in h["floats"])  # rng state left out
+  export.save(str(tmp_path / "cnn.npz"), exported)
+  copy = nnx.clone(model)
+  nnx.update(copy, jax.tree.map(jnp.zeros_like, nnx.state(copy, nnx.Param)))
+  export.update_nnx(copy, export.load_variables(str(tmp_path / "cnn.npz")))
+  np.testing.assert_array_equal(np.asarray(copy(IMAGES)), expected)
+
+
+# ------------------------------------------------------------------------- loud failures
+
+
+class _Mlp(nn.Module):
+  @nn.compact
+  def __call__(self, x, extra: bool = False):
+    x = quant.QuantDense(8, bits=4)(x.reshape(x.shape[0], -1))
+    if extra:
+      x = quant.QuantDense(8, bits=4, name="extra")(x)
+    return x
+
+
+@pytest.fixture(scope="module")
+def mlp():
+  model = _Mlp()
+  variables = _random_variables(model, IMAGES, seed=4, extra=True)
+  return model, variables
+
+
+def test_export_fails_loudly(mlp):
+  model, variables = mlp
+  with pytest.raises(ValueError, match=r"^params/extra/alpha is a step size that no recorded "
+                                       r"site used \(1 in all\): its layer did not run"):
+    export.from_linen(model, variables, IMAGES[:1])
+  collection = export.record_linen(model, variables, IMAGES[:1], extra=True)
+  with pytest.raises(ValueError, match=r"^QuantDense_0/alpha is missing, but the weight site "
+                                       r"of QuantDense_0 keeps it there"):
+    export.from_sites(variables, collection, framework="nnx")
+  with pytest.raises(ValueError, match="framework='torch' is not accepted"):
+    export.from_sites(variables, collection, framework="torch")
+  other = jax.tree.map(lambda x: x, variables)
+  other["params"]["extra"]["kernel"] = other["params"]["extra"]["kernel"] + 1
+  with pytest.raises(ValueError, match=r"^params/extra/kernel \(shape \(8, 8\)\) is not the "
+                                       "kernel its site recorded"):
+    export.from_sites(other, collection)
+  other["params"]["extra"]["kernel"] = np.full((8, 8), np.nan, np.float32)
+  with pytest.raises(ValueError, match="^params/extra/kernel holds non-finite values"):
+    export.from_sites(other, collection)
+  with pytest.raises(ValueError, match=r"^rng/key: a .*which export cannot store"):
+    export.from_sites({**variables, "rng": {"key": jax.random.key(0)}}, collection)
+  with pytest.raises(ValueError, match="hold the 'quant' collection"):
+    export.from_linen(model, {**variables, "quant": collection}, IMAGES[:1], extra=True)
+  with pytest.raises(ValueError, match="recorded no quantized kernel"):
+    export.from_sites(variables, {})
+
+
+def test_export_refuses_what_it_cannot_pack():
+  act_only = brjax.quantize_model(plain_models.ViT(hidden=8, depth=1, mlp_dim=8),
+                                  [brjax.QuantRule(".*", act_bits=4, act_signed=True)])
+  with pytest.raises(ValueError, match="recorded no quantized kernel"):
+    export.from_linen(act_only, _random_variables(act_only, IMAGES, seed=5), IMAGES[:1])
+  bf16 = brjax.quantize_model(nn.Dense(4, param_dtype=jnp.bfloat16),
+                              [brjax.QuantRule(".*", weight_bits=4)])
+  x = IMAGES[:1, 0, 0]
+  with pytest.raises(ValueError, match="^params/kernel has dtype bfloat16: export packs "
+                                       "float32 or float64"):
+    export.from_linen(bf16, bf16.init(jax.random.key(0), x), x)
+
+  class Ensemble(nn.Module):  # one kernel shared by every member: broadcast, not stacked
+    @nn.compact
+    def __call__(self, x):
+      dense = nn.vmap(nn.Dense, variable_axes={"params": None, "quant": 0},
+                      split_rngs={"params": False})
+      return dense(4, name="shared")(x)
+
+  model = brjax.quantize_model(Ensemble(), [brjax.QuantRule(".*", weight_bits=4)])
+  x = IMAGES[:3, :2, 0]
+  with pytest.raises(ValueError, match=r"^params/shared/alpha \(shape \(\)\) is not the step "
+                                       r"size its site recorded \(shape \(3,\)\)"):
+    export.from_linen(model, model.init(jax.random.key(0), x), x)
+
+
+def _header_bytes(header: dict) -> np.ndarray:
+  return np.frombuffer(json.dumps(header).encode(), np.uint8)
+
+
+def test_load_rejects_other_and_corrupt_files(mlp, tmp_path):
   path = tmp_path / "x.npz"
   path.write_bytes(b"not a zip")
   with pytest.raises(ValueError, match="is not a brjax export"):
     export.load(str(path))
-  np.savez(path, header=np.frombuffer(json.dumps({"format": "other"}).encode(), np.uint8))
-  with pytest.raises(ValueError, match="format 'other'"):
+  np.savez(path, header=_header_bytes({"format": "brjax.export", "version": 1}))
+  with pytest.raises(ValueError, match="format 'brjax.export'.*brjax.integer_export.load"):
+    export.load(str(path))
+  model, variables = mlp
+  exported = export.from_linen(model, variables, IMAGES[:1], extra=True)
+  export.save(str(path), exported)
+  with np.load(str(path)) as z:
+    header, data = json.loads(bytes(z["header"])), z["data"]
+  np.savez(path, header=_header_bytes(header), data=data[:-8])
+  with pytest.raises(ValueError, match=r"its data is not the uint8 \(\d+,\) buffer"):
+    export.load(str(path))
+  header["kernels"][0]["offset"] = len(data)
+  np.savez(path, header=_header_bytes(header), data=data)
+  with pytest.raises(ValueError, match="params/QuantDense_0/kernel is unreadable.*outside"):
     export.load(str(path))
 
 
-def test_export_run_refuses_a_float_checkpoint(tmp_path):
-  model = models.create_model("resnet20")
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                          jnp.zeros((1, 32, 32, 3)))
-  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  config = dataclasses.asdict(Config(bits_w=32, bits_a=32))
-  ckpts = checkpoint.RunCheckpoints(str(tmp_path))
-  ckpts.save(1, variables, {"epoch": 1, "config": config}, is_best=True)
+# ---------------------------------------------------------------------- training runs
+
+
+def _write_run(workdir, config: Config, seed: int) -> dict:
+  """A checkpoint of ``config``'s model with random variables, as brjax.train writes it."""
+  model = models.from_run_config(config, 10)
+  images = np.zeros((1, 32, 32, 3), np.float32)
+  variables = _random_variables(model, images, seed, train=False)
+  ckpts = checkpoint.RunCheckpoints(str(workdir))
+  data = {"mean": [0.5] * 3, "std": [0.25] * 3, "class_names": [str(i) for i in range(10)]}
+  ckpts.save(1, variables, {"epoch": 1, "config": dataclasses.asdict(config), "data": data},
+             is_best=True)
   ckpts.close()
-  with pytest.raises(ValueError, match="W32A32 is a float run"):
-    export.export_run(str(tmp_path))
+  return variables
 
 
-def test_export_run_needs_a_checkpoint(tmp_path):
-  (tmp_path / "checkpoints" / "best").mkdir(parents=True)
-  with pytest.raises(ValueError, match=r"--workdir=.* holds no checkpoint \(checkpoints/best"):
-    export.export_run(str(tmp_path))
+def test_script_exports_a_run_the_integer_format_cannot_hold(tmp_path, capsys):
+  """A weight-only run of the reference layout: refused by --format=integer (which says
+  where to go), exported by --format=quantized, and loaded back exactly."""
+  config = Config(model="resnet18_reference", width=2, bits_w=2, bits_a=32, per_channel=True)
+  variables = _write_run(tmp_path / "run", config, seed=6)
+  out = tmp_path / "run.npz"
+  code, stdout, stderr = run_main("export", [f"--workdir={tmp_path / 'run'}", f"--out={out}"],
+                                  capsys)
+  assert code == 2 and not stdout and not out.exists()
+  assert re.fullmatch(r"error: W2A32 is a weight-only quantized run: .*; --format=quantized "
+                      r"exports any quantized run\n", stderr)
+  code, stdout, stderr = run_main("export", [f"--workdir={tmp_path / 'run'}", f"--out={out}",
+                                             "--format=quantized"], capsys)
+  assert code == 0, stderr
+  lines = stdout.splitlines()
+  assert lines[0] == f"{out}: resnet18_reference (W2A32), 21 quantized kernels, epoch 1"
+  match = re.fullmatch(r"exported ([\d.]+) kB vs float ([\d.]+) kB: ([\d.]+)x smaller", lines[1])
+  assert match and float(match[1]) == round(out.stat().st_size / 1e3, 1), lines
+  assert re.fullmatch(r"  codes [\d.]+ kB at 2 bits per weight, float rest [\d.]+ kB, header "
+                      r"and container [\d.]+ kB", lines[2]), lines
+  exported = export.load(str(out))
+  assert exported.header["source"]["config"]["model"] == "resnet18_reference"
+  model = models.from_run_config(exported.header["source"]["config"], 10)
+  apply = jax.jit(functools.partial(model.apply, train=False))
+  images = np.random.default_rng(1).normal(0, 1, (2, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(apply(export.to_variables(exported), images)),
+                                np.asarray(apply(variables, images)))
 
 
-# --------------------------------------------------------------------------- end to end
-
-
-def _run_script(*args):
-  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                        cwd=str(REPO), timeout=300, check=False)
+def test_script_refuses_a_float_run_and_bad_flags(tmp_path, capsys):
+  _write_run(tmp_path / "float", Config(bits_w=32, bits_a=32), seed=7)
+  out = tmp_path / "x.npz"
+  code, stdout, stderr = run_main("export", [f"--workdir={tmp_path / 'float'}", f"--out={out}",
+                                             "--format=quantized"], capsys)
+  assert (code, stdout) == (2, "") and not out.exists()
+  assert stderr == "error: W32A32: the run's kernels are float, there is nothing to pack\n"
+  code, _, stderr = run_main("export", [f"--workdir={tmp_path / 'float'}", f"--out={out}",
+                                        "--format=onnx"], capsys)
+  assert code == 2 and stderr.startswith("error: ") and "--format" in stderr
 
 
 @pytest.mark.slow
-def test_script_exports_the_tiny_run(tiny_run, tmp_path):
+def test_script_exports_the_tiny_run_in_the_quantized_format(tiny_run, tmp_path, capsys):
   workdir, _ = tiny_run
   out = tmp_path / "tiny.npz"
-  result = _run_script(f"--workdir={workdir}", f"--out={out}")
-  assert result.returncode == 0, result.stderr
-  match = re.search(r"exported ([\d.]+) MB \(W2A2\) vs float ([\d.]+) MB: ([\d.]+)x smaller",
-                    result.stdout)
-  assert match, result.stdout
-  exported_mb, float_mb, ratio = map(float, match.groups())
+  code, stdout, stderr = run_main("export", [f"--workdir={workdir}", f"--out={out}",
+                                             "--format=quantized"], capsys)
+  assert code == 0, stderr
   variables, meta = checkpoint.restore_pretrained(workdir)
-  assert exported_mb == round(out.stat().st_size / 1e6, 2)
-  assert float_mb == round(export.float_size_bytes(variables) / 1e6, 2)
-  assert ratio == round(export.float_size_bytes(variables) / out.stat().st_size, 1)
-  assert ratio > 8  # 2-bit codes: 16x on the weights, less the float parts and headers
-
-  exported = export.load(str(out))
-  config = meta["config"]
-  h = exported.header
-  assert (h["model"], h["bits_w"], h["bits_a"], h["clip"], h["num_classes"]) == (
-      "resnet20", 2, 2, None, 10)
-  assert len(h["layers"]) == 22 and len(h["activations"]) == 19
-  ds = input_pipeline.load_dataset(config["dataset"], config["data_dir"],
-                                   train_examples=config["train_examples"],
-                                   test_examples=config["test_examples"])
-  np.testing.assert_array_equal(np.float32(h["normalization"]["mean"]), ds.mean)
-  np.testing.assert_array_equal(np.float32(h["normalization"]["std"]), ds.std)
-  model = models.create_model(config["model"], bits_w=config["bits_w"],
-                              bits_a=config["bits_a"], clip=config["clip"],
-                              num_classes=ds.num_classes)
-  batch = next(input_pipeline.eval_batches(ds, len(ds.test_labels)))
-  assert batch["mask"].all() and len(ds.test_labels) == 128
-  fq_logits, fq_codes, _ = _fake_quant(model, variables, batch["image"])
-  # The deployed path: uint8 pixels (the float stem is covered by the random models).
-  logits, flips, err = _compare(exported, ds.test_images, fq_logits, fq_codes)
-  np.testing.assert_array_equal(logits.argmax(1), fq_logits.argmax(1))
-  print(f"tiny run: {flips.sum()} flipped codes, max |dlogit| {err.max():.3g}, "
-        f"max |logit| {np.abs(fq_logits).max():.3g}")
-
-
-def test_script_rejects_a_bad_workdir(tmp_path):
-  out = tmp_path / "x.npz"
-  result = _run_script(f"--workdir={tmp_path / 'nope'}", f"--out={out}")
-  assert result.returncode == 2
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: --workdir=") and "nope" in lines[0]
-  assert not out.exists() and not result.stdout
-
-
-@pytest.mark.parametrize("signed,codes", [(True, [-1, 0, 1, 1, 0, -1, 1]),
-                                          (False, [0, 1, 1, 0, 1])])
-def test_one_bit_codes_pack_in_two_bits(signed, codes):
-  codes = np.array(codes)
-  packed = export.pack_codes(codes, 1, signed=signed)
-  assert packed.size == export.packed_size(codes.size, 1) == -(-2 * codes.size // 8)
-  np.testing.assert_array_equal(export.unpack_codes(packed, codes.shape, 1, signed=signed), codes)
+  match = re.search(r"exported ([\d.]+) MB vs float ([\d.]+) MB: ([\d.]+)x smaller", stdout)
+  assert match, stdout
+  assert float(match[3]) > 8  # 2-bit codes: 16x on the kernels, less the float rest
+  print(stdout)
+  model = models.from_run_config(meta["config"], len(meta["data"]["class_names"]))
+  apply = jax.jit(functools.partial(model.apply, train=False))
+  images = np.random.default_rng(2).normal(0, 1, (8, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(apply(export.load_variables(str(out)), images)),
+                                np.asarray(apply(variables, images)))

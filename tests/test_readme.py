@@ -33,11 +33,17 @@ def _run_training_snippet(heading: str, capsys) -> dict:
 
 
 @pytest.mark.slow
-def test_linen_snippet_quantizes_an_unmodified_model_and_trains(capsys):
+def test_linen_snippet_quantizes_an_unmodified_model_trains_and_exports(capsys, tmp_path,
+                                                                         monkeypatch):
   namespace = _run_training_snippet("### Linen", capsys)
   params = namespace["variables"]["params"]
   assert set(params["head"]) == {"kernel", "bias", "alpha", "input_alpha"}
   assert set(params["Dense_0"]) == {"kernel", "bias", "alpha", "input_alpha"}
+  monkeypatch.chdir(tmp_path)  # the export snippet continues the Linen one
+  exec(compile(_code_after("**Export any quantized model.**", "python"), "README.md", "exec"),
+       namespace)
+  assert (tmp_path / "mlp.npz").stat().st_size == namespace["size"]
+  assert capsys.readouterr().out.endswith(" bytes\n")
 
 
 @pytest.mark.slow
