@@ -7,7 +7,6 @@ activations (``brjax.steps.eval_step``, jitted once by ``brjax.parallel.jit_eval
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Callable
 
 import jax
@@ -15,7 +14,7 @@ import numpy as np
 
 from brjax import checkpoint
 from brjax import input_pipeline
-from brjax import metrics_file
+from brjax import history
 from brjax import models
 from brjax.parallel import Topology, device_batches, jit_eval_step
 
@@ -85,7 +84,7 @@ def evaluate_run(workdir: str, *, prefer: str = "best", data_dir: str | None = N
   result = evaluate(jit_eval_step(topology, model.apply),
                     jax.device_put(variables, topology.replicated), ds, batch_size, topology)
   result["epoch"] = meta.get("epoch")
-  logged = [m for m in metrics_file.read_metrics(os.path.join(workdir, metrics_file.FILENAME))
+  logged = [m for m in history.read_history(workdir, missing_ok=True)
             if m.get("epoch") == result["epoch"]]
   result["logged_test_acc"] = logged[-1].get("test_acc") if logged else None
   return result

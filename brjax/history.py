@@ -1,6 +1,7 @@
 """A training run's history on disk, read without JAX.
 
-``brjax.train`` leaves in a run's ``--workdir``::
+``brjax.train`` leaves in a run's ``--workdir`` (and writes the first through
+:func:`append_record` and :func:`truncate_history`)::
 
     metrics.jsonl                     one JSON object per finished epoch, in order
     checkpoints/latest/<epoch>/       the last two epochs (orbax)
@@ -66,6 +67,25 @@ def read_history(workdir: str, *, missing_ok: bool = False) -> list[dict]:
                          "epoch")
     records.append(record)
   return records
+
+
+def append_record(workdir: str, record: dict) -> None:
+  """Appends one finished epoch's record to ``<workdir>/metrics.jsonl`` as a JSON line."""
+  with open(metrics_path(workdir), "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def truncate_history(workdir: str, last_epoch: int) -> None:
+  """Drops the records past ``last_epoch`` (written by a run killed before its save),
+  atomically: the file is rewritten beside it and renamed over it."""
+  path = metrics_path(workdir)
+  if not os.path.exists(path):
+    return
+  kept = [r for r in read_history(workdir) if r["epoch"] <= last_epoch]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in kept)
+  os.replace(tmp, path)
 
 
 def checkpoint_epochs(workdir: str, kind: str = "latest") -> list[int]:

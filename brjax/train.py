@@ -9,7 +9,7 @@ The parts it calls live next door:
   brjax.evaluation    evaluate (a test split), evaluate_run (a run's checkpoint)
   brjax.report        the banner and the log lines
   brjax.run_control   Ctrl-C at a safe point (Interrupted), the clock of the time left
-  brjax.metrics_file  the run's metrics.jsonl
+  brjax.history       the run's metrics.jsonl
 
 Their public names stay importable from here (``brjax.train.TrainState``, ...).
 """
@@ -33,7 +33,7 @@ import tqdm
 from brjax import checkpoint
 from brjax import input_pipeline
 from brjax import metrics
-from brjax import metrics_file
+from brjax import history
 from brjax import models
 from brjax import optim
 from brjax import quant
@@ -147,10 +147,6 @@ class _Run:
   is_chief: bool  # process 0, which alone logs and writes metrics (multi-host)
   log: Callable[[str], None]
 
-  @property
-  def metrics_path(self) -> str:
-    return os.path.join(self.workdir, metrics_file.FILENAME)
-
 
 def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
                        devices=None, log: Callable[[str], None] = print,
@@ -259,11 +255,11 @@ def _check_workdir(config: Config, workdir: str, resume: bool,
 
 def _finished_run(config: Config, workdir: str, meta: dict, log: Callable[[str], None]) -> dict:
   """Says that a resumed run has nothing left to do; returns its last metrics line."""
-  history = metrics_file.read_metrics(os.path.join(workdir, metrics_file.FILENAME))
+  records = history.read_history(workdir, missing_ok=True)
   log(f"{workdir} has finished all {config.epochs} epochs (best test acc "
       f"{meta.get('best_test_acc', 0.0):.2f}%): nothing to resume. Evaluate it with "
       f"scripts/evaluate.py --workdir={workdir}")
-  return history[-1] if history else {}
+  return records[-1] if records else {}
 
 
 def _setup(config: Config, workdir: str, devices, is_chief: bool,
@@ -300,11 +296,11 @@ def _restore_or_start(run: _Run, ckpts: checkpoint.RunCheckpoints, state: TrainS
     state, meta = ckpts.restore_latest(state, run.config)
     start_epoch, best_acc = meta["epoch"], meta["best_test_acc"]
     if run.is_chief:
-      metrics_file.truncate_metrics(run.metrics_path, start_epoch)
+      history.truncate_history(run.workdir, start_epoch)
     run.log(f"Resumed from {run.workdir} at epoch {start_epoch} "
             f"(best test acc {best_acc:.2f}%)")
-  elif run.is_chief and os.path.exists(run.metrics_path):
-    os.remove(run.metrics_path)  # metrics of a run that never saved a checkpoint
+  elif run.is_chief and os.path.exists(history.metrics_path(run.workdir)):
+    os.remove(history.metrics_path(run.workdir))  # metrics of a run that never saved a checkpoint
   return jax.device_put(state, run.topology.replicated), start_epoch, best_acc
 
 
@@ -423,7 +419,7 @@ def _save_epoch(run: _Run, ckpts: checkpoint.RunCheckpoints, state: TrainState, 
   """Appends the epoch's metrics line (process 0) and saves its checkpoint, with the meta
   that resume and ``evaluate_run`` read: the config and the data's normalization."""
   if run.is_chief:
-    metrics_file.append_metrics(run.metrics_path, m)
+    history.append_record(run.workdir, m)
   ds = run.ds
   ckpts.save(m["epoch"], jax.device_get(state),
              {"epoch": m["epoch"], "phase": m["phase"], "best_test_acc": m["best_test_acc"],

@@ -78,3 +78,16 @@ def test_reading_and_planning_import_no_jax():
     assert brjax.qrange(2, True) == (-2, 1) and brjax.quantize_model and "jax" in sys.modules
   """
   subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=REPO)
+
+
+def test_append_and_truncate_keep_the_finished_epochs(tmp_path):
+  for epoch in (1, 2, 3):
+    history.append_record(str(tmp_path), {"epoch": epoch, "test_acc": 10.0 * epoch})
+  history.truncate_history(str(tmp_path), 2)
+  assert history.read_history(str(tmp_path)) == [{"epoch": 1, "test_acc": 10.0},
+                                                  {"epoch": 2, "test_acc": 20.0}]
+  # A line cut short by a kill is dropped by the truncation too, not a crash.
+  with open(history.metrics_path(str(tmp_path)), "a") as f:
+    f.write('{"epoch": 3, "te')
+  history.truncate_history(str(tmp_path), 2)
+  assert [r["epoch"] for r in history.read_history(str(tmp_path))] == [1, 2]
