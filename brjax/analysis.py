@@ -126,9 +126,10 @@ def load_run(workdir: str, flag: str, records: list[dict], data_dir: str | None,
   num_classes, batch = cache[data_key]
 
   model_key = (config["model"], config["bits_w"], config["bits_a"], config.get("clip"),
-               num_classes, config.get("width"), config.get("per_channel"))
+               num_classes, config.get("width"), config.get("per_channel"),
+               batch["image"].shape[1])
   if model_key not in cache:
-    model = models.from_run_config(config, num_classes)
+    model = models.from_run_config(config, num_classes, batch["image"].shape[1])
     order: list[str] = []
 
     def compute(variables, images, mask):

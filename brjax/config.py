@@ -14,8 +14,11 @@ import re
 from brjax import recipes
 from brjax.bits import FLOAT_BITS
 
-MODELS = ("resnet18", "resnet20", "resnet18_reference", "resnet20_option_a")
+CIFAR_MODELS = ("resnet18", "resnet20", "resnet18_reference", "resnet20_option_a")
+PAPER_MODELS = ("resnet18_imagenet", "resnet50", "mobilenet_v2")  # brjax.paper_models
+MODELS = CIFAR_MODELS + PAPER_MODELS
 PRETRAINED_SUFFIXES = (".pth", ".pt")
+ALPHA_GRADS_W = ("full", "lsq", "none")  # brjax.regularizer.ALPHA_GRADS_W, without JAX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Config:
   freeze_alpha_w: bool = False
   freeze_alpha_a: bool = False
   br_alpha_grad_a: bool = False
+  br_alpha_grad_w: str = "full"
   abr_layers: str | None = None
   abr_exclude_first: bool = False
   abr_exclude_last: bool = False
@@ -88,6 +92,8 @@ class Config:
                            ("normalization", recipes.NORMALIZATIONS)):
       _check(getattr(self, name) in accepted, name, getattr(self, name),
              f"use one of {', '.join(accepted)}")
+    _check(self.br_alpha_grad_w in ALPHA_GRADS_W, "br_alpha_grad_w", self.br_alpha_grad_w,
+           f"use one of {', '.join(ALPHA_GRADS_W)}")
     _check(isinstance(self.decay_alphas, bool), "decay_alphas", self.decay_alphas,
            "use true or false")
     _check(_is_finite(self.adam_eps) and self.adam_eps > 0, "adam_eps", self.adam_eps,
@@ -102,8 +108,9 @@ class Config:
       _check(_is_int(bits) and (1 <= bits <= 8 or bits == FLOAT_BITS), name, bits,
              f"use an integer in 1..8, or {FLOAT_BITS} for float")
     if self.clip is not None:
-      _check(_is_finite(self.clip) and self.clip > 0, "clip", self.clip,
-             "use a positive number, or leave it unset for a plain ReLU")
+      _check(_is_finite(self.clip) and self.clip > 0 and self.model in CIFAR_MODELS, "clip",
+             self.clip, "use a positive number with a CIFAR ResNet (the papers' models keep "
+             "their own ReLU/ReLU6), or leave it unset for a plain ReLU")
     for name in ("lambda_w", "lambda_a", "weight_decay"):
       value = getattr(self, name)
       _check(_is_finite(value) and value >= 0, name, value, "use a finite number >= 0")

@@ -77,7 +77,7 @@ def evaluate_run(workdir: str, *, prefer: str = "best", data_dir: str | None = N
                        f"({data['class_names']}): pass the run's data")
     ds = dataclasses.replace(ds, mean=np.asarray(data["mean"], np.float32),
                              std=np.asarray(data["std"], np.float32))
-  model = models.from_run_config(config, ds.num_classes)
+  model = models.from_run_config(config, ds.num_classes, ds.image_size)
   topology = Topology.create(devices)
   batch_size = batch_size or config["batch_size"]
   batch_size = max(batch_size - batch_size % topology.mesh.size, topology.mesh.size)

@@ -335,7 +335,7 @@ def export_run(workdir: str, *, prefer: str = "best") -> QuantizedExport:
   Any ``scripts/train.py`` run with quantized weights: every model, per-channel step
   sizes, weight-only runs. ``header["source"]`` keeps the run's ``config`` and ``data``
   (class names, input normalization): the model that runs :func:`load_variables`' result
-  is ``models.from_run_config(config, len(data["class_names"]))``.
+  is ``models.from_run_config(config, len(data["class_names"]), data["image_size"])``.
 
   Raises:
     ValueError: no checkpoint, a meta not written by ``brjax.train``, a float run.
@@ -351,8 +351,9 @@ def export_run(workdir: str, *, prefer: str = "best") -> QuantizedExport:
   if "class_names" not in data:
     raise ValueError(f"the checkpoint meta in {workdir} lacks the run's class names: it was "
                      "written by an older brjax.train")
-  model = models.from_run_config(config, len(data["class_names"]))
-  sample = np.zeros((1, 32, 32, 3), np.float32)  # no exported value depends on it
+  size = data.get("image_size", 32)  # runs saved before it was recorded were CIFAR-size
+  model = models.from_run_config(config, len(data["class_names"]), size)
+  sample = np.zeros((1, size, size, 3), np.float32)  # no exported value depends on it
   source = {"workdir": os.path.abspath(workdir), "epoch": meta.get("epoch"),
             "best_test_acc": meta.get("best_test_acc"), "config": config, "data": data}
   return from_sites(variables, record_linen(model, variables, sample, train=False),

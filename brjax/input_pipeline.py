@@ -65,6 +65,11 @@ class Dataset:
   def num_classes(self) -> int:
     return len(self.class_names)
 
+  @property
+  def image_size(self) -> int:
+    """The side of the (square) images, as the models see them."""
+    return int(self.test_images.shape[1])
+
 
 def load_dataset(dataset: str = "cifar10", data_dir: str | None = None,
                  train_examples: int = 0, test_examples: int = 0) -> Dataset:

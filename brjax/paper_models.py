@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from brjax.bits import FLOAT_BITS
+from brjax.quantize import quantize_model
 from brjax.rules import QuantRule
 
 # PyTorch's BatchNorm defaults (momentum 0.1 = Flax 0.9, epsilon 1e-5), as the published
@@ -190,7 +192,8 @@ FIRST_LAST_BITS = 8
 
 
 def paper_rules(name: str, bits_w: int, bits_a: int, *,
-                first_last_bits: int | None = FIRST_LAST_BITS) -> tuple[QuantRule, ...]:
+                first_last_bits: int | None = FIRST_LAST_BITS, per_channel: bool = False,
+                act_batch_grad_scale: bool = False) -> tuple[QuantRule, ...]:
   """The quantization of the LSQ / BR papers for one of :data:`MODELS`.
 
   * every convolution's and dense layer's kernel at ``bits_w`` bits (signed), and its input
@@ -200,20 +203,49 @@ def paper_rules(name: str, bits_w: int, bits_a: int, *,
     ReLU/ReLU6, signed for the image and for MobileNetV2's linear-bottleneck outputs (the
     inputs of ``expand`` and ``conv_last``);
   * MobileNetV2's depthwise kernels with one step size per channel (the usual choice at
-    2-4 bits: their channels have very different ranges).
+    2-4 bits: their channels have very different ranges); every kernel with
+    ``per_channel``;
+  * ``bits_w`` or ``bits_a`` of 32 (``FLOAT_BITS``) keeps every kernel or input float.
+
+  ``act_batch_grad_scale``: see :class:`QuantRule` (the reference package's choice).
 
   Raises:
     ValueError: for an unknown ``name``; bits are checked by :class:`QuantRule`.
   """
   if name not in MODELS:
     raise ValueError(f"model={name!r} has no paper rules: use one of {sorted(MODELS)}")
-  edge = dict(weight_bits=first_last_bits or bits_w, act_bits=first_last_bits or bits_a)
+  w = None if bits_w == FLOAT_BITS else bits_w
+  a = None if bits_a == FLOAT_BITS else bits_a
+  edge = dict(weight_bits=w and (first_last_bits or w), act_bits=a and (first_last_bits or a),
+              per_channel=per_channel, act_batch_grad_scale=act_batch_grad_scale)
   first = "stem" if name == "mobilenet_v2" else "conv_init"
   last = "classifier" if name == "mobilenet_v2" else "head"
   rules = [QuantRule(first, act_signed=True, **edge), QuantRule(last, act_signed=False, **edge)]
-  body = dict(weight_bits=bits_w, act_bits=bits_a)
+  body = dict(edge, weight_bits=w, act_bits=a)
   if name == "mobilenet_v2":
-    rules += [QuantRule(r"block\d+/depthwise", act_signed=False, per_channel=True, **body),
+    rules += [QuantRule(r"block\d+/depthwise", act_signed=False, **dict(body, per_channel=True)),
               QuantRule(r"block\d+/expand|conv_last", act_signed=True, **body)]
   rules.append(QuantRule(".*", act_signed=False, **body))
   return tuple(rules)
+
+
+SMALL_INPUTS = 64
+"""Images of at most this side get the ``small_inputs`` variant of a model."""
+
+
+def create_model(name: str, *, bits_w: int, bits_a: int, num_classes: int, image_size: int,
+                 per_channel: bool = False, act_batch_grad_scale: bool = False,
+                 dtype: Any = jnp.float32) -> nn.Module:
+  """One of :data:`MODELS`, quantized by :func:`paper_rules` (plain Flax when float).
+
+  ``image_size``: the side of the input images; at most :data:`SMALL_INPUTS` (CIFAR) gives
+  the ``small_inputs`` variant.
+  """
+  if name not in MODELS:
+    raise ValueError(f"model={name!r} is not supported: use one of {sorted(MODELS)}")
+  model = MODELS[name](num_classes=num_classes, small_inputs=image_size <= SMALL_INPUTS,
+                       dtype=dtype)
+  if bits_w == FLOAT_BITS and bits_a == FLOAT_BITS:
+    return model
+  return quantize_model(model, paper_rules(name, bits_w, bits_a, per_channel=per_channel,
+                                           act_batch_grad_scale=act_batch_grad_scale))

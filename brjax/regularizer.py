@@ -90,18 +90,44 @@ def _binned_loss(v, alpha, qn, levels: int, alpha_grad: bool) -> jax.Array:
   return jnp.sum(sums / jnp.maximum(counts, 1).astype(dtype))
 
 
-def site_br(site: sites.Site, *, alpha_grad: bool) -> jax.Array:
-  """BR of one quantization site, on its own range; each stacked layer on its own grid."""
+ALPHA_GRADS_W = ("full", "lsq", "none")
+"""What W-BR's gradient does to the weight step sizes: ``full`` (the BR paper's and the
+reference package's: the plain derivative of the loss), ``lsq`` (that derivative times
+LSQ's gradient scale ``g = 1 / sqrt(N * qp)``, as the cross-entropy gradient gets; ``N``
+the weights one step size quantizes), ``none`` (W-BR leaves the step sizes alone)."""
+
+
+@jax.custom_vjp
+def _scale_gradient(x: jax.Array, scale: jax.Array) -> jax.Array:
+  """Identity forward (bit for bit); the gradient to ``x`` times ``scale``."""
+  return x
+
+
+_scale_gradient.defvjp(lambda x, scale: (x, scale),
+                       lambda scale, g: (g * scale, jnp.zeros_like(scale)))
+
+
+def site_br(site: sites.Site, *, alpha_grad: bool | str) -> jax.Array:
+  """BR of one quantization site, on its own range; each stacked layer on its own grid.
+
+  ``alpha_grad``: a bool, or one of :data:`ALPHA_GRADS_W` (``"lsq"`` scales the step
+  size's gradient by ``1 / sqrt(N * qp)``, ``N = values.size / alpha.size`` per step size).
+  """
   values, alpha, qn = sites.grouped(site)
-  return _binned_loss(values, alpha, qn, site.levels, alpha_grad)
+  if alpha_grad == "lsq":
+    qp = site.levels - 1 + jnp.max(qn)  # weights: a static signed range
+    g = quant.grad_scale(values.size // alpha.size, 1) * jax.lax.rsqrt(qp.astype(jnp.float32))
+    alpha = _scale_gradient(alpha, g.astype(alpha.dtype))
+  return _binned_loss(values, alpha, qn, site.levels, alpha_grad in (True, "full", "lsq"))
 
 
-def weight_br(collection: Any) -> jax.Array:
+def weight_br(collection: Any, *, alpha_grad: str = "full") -> jax.Array:
   """W-BR: the sum of :func:`bin_regularization` over every quantized kernel.
 
   Reads the ``"weight"`` sites of the ``"quant"`` collection (``model.apply(...,
   mutable=["quant", ...])``); signed bins on each kernel's own range; the gradient reaches
-  the kernels and their step sizes (``alpha_grad=True``), as in the BR paper.
+  the kernels and, with ``alpha_grad="full"`` (the BR paper's), their step sizes; see
+  :data:`ALPHA_GRADS_W` for ``"lsq"`` and ``"none"``.
 
   Returns:
     A float32 (float64 for float64 kernels) scalar.
@@ -110,7 +136,11 @@ def weight_br(collection: Any) -> jax.Array:
     ValueError: if the collection holds no kernel (nothing quantized, or ``"quant"`` was
       not mutable in ``apply``): a silent 0 would train without BR.
   """
-  found = [site_br(s, alpha_grad=True) for _, _, s in sites.iterate(collection, (sites.WEIGHT,))]
+  if alpha_grad not in ALPHA_GRADS_W:
+    raise ValueError(f"alpha_grad={alpha_grad!r} is not accepted: use one of "
+                     f"{', '.join(ALPHA_GRADS_W)}")
+  found = [site_br(s, alpha_grad=alpha_grad)
+           for _, _, s in sites.iterate(collection, (sites.WEIGHT,))]
   if not found:
     raise ValueError(f"W-BR found no quantized kernel: pass mutable=[{sites.COLLECTION!r}, "
                      "...] to model.apply, and quantize at least one layer's weights")
@@ -150,12 +180,12 @@ def activation_br(collection: Any, *, alpha_grad: bool = False,
   return sum(found[1:], found[0])
 
 
-def br_losses(collection: Any, *, alpha_grad_a: bool = False,
-              abr_layers: str | None = None) -> tuple[jax.Array, jax.Array]:
+def br_losses(collection: Any, *, alpha_grad_a: bool = False, abr_layers: str | None = None,
+              alpha_grad_w: str = "full") -> tuple[jax.Array, jax.Array]:
   """Both collectors at once: ``(weight_br(collection), activation_br(collection))``.
 
   ``collection`` is the ``"quant"`` collection of one ``model.apply(..., mutable=["quant",
   ...])``: every kernel and every activation binned with its own bits and range.
   """
-  return (weight_br(collection),
+  return (weight_br(collection, alpha_grad=alpha_grad_w),
           activation_br(collection, alpha_grad=alpha_grad_a, layers=abr_layers))

@@ -17,6 +17,9 @@ from brjax.steps import BR
 RULE = "=" * 80
 
 
+_WBR_ALPHA = {"full": "full (paper-faithful)", "lsq": "scaled by LSQ's g = 1/sqrt(N*Qp)",
+              "none": "none"}
+
 def banner(config: Config, topology: Topology, ds: input_pipeline.Dataset,
            abr_line: str | None = None) -> str:
   """The run's opening lines: model, stages, BR and alpha settings, start, recipe, data,
@@ -35,7 +38,8 @@ def banner(config: Config, topology: Topology, ds: input_pipeline.Dataset,
     lines += [
         "BR configuration:",
         f"  - W-BR (weights): lambda={config.lambda_w:g} [{on(config.lambda_w)}]",
-        "    └─> gradients to alpha: always (paper-faithful)",
+        f"    └─> gradients to alpha: {_WBR_ALPHA[config.br_alpha_grad_w]} "
+        "(--br_alpha_grad_w)",
         f"  - A-BR (activations): lambda={config.lambda_a:g} [{on(config.lambda_a)}]",
     ]
     if config.lambda_a > 0:

@@ -8,6 +8,7 @@ steps (``StopRequested``), which ``train_and_evaluate`` reports as ``Interrupted
 from __future__ import annotations
 
 import dataclasses
+import math
 import signal
 import threading
 
@@ -86,3 +87,24 @@ class RunClock:
     epoch_s = self.steps_per_epoch * step_s + self.eval_s
     return ((self.steps_per_epoch - steps_done) * step_s + self.eval_s
             + (self.epochs - epoch) * epoch_s)
+
+
+class Diverged(ArithmeticError):
+  """The training loss of an epoch is not finite: the run stops before saving that epoch."""
+
+  def __init__(self, epoch: int, m: dict, saved_epoch: int | None):
+    terms = ", ".join(f"{k}={m[k]:.4g}" for k in ("ce", "br_w", "br_a")
+                      if isinstance(m.get(k), float))
+    kept = (f"the checkpoint of epoch {saved_epoch} is kept" if saved_epoch else
+            "no checkpoint was saved")
+    super().__init__(
+        f"epoch {epoch} diverged: its mean training loss is {m['train_loss']} ({terms}); the "
+        f"epoch was not saved, {kept}: lower --lr or --lambda_w/--lambda_a, or freeze the "
+        "step sizes (--freeze_alpha_w/--freeze_alpha_a) or scale W-BR's gradient to them "
+        "(--br_alpha_grad_w=lsq)")
+
+
+def check_finite(epoch: int, m: dict, saved_epoch: int | None) -> None:
+  """Raises :class:`Diverged` when the epoch's training loss is NaN or infinite."""
+  if not math.isfinite(m["train_loss"]):
+    raise Diverged(epoch, m, saved_epoch)

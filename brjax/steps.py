@@ -41,6 +41,7 @@ class BRSettings:
   lambda_w: float = struct.field(pytree_node=False, default=0.0)
   lambda_a: float = struct.field(pytree_node=False, default=0.0)
   alpha_grad_a: bool = struct.field(pytree_node=False, default=False)
+  alpha_grad_w: str = struct.field(pytree_node=False, default="full")
   abr_layers: str | None = struct.field(pytree_node=False, default=None)
 
 
@@ -66,7 +67,8 @@ def br_settings(config: Config, phase: str,
   return BRSettings(
       lambda_w=config.lambda_w if config.bits_w != quant.FLOAT_BITS else 0.0,
       lambda_a=config.lambda_a if config.bits_a != quant.FLOAT_BITS else 0.0,
-      alpha_grad_a=config.br_alpha_grad_a, abr_layers=pattern)
+      alpha_grad_a=config.br_alpha_grad_a, alpha_grad_w=config.br_alpha_grad_w,
+      abr_layers=pattern)
 
 
 def activation_sites(model: flax.linen.Module, variables: dict, images: jax.Array) -> list[str]:
@@ -129,7 +131,8 @@ def train_step(state: TrainState, batch: dict, br: BRSettings) -> tuple[TrainSta
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
     zero = jnp.zeros((), ce.dtype)
     recorded = updates.get(sites.COLLECTION, {})
-    br_w = regularizer.weight_br(recorded) if br.lambda_w > 0 else zero
+    br_w = (regularizer.weight_br(recorded, alpha_grad=br.alpha_grad_w) if br.lambda_w > 0
+            else zero)
     br_a = (regularizer.activation_br(recorded, alpha_grad=br.alpha_grad_a,
                                       layers=br.abr_layers) if br.lambda_a > 0 else zero)
     loss = ce + br.lambda_w * br_w + br.lambda_a * br_a

@@ -31,14 +31,15 @@ import numpy as np
 import tqdm
 
 from brjax import checkpoint
+from brjax import history
 from brjax import input_pipeline
 from brjax import metrics
-from brjax import history
 from brjax import models
 from brjax import optim
 from brjax import quant
 from brjax import recipes
 from brjax import report
+from brjax import run_control
 from brjax import summary
 from brjax.config import Config, PRETRAINED_SUFFIXES
 # Imported by name: the loop uses them, and they are brjax.train's public names too.
@@ -52,9 +53,10 @@ from brjax.steps import (BR, FLOAT, WARMUP, BRSettings, TrainState, activation_s
 # pylint: enable=unused-import
 
 
-def create_model(config: Config, num_classes: int) -> flax.linen.Module:
-  """The run's model: ``models.create_model`` with the config's layout options."""
-  return models.from_run_config(config, num_classes)
+def create_model(config: Config, num_classes: int, image_size: int) -> flax.linen.Module:
+  """The run's model: ``models.from_run_config`` (a CIFAR ResNet with the config's layout
+  options, or one of the papers' models quantized by its rules)."""
+  return models.from_run_config(config, num_classes, image_size)
 
 
 def create_train_state(config: Config, model: flax.linen.Module, ds: input_pipeline.Dataset,
@@ -195,6 +197,7 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
         state, step_fn, compiles = _enter_phase(run, state, epoch, phase, step_fns, abr_sites)
         start, lr = time.time(), float(schedule(int(state.step)))
         state, m = _train_epoch(run, step_fn, state, epoch, clock, stop.check, compiles)
+        run_control.check_finite(epoch, m, ckpts.latest_epoch())
         m.update(epoch=epoch, phase=phase, step=int(state.step), lr=lr)
         _mark_terms_not_computed(m, config, phase)
         m.update(_evaluate_epoch(run, eval_fn, quant_fn, state, probe, clock, stop.check))
@@ -279,7 +282,8 @@ def _setup(config: Config, workdir: str, devices, is_chief: bool,
   if config.batch_size % topology.mesh.size:
     raise ValueError(f"--batch_size={config.batch_size} is not accepted: use a multiple of "
                      f"the {topology.mesh.size} devices")
-  return _Run(config, workdir, ds, topology, create_model(config, ds.num_classes),
+  model = create_model(config, ds.num_classes, ds.image_size)
+  return _Run(config, workdir, ds, topology, model,
               steps_per_epoch, is_chief, log)
 
 
@@ -425,7 +429,8 @@ def _save_epoch(run: _Run, ckpts: checkpoint.RunCheckpoints, state: TrainState, 
              {"epoch": m["epoch"], "phase": m["phase"], "best_test_acc": m["best_test_acc"],
               "config": dataclasses.asdict(run.config),
               "data": {"mean": ds.mean.tolist(), "std": ds.std.tolist(),
-                       "class_names": list(ds.class_names)}}, is_best=is_best)
+                       "class_names": list(ds.class_names), "image_size": ds.image_size}},
+             is_best=is_best)
 
 
 def _write_summaries(run: _Run, writer, state: TrainState, m: dict, probe: dict,

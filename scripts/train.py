@@ -1,8 +1,10 @@
-"""Trains a CIFAR ResNet with LSQ quantization and Bin Regularization.
+"""Trains a CIFAR ResNet (or one of the papers' ImageNet models) with LSQ and Bin Regularization.
 
     python scripts/train.py --bits=2 --lambda_a=1.0 --data_dir=../shared/datasets/cifar10-jpeg.tar.gz
 
-Flags are validated before any work; a bad value stops with a one-line error (exit 2).
+Flags are validated before any work; a bad value stops with a one-line error (exit 2). A
+run whose training loss becomes NaN or infinite stops with a one-line error (exit 1),
+without saving that epoch.
 Ctrl-C stops between two steps, keeps the checkpoints of the finished epochs, prints the
 command that continues the run, and exits 130.
 """
@@ -24,7 +26,10 @@ _D = Config()
 FLAGS = flags.FlagValues()
 flags.DEFINE_enum("model", _D.model, list(MODELS), "CIFAR ResNet: resnet20, resnet18 "
                   "(brjax's), resnet20_option_a (He et al.'s parameter-free shortcuts), "
-                  "resnet18_reference (the reference package's layout; reads its .pth).",
+                  "resnet18_reference (the reference package's layout; reads its .pth). The papers' "
+                  "ImageNet models (brjax.paper_models, quantized by paper_rules: first and "
+                  "last layer 8 bits, layer inputs quantized): resnet18_imagenet, resnet50, "
+                  "mobilenet_v2 (their small-input variant for images of at most 64 pixels).",
                   flag_values=FLAGS)
 flags.DEFINE_integer("width", None, "resnet18_reference: channels of the first stage "
                      "(default 64, the reference's).", flag_values=FLAGS)
@@ -49,8 +54,11 @@ flags.DEFINE_bool("freeze_alpha_w", False, "Freeze weight alphas after warmup.",
 flags.DEFINE_bool("freeze_alpha_a", False, "Freeze activation alphas after warmup.",
                   flag_values=FLAGS)
 flags.DEFINE_bool("br_alpha_grad_a", _D.br_alpha_grad_a,
-                  "Let A-BR gradients reach activation alphas (W-BR's always do).",
-                  flag_values=FLAGS)
+                  "Let A-BR gradients reach activation alphas.", flag_values=FLAGS)
+flags.DEFINE_enum("br_alpha_grad_w", _D.br_alpha_grad_w, ["full", "lsq", "none"],
+                  "W-BR's gradient to the weight alphas: full (the BR paper's and the "
+                  "reference's), lsq (scaled by LSQ's g = 1/sqrt(N*Qp), as the CE gradient; "
+                  "steadier for 8-bit layers), none.", flag_values=FLAGS)
 flags.DEFINE_bool("per_channel", False, "One weight step size per output channel (else one "
                   "per kernel).", flag_values=FLAGS)
 flags.DEFINE_string("abr_layers", None, "A-BR only on activation sites whose module path "
@@ -133,7 +141,8 @@ def config_from_flags(values: flags.FlagValues) -> Config:
       warmup_epochs=values.warmup_epochs, epochs=values.epochs,
       freeze_alpha_w=values.freeze_alpha or values.freeze_alpha_w,
       freeze_alpha_a=values.freeze_alpha or values.freeze_alpha_a,
-      br_alpha_grad_a=values.br_alpha_grad_a, abr_layers=values.abr_layers,
+      br_alpha_grad_a=values.br_alpha_grad_a, br_alpha_grad_w=values.br_alpha_grad_w,
+      abr_layers=values.abr_layers,
       abr_exclude_first=values.abr_exclude_first, abr_exclude_last=values.abr_exclude_last,
       recipe=values.recipe, lr=values.lr,
       optimizer=values.optimizer, schedule=values.schedule, decay_alphas=values.decay_alphas,
@@ -174,8 +183,8 @@ def main(argv: list[str]) -> int:
 
 
 def train(config: Config, workdir: str) -> int:
-  """Trains; returns the exit status (2 after a one-line error)."""
-  from brjax import checkpoint, train as train_lib  # pylint: disable=g-import-not-at-top
+  """Trains; returns the exit status (2 after a one-line error, 1 if the run diverged)."""
+  from brjax import checkpoint, run_control, train as train_lib  # pylint: disable=g-import-not-at-top
   try:
     train_lib.train_and_evaluate(config, workdir, resume=FLAGS.resume,
                                  tensorboard=FLAGS.tensorboard,
@@ -183,6 +192,9 @@ def train(config: Config, workdir: str) -> int:
   except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except run_control.Diverged as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   return 0
 
 

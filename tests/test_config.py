@@ -35,6 +35,7 @@ def test_defaults_are_valid_and_named():
     ("test_examples", -1, ">= 0"),
     ("model", "vgg16", "resnet18, resnet20"),
     ("clip", -6.0, "positive"),
+    ("br_alpha_grad_w", "scaled", "full, lsq, none"),
     ("data_dir", "/no/such/folder", "train/<class>/"),
     ("pretrained", "/no/such/run", "checkpoints/"),
 ])
@@ -48,6 +49,12 @@ def test_pretrained_needs_checkpoints_folder(tmp_path):
     Config(pretrained=str(tmp_path))
   (tmp_path / "checkpoints").mkdir()
   assert Config(pretrained=str(tmp_path)).pretrained == str(tmp_path)
+
+
+def test_paper_models_keep_their_own_activations():
+  assert Config(model="mobilenet_v2").model == "mobilenet_v2"
+  with pytest.raises(ValueError, match="^--clip=6.0 is not accepted: .*CIFAR ResNet"):
+    Config(model="resnet50", clip=6.0)
 
 
 def test_frozen():

@@ -220,3 +220,29 @@ def test_stacked_sites_bin_each_layer_on_its_own_grid():
                  for i in range(2) for c in range(8))
   np.testing.assert_allclose(regularizer.weight_br({"scan": {"weight": (stacked,)}}), expected,
                              rtol=1e-6)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_weight_br_alpha_grad_options(per_channel):
+  """``lsq`` scales W-BR's step-size gradient by g = 1/sqrt(N * qp) (N weights per step
+  size), ``none`` stops it; the loss value and the kernel gradient stay bit-identical."""
+  kernel = jax.random.normal(jax.random.key(0), (3, 3, 4, 8)) * 0.1
+  alpha = jnp.full((1, 1, 1, 8) if per_channel else (), 0.05) * (
+      1 + 0.1 * jnp.arange(8) if per_channel else 1.0)
+  qn, qp = quant.qrange(3, signed=True)
+
+  def loss(kernel, alpha, mode):
+    collection = {"conv": {sites.WEIGHT: (sites.record(kernel, alpha, qn, qp),)}}
+    return regularizer.weight_br(collection, alpha_grad=mode)
+
+  out = {m: jax.value_and_grad(loss, argnums=(0, 1))(kernel, alpha, m)
+         for m in regularizer.ALPHA_GRADS_W}
+  n = kernel.size // alpha.size
+  assert out["full"][0] == out["lsq"][0] == out["none"][0]
+  for m in ("lsq", "none"):
+    np.testing.assert_array_equal(out[m][1][0], out["full"][1][0])
+  np.testing.assert_allclose(out["lsq"][1][1], out["full"][1][1] / np.sqrt(n * qp), rtol=1e-6)
+  assert jnp.all(out["full"][1][1] != 0)
+  np.testing.assert_array_equal(out["none"][1][1], 0)
+  with pytest.raises(ValueError, match="alpha_grad='scaled' is not accepted"):
+    loss(kernel, alpha, "scaled")

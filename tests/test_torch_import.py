@@ -249,7 +249,7 @@ def test_pretrained_pth_starts_a_run(torch, torch_net, tmp_path):
       mean=np.full(3, 0.5, np.float32), std=np.full(3, 0.25, np.float32))
   config = Config(recipe="reference", model="resnet18_reference", width=WIDTH, batch_size=4,
                   pretrained=path, epochs=2, warmup_epochs=1)
-  model = train.create_model(config, ds.num_classes)
+  model = train.create_model(config, ds.num_classes, ds.image_size)
   state = train.create_train_state(config, model, ds, steps_per_epoch=2)
   np.testing.assert_allclose(state.params["layer4_1"]["conv2"]["kernel"],
                              torch_net.state_dict()["layer4.1.conv2.weight"].numpy()
@@ -264,7 +264,7 @@ def test_pretrained_pth_starts_a_run(torch, torch_net, tmp_path):
                  batch_size=4, pretrained=path, epochs=2, warmup_epochs=1)
   with pytest.raises(ValueError, match=r"--pretrained=.*baseline.pth does not fit this model: "
                                        r"'conv1.weight' has shape \(4, 3, 3, 3\)"):
-    train.create_train_state(wrong, train.create_model(wrong, 10), ds, steps_per_epoch=2)
+    train.create_train_state(wrong, train.create_model(wrong, 10, 32), ds, steps_per_epoch=2)
 
 
 # ---------------------------------------------------------------------- without PyTorch

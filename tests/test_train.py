@@ -369,3 +369,27 @@ def test_abr_site_selection():
   np.testing.assert_allclose(regularizer.activation_br(recorded["quant"],
                                                        layers=settings.abr_layers), want,
                              rtol=1e-6)
+
+
+def test_a_diverged_epoch_stops_the_run_with_the_remedies():
+  from brjax import run_control  # pylint: disable=g-import-not-at-top
+  run_control.check_finite(3, {"train_loss": 1.5}, 2)
+  m = {"train_loss": float("nan"), "ce": 3.7, "br_w": float("nan"), "br_a": None}
+  with pytest.raises(run_control.Diverged,
+                     match=r"^epoch 3 diverged: .* nan \(ce=3\.7, br_w=nan\); the epoch was "
+                           r"not saved, the checkpoint of epoch 2 is kept: lower --lr"):
+    run_control.check_finite(3, m, 2)
+  with pytest.raises(run_control.Diverged, match="no checkpoint was saved"):
+    run_control.check_finite(1, {"train_loss": float("inf")}, None)
+
+
+def test_paper_models_are_built_by_their_rules_at_the_data_size():
+  config = Config(model="resnet50", bits_w=4, bits_a=4)
+  small = train.create_model(config, 10, 32)
+  large = train.create_model(config, 10, 224)
+  assert small.small_inputs and not large.small_inputs
+  assert type(small).__name__ == "ResNet"  # the model's own class, quantized
+  float_model = train.create_model(Config(model="mobilenet_v2", bits_w=32, bits_a=32), 10, 32)
+  assert type(float_model).__module__ == "brjax.paper_models"
+  with pytest.raises(ValueError, match="needs the run's image size"):
+    models.from_run_config(config, 10)
