@@ -14,29 +14,32 @@ sample of at most 10,000 images of the FULL train split, spread evenly over
 every class (see `_stats_sample`; all images if the split has <= 10,000), so
 they do not depend on ``train_examples`` and a subset run decodes at most
 ``train_examples + 10,000`` train images.
+
+Folders and archives are read by `brjax.image_folder`; decoding, canonical order,
+statistics and eval padding are `brjax.image_data`'s, shared with `brjax.streaming`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import io
 import os
 import queue
-import tarfile
 import threading
-import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
-from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
-STATS_SAMPLE_SIZE = 10_000
+from brjax import image_data
+from brjax.image_data import (IMAGE_EXTENSIONS, channel_counts, interleave, normalize, pad_rows,
+                              stats_from_counts, take)
+from brjax.image_folder import read_image_folder
+
+__all__ = ["CROP_PADDING", "Dataset", "IMAGE_EXTENSIONS", "STATS_SAMPLE_SIZE", "eval_batches",
+           "load_dataset", "normalize", "num_train_steps", "prefetch", "train_batches"]
+
+STATS_SAMPLE_SIZE = image_data.STATS_SAMPLE_SIZE  # looked up at each load
 CROP_PADDING = 4
-_SPLITS = ("train", "test")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -86,8 +89,8 @@ def load_dataset(dataset: str = "cifar10", data_dir: str | None = None,
     test_examples: same for the test split.
 
   Returns:
-    A `Dataset`; images are decoded with PIL, converted to RGB, and must all
-    have the same size.
+    A `Dataset`; images are decoded with PIL (`image_data.open_image`: 16-bit and
+    float images are refused), converted to RGB, and must all have the same size.
 
   Raises:
     FileNotFoundError: ``data_dir`` does not exist.
@@ -98,7 +101,8 @@ def load_dataset(dataset: str = "cifar10", data_dir: str | None = None,
       raise ValueError(f"{name}={value} is negative; pass 0 for all examples or a positive count")
   if data_dir is None:
     return _load_tfds(dataset, train_examples, test_examples)
-  return _load_image_folder(os.fspath(data_dir), train_examples, test_examples)
+  return _finish(*read_image_folder(os.fspath(data_dir), train_examples, test_examples,
+                                    STATS_SAMPLE_SIZE))
 
 
 def num_train_steps(ds: Dataset, batch_size: int) -> int:
@@ -145,14 +149,13 @@ def eval_batches(ds: Dataset, batch_size: int) -> Iterator[dict]:
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be positive")
-  n = len(ds.test_labels)
-  for start in range(0, n, batch_size):
-    real = min(batch_size, n - start)
+  for row in pad_rows(np.arange(len(ds.test_labels)), batch_size):
+    mask = row >= 0
     image = np.zeros((batch_size, *ds.test_images.shape[1:]), np.float32)
-    image[:real] = normalize(ds.test_images[start:start + real], ds.mean, ds.std)
+    image[mask] = normalize(ds.test_images[row[mask]], ds.mean, ds.std)
     label = np.zeros((batch_size,), np.int32)
-    label[:real] = ds.test_labels[start:start + real]
-    yield {"image": image, "label": label, "mask": np.arange(batch_size) < real}
+    label[mask] = ds.test_labels[row[mask]]
+    yield {"image": image, "label": label, "mask": mask}
 
 
 def prefetch(batches: Iterable[dict], size: int = 2, sharding=None) -> Iterator[dict]:
@@ -244,226 +247,17 @@ def _random_crop_flip(images: np.ndarray, rng: np.random.Generator,
   return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
-def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-  """uint8 (..., 3) -> float32 ``(x / 255 - mean) / std``."""
-  return ((images.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
-
-
-def _channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Exact per-channel mean and population std of uint8 (N, H, W, 3), scaled to [0, 1].
-
-  The std is floored at 1/255 so that a constant channel cannot divide by zero.
-  """
-  values = np.arange(256, dtype=np.float64) / 255.0
-  mean, std = np.zeros(3), np.zeros(3)
-  for c in range(3):
-    counts = np.bincount(images[..., c].ravel(), minlength=256)
-    p = counts / counts.sum()
-    mean[c] = p @ values
-    std[c] = np.sqrt(max(p @ values**2 - mean[c]**2, 1 / 255**2))
-  return mean.astype(np.float32), std.astype(np.float32)
-
-
 def _stats_sample(labels: np.ndarray) -> np.ndarray:
-  """Sorted indices of the normalization sample, given all canonical train labels.
-
-  ``k = min(n, 10_000)`` indices ``arange(k) * n // k`` into the class-major
-  order (stable sort by label): each class contributes in proportion to its
-  size, spread evenly over its files. (Even spacing directly over the
-  interleaved order would alias with the class rotation: a stride of 5 over
-  10 interleaved classes would only ever see 2 classes.)
-  """
-  n = len(labels)
-  k = min(n, STATS_SAMPLE_SIZE)
-  return np.sort(np.argsort(labels, kind="stable")[np.arange(k) * n // k])
-
-
-def _interleave(labels: np.ndarray) -> np.ndarray:
-  """Permutation putting examples in round-robin class order, stable within a class."""
-  labels = np.asarray(labels)
-  by_class = np.argsort(labels, kind="stable")
-  sorted_labels = labels[by_class]
-  rank = np.empty(len(labels), np.int64)
-  rank[by_class] = np.arange(len(labels)) - np.searchsorted(sorted_labels, sorted_labels)
-  return np.lexsort((labels, rank))
-
-
-def _take(n: int, count: int) -> int:
-  return n if count == 0 else min(count, n)
+  """Sorted indices of the normalization sample, given all canonical train labels
+  (`image_data.stats_sample` of ``STATS_SAMPLE_SIZE``)."""
+  return image_data.stats_sample(len(labels), labels, STATS_SAMPLE_SIZE)
 
 
 def _finish(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
             sample: np.ndarray, class_names: Sequence[str]) -> Dataset:
-  mean, std = _channel_stats(sample)
+  mean, std = stats_from_counts(channel_counts(sample))
   return Dataset(train[0], train[1].astype(np.int32), test[0], test[1].astype(np.int32),
                  tuple(class_names), mean, std)
-
-
-# ----------------------------------------------------------------- image folder
-
-
-def _load_image_folder(data_dir: str, train_examples: int, test_examples: int) -> Dataset:
-  path = Path(data_dir)
-  if not path.exists():
-    raise FileNotFoundError(f"data_dir {data_dir} does not exist; pass a folder with "
-                            "train/<class>/<image> and test/<class>/<image>, or a .tar.gz of one")
-  if path.is_dir():
-    dirs, files = _list_folder(path)
-    read = lambda rel: (path / rel).read_bytes()
-    where = lambda rel: str(path / rel)
-  elif path.name.endswith((".tar.gz", ".tgz")):
-    dirs, blobs = _read_tar(path)
-    files = list(blobs)
-    read = blobs.__getitem__
-    where = lambda rel: f"{path}:{rel}"
-  else:
-    raise ValueError(f"unsupported data_dir {data_dir}: expected a folder or a .tar.gz/.tgz archive "
-                     "holding train/<class>/<image> and test/<class>/<image>")
-  if not files:
-    raise ValueError(f"data_dir {data_dir} holds no files; expected train/<class>/<image> and "
-                     "test/<class>/<image>")
-  prefix = _find_root(dirs, data_dir)
-  classes = {s: _split_classes(dirs, files, prefix + s, where) for s in _SPLITS}
-  if list(classes["train"]) != list(classes["test"]):
-    diff = sorted(set(classes["train"]) ^ set(classes["test"]))
-    raise ValueError(f"class folders differ between {where(prefix + 'train')} and "
-                     f"{where(prefix + 'test')}: {diff} are in only one of them")
-  class_names = list(classes["train"])
-
-  def canonical(split: str) -> tuple[list[str], np.ndarray]:
-    paths = [p for c in class_names for p in classes[split][c]]
-    labels = np.repeat(np.arange(len(class_names)), [len(classes[split][c]) for c in class_names])
-    order = _interleave(labels)
-    return [paths[i] for i in order], labels[order]
-
-  train_paths, train_labels = canonical("train")
-  test_paths, test_labels = canonical("test")
-  n_train = _take(len(train_paths), train_examples)
-  n_test = _take(len(test_paths), test_examples)
-  sample = _stats_sample(train_labels)
-  needed = np.union1d(np.arange(n_train), sample)  # sorted, starts with 0..n_train-1
-  paths = [train_paths[i] for i in needed] + test_paths[:n_test]
-  images = _decode_images(paths, read, where)
-  train_images, test_images = images[:n_train], images[len(needed):]
-  return _finish((train_images, train_labels[:n_train]), (test_images, test_labels[:n_test]),
-                 images[np.searchsorted(needed, sample)], class_names)
-
-
-def _list_folder(root: Path) -> tuple[set[str], list[str]]:
-  """Relative posix dirs (depth <= 3) and files (depth <= 4) under ``root``."""
-  dirs, files = set(), []
-  for current, subdirs, names in os.walk(root):
-    rel = Path(current).relative_to(root).as_posix()
-    depth = 0 if rel == "." else rel.count("/") + 1
-    if depth:
-      dirs.add(rel)
-    if depth >= 3:
-      subdirs.clear()
-    files.extend(n if depth == 0 else f"{rel}/{n}" for n in names)
-  return dirs, files
-
-
-def _read_tar(path: Path) -> tuple[set[str], dict[str, bytes]]:
-  """Streams a gzip tar once; returns its dirs and the raw bytes of its files."""
-  dirs, blobs = set(), {}
-  try:
-    with tarfile.open(path, "r:gz") as archive:
-      for member in archive:
-        name = member.name.lstrip("/")
-        while name.startswith("./"):
-          name = name[2:]
-        name = name.rstrip("/")
-        if not name or ".." in name.split("/"):
-          continue
-        if member.isdir():
-          dirs.add(name)
-        elif member.isfile():
-          blobs[name] = archive.extractfile(member).read()
-  except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-    raise ValueError(f"cannot read {path} as a .tar.gz archive ({e}); expected a gzip-compressed "
-                     "tar of train/<class>/<image> and test/<class>/<image>") from e
-  for name in blobs:  # tar files need not list parent directories
-    parts = name.split("/")
-    dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
-  return dirs, blobs
-
-
-def _find_root(dirs: set[str], data_dir: str) -> str:
-  """'' if train/ and test/ are top-level, '<folder>/' if wrapped in one folder."""
-  if "train" in dirs or "test" in dirs:
-    prefix = ""
-  else:
-    tops = sorted(d for d in dirs if "/" not in d and not d.startswith((".", "__MACOSX")))
-    prefix = f"{tops[0]}/" if len(tops) == 1 else ""
-  missing = [s for s in _SPLITS if prefix + s not in dirs]
-  if missing:
-    raise ValueError(f"data_dir {data_dir} has no {' or '.join(m + '/' for m in missing)} folder; "
-                     "expected train/<class>/<image> and test/<class>/<image>, optionally inside "
-                     "one top-level folder")
-  return prefix
-
-
-def _split_classes(dirs: set[str], files: Iterable[str], split: str,
-                   where: Callable[[str], str]) -> dict[str, list[str]]:
-  """Sorted class name -> sorted image paths (relative) of one split folder."""
-  classes = {d[len(split) + 1:]: [] for d in dirs
-             if d.startswith(split + "/") and "/" not in d[len(split) + 1:]
-             and not d[len(split) + 1:].startswith(".")}
-  if not classes:
-    raise ValueError(f"{where(split)} has no class folders; expected {where(split)}/<class>/<image>")
-  for f in files:
-    head, _, name = f.rpartition("/")
-    cls = head[len(split) + 1:]
-    if (head.startswith(split + "/") and cls in classes and not name.startswith(".")
-        and name.lower().endswith(IMAGE_EXTENSIONS)):
-      classes[cls].append(f)
-  for cls, paths in classes.items():
-    if not paths:
-      raise ValueError(f"class folder {where(f'{split}/{cls}')} has no images "
-                       f"(accepted extensions: {', '.join(IMAGE_EXTENSIONS)})")
-    paths.sort()
-  return dict(sorted(classes.items()))
-
-
-def _decode_images(paths: Sequence[str], read: Callable[[str], bytes],
-                   where: Callable[[str], str]) -> np.ndarray:
-  """Decodes images (RGB, all one size) with a thread pool -> uint8 (N, H, W, 3)."""
-
-  def decode(p: str) -> np.ndarray:
-    try:
-      with Image.open(io.BytesIO(read(p))) as im:
-        return np.asarray(im.convert("RGB"))
-    except Exception as e:  # pylint: disable=broad-except
-      reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-      raise ValueError(f"cannot decode image {where(p)}: {reason}") from e
-
-  if not paths:
-    return np.zeros((0, 0, 0, 3), np.uint8)
-  first = decode(paths[0])
-  out = np.empty((len(paths), *first.shape), np.uint8)
-
-  def decode_chunk(start: int, stop: int) -> None:
-    for i in range(start, stop):
-      image = decode(paths[i])
-      if image.shape != first.shape:
-        raise ValueError(f"image {where(paths[i])} is {image.shape[1]}x{image.shape[0]} but "
-                         f"{where(paths[0])} is {first.shape[1]}x{first.shape[0]}; all images "
-                         "must have the same size")
-      out[i] = image
-
-  chunk = 512
-  workers = min(8, os.cpu_count() or 1)
-  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-    futures = [pool.submit(decode_chunk, s, min(s + chunk, len(paths)))
-               for s in range(0, len(paths), chunk)]
-    try:
-      for future in futures:
-        future.result()
-    except BaseException:
-      for future in futures:
-        future.cancel()  # fail fast: do not decode the rest
-      raise
-  return out
 
 
 # ------------------------------------------------------------ tensorflow-datasets
@@ -486,8 +280,8 @@ def _load_tfds(name: str, train_examples: int, test_examples: int) -> Dataset:
                        "expected uint8 (N, H, W, 1 or 3)")
     if images.shape[-1] == 1:
       images = np.repeat(images, 3, axis=-1)
-    order = _interleave(labels)
-    out.append((images[order], labels[order], _take(len(order), count)))
+    order = interleave(labels)
+    out.append((images[order], labels[order], take(len(order), count)))
   (train_images, train_labels, n_train), (test_images, test_labels, n_test) = out
   try:
     class_names = tuple(info.features["label"].names)
