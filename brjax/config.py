@@ -18,6 +18,7 @@ CIFAR_MODELS = ("resnet18", "resnet20", "resnet18_reference", "resnet20_option_a
 PAPER_MODELS = ("resnet18_imagenet", "resnet50", "mobilenet_v2")  # brjax.paper_models
 MODELS = CIFAR_MODELS + PAPER_MODELS
 PRETRAINED_SUFFIXES = (".pth", ".pt")
+INPUT_MODES = ("auto", "memory", "streaming")  # brjax.streaming.INPUT_MODES
 ALPHA_GRADS_W = ("full", "lsq", "none")  # brjax.regularizer.ALPHA_GRADS_W, without JAX
 
 
@@ -70,6 +71,9 @@ class Config:
   data_dir: str | None = None
   train_examples: int = 0
   test_examples: int = 0
+  input: str = "auto"
+  image_size: int = 224
+  data_workers: int | None = None
   # Initialization.
   pretrained: str | None = None
 
@@ -130,9 +134,16 @@ class Config:
       value = getattr(self, name)
       _check(_is_int(value) and value >= 0, name, value, "use an integer >= 0 (0 = all)")
     _check(_is_int(self.seed), "seed", self.seed, "use an integer")
+    _check(self.input in INPUT_MODES, "input", self.input, f"use one of {', '.join(INPUT_MODES)}")
+    _check(_is_int(self.image_size) and self.image_size >= 8, "image_size", self.image_size,
+           "use an integer >= 8 (the side streamed images are cropped to)")
+    _check(self.data_workers is None or (_is_int(self.data_workers) and self.data_workers >= 0),
+           "data_workers", self.data_workers, "use an integer >= 0 (0 = decode in the "
+           "training process), or leave it unset (half the CPUs, at most 8)")
     if self.data_dir is not None:
       _check(os.path.exists(self.data_dir), "data_dir", self.data_dir,
-             "use an existing folder with train/<class>/ and test/<class>/, or a .tar.gz of one")
+             "use an existing folder with train/<class>/ and test/<class>/ (or val/<class>/), "
+             "a .tar.gz of one, or a folder holding a prepared tfds dataset")
     if self.pretrained is not None:
       if self.pretrained.endswith(PRETRAINED_SUFFIXES):
         _check(os.path.isfile(self.pretrained) and self.model == "resnet18_reference",

@@ -6,20 +6,20 @@ activations (``brjax.steps.eval_step``, jitted once by ``brjax.parallel.jit_eval
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import jax
 import numpy as np
 
 from brjax import checkpoint
-from brjax import input_pipeline
+from brjax import datasets
 from brjax import history
 from brjax import models
+from brjax import streaming
 from brjax.parallel import Topology, device_batches, jit_eval_step
 
 
-def evaluate(eval_fn: Callable, variables: dict, ds: input_pipeline.Dataset,
+def evaluate(eval_fn: Callable, variables: dict, ds: datasets.Dataset,
              batch_size: int, topology: Topology,
              check: Callable[[], None] = lambda: None) -> dict:
   """Quantized test accuracy (%), mean loss and image count over the whole test split.
@@ -28,7 +28,8 @@ def evaluate(eval_fn: Callable, variables: dict, ds: input_pipeline.Dataset,
   ``check()`` runs after every batch (it may raise to stop).
   """
   sums = []
-  for batch in device_batches(input_pipeline.eval_batches(ds, batch_size), topology):
+  for batch in device_batches(streaming.eval_batches(ds, batch_size), topology,
+                              local=datasets.is_streamed(ds)):
     sums.append(eval_fn(variables, batch))
     check()
   total = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
@@ -66,17 +67,12 @@ def evaluate_run(workdir: str, *, prefer: str = "best", data_dir: str | None = N
   if not isinstance(config, dict) or any(k not in config for k in needed):
     raise checkpoint.CheckpointError(f"the checkpoint meta in {workdir} has no config with "
                                      f"{', '.join(needed)}: it was not written by brjax.train")
-  ds = input_pipeline.load_dataset(config.get("dataset", "cifar10"),
-                                   data_dir or config.get("data_dir"), train_examples=1,
-                                   test_examples=config["test_examples"])
   data = meta.get("data")
-  if data:
-    if list(data["class_names"]) != list(ds.class_names):
-      raise ValueError(f"the classes of {data_dir or config.get('data_dir')} "
-                       f"({list(ds.class_names)}) differ from the run's "
-                       f"({data['class_names']}): pass the run's data")
-    ds = dataclasses.replace(ds, mean=np.asarray(data["mean"], np.float32),
-                             std=np.asarray(data["std"], np.float32))
+  ds = datasets.load(config, data_dir=data_dir, train_examples=1, stats=data)
+  if data and list(data["class_names"]) != list(ds.class_names):
+    raise ValueError(f"the classes of {data_dir or config.get('data_dir')} "
+                     f"({list(ds.class_names)}) differ from the run's "
+                     f"({data['class_names']}): pass the run's data")
   model = models.from_run_config(config, ds.num_classes, ds.image_size)
   topology = Topology.create(devices)
   batch_size = batch_size or config["batch_size"]

@@ -16,8 +16,7 @@ CROP_FRACTION = 0.875  # eval: resize the shorter side to S / 0.875, keep the ce
 AREA_RANGE = (0.08, 1.0)  # Inception crop: fraction of the image area
 RATIO_RANGE = (3 / 4, 4 / 3)  # Inception crop: aspect ratio (width / height)
 CROP_ATTEMPTS = 10
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the usual ImageNet statistics, pixels in [0, 1]
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from brjax.recipes import IMAGENET_MEAN, IMAGENET_STD  # pixels in [0, 1]
 
 
 def inception_crop_box(width: int, height: int,

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 from brjax import input_pipeline
+from brjax import streaming
 from brjax.steps import BRSettings, eval_step, train_step
 
 
@@ -64,11 +65,17 @@ def process_local_batches(batches: Iterable[dict], sharding: NamedSharding) -> I
     yield {key: _from_process_rows(x, sharding) for key, x in batch.items()}
 
 
-def device_batches(batches: Iterable[dict], topology: Topology) -> Iterator[dict]:
+def device_batches(batches: Iterable[dict], topology: Topology, *,
+                   local: bool = False) -> Iterator[dict]:
   """Host batches as global arrays sharded over the batch axis, prepared in a background
-  thread (``input_pipeline.prefetch``): what the train and eval steps consume."""
-  return input_pipeline.prefetch(process_local_batches(batches, topology.batch),
-                                 sharding=topology.batch)
+  thread (``input_pipeline.prefetch``): what the train and eval steps consume.
+
+  ``batches`` hold whole global batches (``input_pipeline``; each process takes its rows),
+  or with ``local`` this process's rows only (``streaming``: each host reads its shard).
+  """
+  arrays = (streaming.global_batches(batches, topology.batch) if local else
+            process_local_batches(batches, topology.batch))
+  return input_pipeline.prefetch(arrays, sharding=topology.batch)
 
 
 def _from_process_rows(x: np.ndarray, sharding: NamedSharding) -> jax.Array:

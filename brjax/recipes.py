@@ -43,9 +43,11 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant_cosine", "step")
 ACT_GRAD_SCALES = ("example", "batch")
 ALPHA_INITS = ("calibrate", "first_step")
-NORMALIZATIONS = ("dataset", "reference")
+NORMALIZATIONS = ("dataset", "reference", "imagenet")
 REFERENCE_MEAN = (0.4914, 0.4822, 0.4465)
 REFERENCE_STD = (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet constants
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,13 +127,17 @@ def describe(recipe: Recipe, name: str | None = None) -> str:
 
 
 def normalize_dataset(ds, normalization: str):
-  """``ds`` (an ``input_pipeline.Dataset``) with the input normalization of the recipe:
-  unchanged for ``dataset``, the reference's constants for ``reference``."""
+  """``ds`` (an in-memory or streamed dataset) with the input normalization of the recipe:
+  unchanged for ``dataset``, the reference's CIFAR-10 constants for ``reference``,
+  torchvision's ImageNet constants for ``imagenet``."""
   if normalization == "dataset":
     return ds
-  if normalization == "reference":
+  constants = {"reference": (REFERENCE_MEAN, REFERENCE_STD),
+               "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+  if normalization in constants:
     import numpy as np  # pylint: disable=g-import-not-at-top
-    return dataclasses.replace(ds, mean=np.asarray(REFERENCE_MEAN, np.float32),
-                               std=np.asarray(REFERENCE_STD, np.float32))
+    mean, std = constants[normalization]
+    return dataclasses.replace(ds, mean=np.asarray(mean, np.float32),
+                               std=np.asarray(std, np.float32))
   raise ValueError(f"--normalization={normalization} is not accepted: use one of "
                    f"{', '.join(NORMALIZATIONS)}")

@@ -7,7 +7,8 @@ logs these lines.
 from __future__ import annotations
 
 from brjax import checkpoint
-from brjax import input_pipeline
+from brjax import datasets
+from brjax import streaming
 from brjax import recipes
 from brjax import run_control
 from brjax.config import Config
@@ -20,7 +21,7 @@ RULE = "=" * 80
 _WBR_ALPHA = {"full": "full (paper-faithful)", "lsq": "scaled by LSQ's g = 1/sqrt(N*Qp)",
               "none": "none"}
 
-def banner(config: Config, topology: Topology, ds: input_pipeline.Dataset,
+def banner(config: Config, topology: Topology, ds: datasets.Dataset,
            abr_line: str | None = None) -> str:
   """The run's opening lines: model, stages, BR and alpha settings, start, recipe, data,
   devices. ``abr_line``: which activation sites A-BR regularizes (None: not shown)."""
@@ -57,7 +58,9 @@ def banner(config: Config, topology: Topology, ds: input_pipeline.Dataset,
   lines.append(_start_line(config))
   lines += [
       f"Recipe: {recipes.describe(config.recipe_parts, config.recipe)}",
-      f"Data: {len(ds.train_labels)} train / {len(ds.test_labels)} test images, "
+      f"Data: {streaming.num_examples(ds, 'train')} train / "
+      f"{streaming.num_examples(ds, 'test')} test images"
+      f"{f' streamed at {ds.image_size}px' if datasets.is_streamed(ds) else ''}, "
       f"{ds.num_classes} classes; batch {config.batch_size}, seed {config.seed}",
       f"Devices: {len(devices)} x {devices[0].platform}",
       RULE,

@@ -31,15 +31,15 @@ import numpy as np
 import tqdm
 
 from brjax import checkpoint
+from brjax import datasets
 from brjax import history
-from brjax import input_pipeline
 from brjax import metrics
 from brjax import models
 from brjax import optim
 from brjax import quant
-from brjax import recipes
 from brjax import report
 from brjax import run_control
+from brjax import streaming
 from brjax import summary
 from brjax.config import Config, PRETRAINED_SUFFIXES
 # Imported by name: the loop uses them, and they are brjax.train's public names too.
@@ -59,7 +59,7 @@ def create_model(config: Config, num_classes: int, image_size: int) -> flax.line
   return models.from_run_config(config, num_classes, image_size)
 
 
-def create_train_state(config: Config, model: flax.linen.Module, ds: input_pipeline.Dataset,
+def create_train_state(config: Config, model: flax.linen.Module, ds: datasets.Dataset,
                        steps_per_epoch: int, frozen=()) -> TrainState:
   """A fresh state; every step size initialized the LSQ way from weights and one batch.
 
@@ -85,7 +85,7 @@ def create_train_state(config: Config, model: flax.linen.Module, ds: input_pipel
     variables, has_alphas = _load_pretrained(config.pretrained, variables)
   if config.quantized and not has_alphas:
     if config.alpha_init == "first_step":
-      first = next(input_pipeline.train_batches(ds, config.batch_size, seed=config.seed,
+      first = next(streaming.train_batches(ds, config.batch_size, seed=config.seed,
                                                 epoch=1))
       variables = jax.jit(functools.partial(quant.init_alphas, model, train=True))(
           variables, jnp.asarray(first["image"]), rng=init_rng)
@@ -97,9 +97,9 @@ def create_train_state(config: Config, model: flax.linen.Module, ds: input_pipel
                            batch_stats=variables["batch_stats"], rng=state_rng)
 
 
-def _first_batch(ds: input_pipeline.Dataset, batch_size: int) -> jax.Array:
+def _first_batch(ds: datasets.Dataset, batch_size: int) -> jax.Array:
   """The first ``batch_size`` training images, normalized, unaugmented: for LSQ init."""
-  return jnp.asarray(input_pipeline.normalize(ds.train_images[:batch_size], ds.mean, ds.std))
+  return jnp.asarray(streaming.first_images(ds, batch_size))
 
 
 def _load_pretrained(path: str, variables: dict) -> tuple[dict, bool]:
@@ -142,7 +142,7 @@ class _Run:
   """What the loop's helpers share: the parts of a run fixed at its setup."""
   config: Config
   workdir: str
-  ds: input_pipeline.Dataset
+  ds: datasets.Dataset
   topology: Topology
   model: flax.linen.Module
   steps_per_epoch: int
@@ -176,12 +176,12 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   if saved_epoch is not None and saved_epoch >= config.epochs:
     return _finished_run(config, workdir, meta, log)
 
-  run = _setup(config, workdir, devices, is_chief, log)
+  run = _setup(config, workdir, devices, is_chief, log, meta)
   state = create_train_state(config, run.model, run.ds, run.steps_per_epoch)
   os.makedirs(workdir, exist_ok=True)
   ckpts = checkpoint.RunCheckpoints(workdir)
   state, start_epoch, best_acc = _restore_or_start(run, ckpts, state, saved_epoch)
-  probe = next(input_pipeline.eval_batches(run.ds, config.batch_size))  # for quant metrics
+  probe = _probe_batch(run)  # for quant metrics
   abr_sites, abr_line = _abr_sites(run, state, probe)
   log(report.banner(config, run.topology, run.ds, abr_line))
 
@@ -265,19 +265,28 @@ def _finished_run(config: Config, workdir: str, meta: dict, log: Callable[[str],
   return records[-1] if records else {}
 
 
+def _probe_batch(run: _Run) -> dict:
+  """The first test batch (whole on every process): what the per-layer metrics see."""
+  batches = streaming.eval_batches(run.ds, run.config.batch_size)
+  try:
+    return next(batches)
+  finally:
+    batches.close()
+
+
 def _setup(config: Config, workdir: str, devices, is_chief: bool,
-           log: Callable[[str], None]) -> _Run:
+           log: Callable[[str], None], meta: dict) -> _Run:
   """Loads the data, checks the batch size against it and the devices, creates the model.
+
+  A resumed run (``meta`` of its checkpoint) keeps its normalization statistics.
 
   Writes nothing: a data or flag error leaves no workdir behind.
   """
-  ds = input_pipeline.load_dataset(config.dataset, config.data_dir, config.train_examples,
-                                   config.test_examples)
-  ds = recipes.normalize_dataset(ds, config.normalization)
-  steps_per_epoch = input_pipeline.num_train_steps(ds, config.batch_size)
+  ds = datasets.load(config, stats=meta.get("data"))
+  steps_per_epoch = streaming.num_train_steps(ds, config.batch_size)
   if steps_per_epoch < 1:
     raise ValueError(f"--batch_size={config.batch_size} is not accepted: the training set "
-                     f"has only {len(ds.train_labels)} images")
+                     f"has only {streaming.num_examples(ds, 'train')} images")
   topology = Topology.create(devices)
   if config.batch_size % topology.mesh.size:
     raise ValueError(f"--batch_size={config.batch_size} is not accepted: use a multiple of "
@@ -358,8 +367,8 @@ def _train_epoch(run: _Run, step_fn: Callable, state: TrainState, epoch: int,
   config = run.config
   desc = f"Epoch {epoch}/{config.epochs}"
   batches = iter(device_batches(
-      input_pipeline.train_batches(run.ds, config.batch_size, seed=config.seed, epoch=epoch),
-      run.topology))
+      streaming.train_batches(run.ds, config.batch_size, seed=config.seed, epoch=epoch),
+      run.topology, local=datasets.is_streamed(run.ds)))
   with tqdm.tqdm(desc=f"{desc}: compiling the step", bar_format="{desc} ({elapsed})",
                  leave=False, file=sys.stderr, disable=not compiles):
     state, first = step_fn(state, next(batches))

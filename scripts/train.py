@@ -97,15 +97,26 @@ flags.DEFINE_enum("alpha_init", None, list(recipes.ALPHA_INITS), "Step-size init
                   "(default: the recipe's).", flag_values=FLAGS)
 flags.DEFINE_enum("normalization", None, list(recipes.NORMALIZATIONS), "Input normalization: "
                   "dataset (the training set's mean and std) or reference (the reference "
-                  "package's CIFAR-10 constants, which its .pth baselines expect) (default: "
-                  "the recipe's).", flag_values=FLAGS)
+                  "package's CIFAR-10 constants, which its .pth baselines expect) or imagenet "
+                  "(torchvision's ImageNet constants) (default: the recipe's).", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.", flag_values=FLAGS)
 flags.DEFINE_integer("seed", _D.seed, "Random seed (init, shuffling, augmentation).",
                      flag_values=FLAGS)
-flags.DEFINE_string("dataset", _D.dataset, "tensorflow-datasets name, used without "
-                    "--data_dir.", flag_values=FLAGS)
+flags.DEFINE_string("dataset", _D.dataset, "tensorflow-datasets name (e.g. cifar10, "
+                    "imagenet2012), used without --data_dir or prepared inside it.",
+                    flag_values=FLAGS)
 flags.DEFINE_string("data_dir", None, "Local images: a folder with train/<class>/ and "
-                    "test/<class>/, or a .tar.gz of one.", flag_values=FLAGS)
+                    "test/<class>/ (or val/<class>/: ImageNet layout), a .tar.gz of one, or "
+                    "a folder holding a prepared tfds dataset.", flag_values=FLAGS)
+flags.DEFINE_enum("input", _D.input, ["auto", "memory", "streaming"], "Hold the data in "
+                  "memory or stream them with Grain; auto streams ImageNet-layout folders "
+                  "(val/), prepared tfds datasets and folders over 1 GiB.", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", _D.image_size, "Streamed input: the side images are "
+                     "cropped and resized to (Inception crop for training, resize + center "
+                     "crop for test).", flag_values=FLAGS)
+flags.DEFINE_integer("data_workers", None, "Streamed input: Grain worker processes that "
+                     "decode and augment (0 = in the training process; default half the "
+                     "CPUs, at most 8).", flag_values=FLAGS)
 flags.DEFINE_integer("train_examples", 0, "Use the first N training images (0 = all).",
                      flag_values=FLAGS)
 flags.DEFINE_integer("test_examples", 0, "Use the first N test images (0 = all).",
@@ -152,6 +163,7 @@ def config_from_flags(values: flags.FlagValues) -> Config:
       weight_decay=values.weight_decay, momentum=values.momentum, seed=values.seed,
       dataset=values.dataset, data_dir=values.data_dir,
       train_examples=values.train_examples, test_examples=values.test_examples,
+      input=values.input, image_size=values.image_size, data_workers=values.data_workers,
       pretrained=values.pretrained)
 
 

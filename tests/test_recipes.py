@@ -45,7 +45,7 @@ def test_config_takes_the_recipes_values_and_explicit_fields_win():
     ("schedule", "linear", "cosine, constant_cosine, step"),
     ("act_grad_scale", "channel", "example, batch"),
     ("alpha_init", "random", "calibrate, first_step"),
-    ("normalization", "imagenet", "dataset, reference"),
+    ("normalization", "cifar100", "dataset, reference, imagenet"),
     ("adam_eps", 0.0, "> 0"),
 ])
 def test_bad_recipe_values(field, value, accepted):
