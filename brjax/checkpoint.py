@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from brjax.config import Config
 
 # Flags that may differ between a run and the run it resumes.
-RESUMABLE_CHANGES = frozenset({"pretrained", "data_dir"})
+RESUMABLE_CHANGES = frozenset({"pretrained", "data_dir", "data_workers"})
 
 
 class CheckpointError(ValueError):

@@ -18,6 +18,7 @@ CIFAR_MODELS = ("resnet18", "resnet20", "resnet18_reference", "resnet20_option_a
 PAPER_MODELS = ("resnet18_imagenet", "resnet50", "mobilenet_v2")  # brjax.paper_models
 MODELS = CIFAR_MODELS + PAPER_MODELS
 PRETRAINED_SUFFIXES = (".pth", ".pt")
+DTYPES = ("float32", "bfloat16")  # computation dtypes; parameters stay float32
 INPUT_MODES = ("auto", "memory", "streaming")  # brjax.streaming.INPUT_MODES
 ALPHA_GRADS_W = ("full", "lsq", "none")  # brjax.regularizer.ALPHA_GRADS_W, without JAX
 
@@ -40,6 +41,7 @@ class Config:
   bits_a: int = 2
   clip: float | None = None
   per_channel: bool = False
+  dtype: str = "float32"
   # Bin Regularization and step-size control.
   lambda_w: float = 1.0
   lambda_a: float = 1.0
@@ -107,6 +109,7 @@ class Config:
       _check(_is_int(self.width) and self.width >= 1 and self.model == "resnet18_reference",
              "width", self.width, "use an integer >= 1 with --model=resnet18_reference "
              "(64 = the reference), or leave it unset")
+    _check(self.dtype in DTYPES, "dtype", self.dtype, f"use one of {', '.join(DTYPES)}")
     for name in ("bits_w", "bits_a"):
       bits = getattr(self, name)
       _check(_is_int(bits) and (1 <= bits <= 8 or bits == FLOAT_BITS), name, bits,

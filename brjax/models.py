@@ -167,13 +167,16 @@ def create_model(name: str, *, bits_w: int = 32, bits_a: int = 32, clip: float |
 
 def from_run_config(config: Any, num_classes: int, image_size: int | None = None) -> nn.Module:
   """The model of a run, from its config: a ``brjax.config.Config`` or the dict of one
-  that a checkpoint's meta holds (fields a saved config lacks take their defaults).
+  that a checkpoint's meta holds (fields a saved config lacks take their defaults). Its
+  ``dtype`` is the computation dtype (``"bfloat16"``: convolutions, matmuls, BatchNorm and
+  activations in bfloat16; parameters, step sizes, logits and losses float32).
 
   ``image_size``: the side of the run's images; needed by the papers' models
   (``brjax.paper_models``: their small-input variant for CIFAR-size images), else unused.
   """
   get = (config.get if isinstance(config, dict) else
          lambda name, default=None: getattr(config, name, default))
+  dtype = jnp.dtype(get("dtype") or "float32")
   if get("model") in paper_models.MODELS:
     if image_size is None:
       raise ValueError(f"model={get('model')!r} needs the run's image size")
@@ -181,9 +184,9 @@ def from_run_config(config: Any, num_classes: int, image_size: int | None = None
         get("model"), bits_w=get("bits_w", quant.FLOAT_BITS),
         bits_a=get("bits_a", quant.FLOAT_BITS), num_classes=num_classes, image_size=image_size,
         per_channel=bool(get("per_channel", False)),
-        act_batch_grad_scale=get("act_grad_scale") == "batch")
+        act_batch_grad_scale=get("act_grad_scale") == "batch", dtype=dtype)
   return create_model(get("model"), bits_w=get("bits_w", quant.FLOAT_BITS),
                       bits_a=get("bits_a", quant.FLOAT_BITS), clip=get("clip"),
-                      num_classes=num_classes, width=get("width"),
+                      num_classes=num_classes, width=get("width"), dtype=dtype,
                       act_grad_scale=get("act_grad_scale") or "example",
                       per_channel=bool(get("per_channel", False)))

@@ -130,7 +130,10 @@ def lsq_quantize(x: jax.Array, alpha: jax.Array, qn: int | jax.Array, qp: int | 
 
   Returns:
     An array of ``x``'s shape and dtype whose values are ``k * alpha`` for integers
-    ``qn <= k <= qp``.
+    ``qn <= k <= qp``. The codes ``k`` are computed in at least float32; for a bfloat16
+    ``x`` the product ``k * alpha`` is then rounded to bfloat16 (relative error <= 2^-8:
+    ``round(q / alpha)`` gives ``k`` back for ``|k| <= 128``, every code up to 7 bits and of
+    8 signed bits; 8-bit unsigned codes above 128 may land on a neighbour).
   """
   if isinstance(qn, int) and isinstance(qp, int):
     return _lsq_static(x, alpha, qn, qp, grad_scale)
@@ -138,9 +141,12 @@ def lsq_quantize(x: jax.Array, alpha: jax.Array, qn: int | jax.Array, qp: int | 
 
 
 def _lsq_forward(x, alpha, qn, qp):
-  a = safe_alpha(alpha).astype(x.dtype)
-  v = x / a
-  return jnp.round(jnp.clip(v, qn, qp)) * a, v
+  # In at least float32: a bfloat16 input gets the codes float32 would give it; only the
+  # output ``code * alpha`` is rounded back to the input's dtype.
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  a = safe_alpha(alpha).astype(dtype)
+  v = x.astype(dtype) / a
+  return (jnp.round(jnp.clip(v, qn, qp)) * a).astype(x.dtype), v
 
 
 def _lsq_grads(v, alpha, qn, qp, scale, g):

@@ -211,13 +211,14 @@ def test_stacked_sites_bin_each_layer_on_its_own_grid():
   expected = sum(regularizer.bin_regularization(k, a, -2, 1) for k, a in zip(layers, alphas))
   np.testing.assert_allclose(regularizer.weight_br({"scan": {"weight": (stacked,)}}), expected,
                              rtol=1e-6)
-  # Per-channel step sizes, stacked: one grid and one set of bins per (layer, channel).
+  # Per-channel step sizes, stacked: one grid and one set of bins per (layer, channel); a
+  # layer counts the mean over its channels.
   per_channel = jnp.stack([jnp.linspace(0.03, 0.1, 8).reshape(1, 1, 1, 8),
                            jnp.linspace(0.1, 0.3, 8).reshape(1, 1, 1, 8)])
   stacked = stacked.replace(alpha=per_channel)
   expected = sum(regularizer.bin_regularization(layers[i][..., c], per_channel[i, 0, 0, 0, c],
                                                 -2, 1)
-                 for i in range(2) for c in range(8))
+                 for i in range(2) for c in range(8)) / 8
   np.testing.assert_allclose(regularizer.weight_br({"scan": {"weight": (stacked,)}}), expected,
                              rtol=1e-6)
 
