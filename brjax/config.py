@@ -42,6 +42,7 @@ class Config:
   clip: float | None = None
   per_channel: bool = False
   dtype: str = "float32"
+  remat: bool = False
   # Bin Regularization and step-size control.
   lambda_w: float = 1.0
   lambda_a: float = 1.0
@@ -109,6 +110,8 @@ class Config:
       _check(_is_int(self.width) and self.width >= 1 and self.model == "resnet18_reference",
              "width", self.width, "use an integer >= 1 with --model=resnet18_reference "
              "(64 = the reference), or leave it unset")
+    _check(self.remat in (False, True) and (not self.remat or self.model in PAPER_MODELS),
+           "remat", self.remat, f"use it with one of {', '.join(PAPER_MODELS)}")
     _check(self.dtype in DTYPES, "dtype", self.dtype, f"use one of {', '.join(DTYPES)}")
     for name in ("bits_w", "bits_a"):
       bits = getattr(self, name)

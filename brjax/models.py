@@ -184,7 +184,8 @@ def from_run_config(config: Any, num_classes: int, image_size: int | None = None
         get("model"), bits_w=get("bits_w", quant.FLOAT_BITS),
         bits_a=get("bits_a", quant.FLOAT_BITS), num_classes=num_classes, image_size=image_size,
         per_channel=bool(get("per_channel", False)),
-        act_batch_grad_scale=get("act_grad_scale") == "batch", dtype=dtype)
+        act_batch_grad_scale=get("act_grad_scale") == "batch", dtype=dtype,
+        remat=bool(get("remat", False)))
   return create_model(get("model"), bits_w=get("bits_w", quant.FLOAT_BITS),
                       bits_a=get("bits_a", quant.FLOAT_BITS), clip=get("clip"),
                       num_classes=num_classes, width=get("width"), dtype=dtype,

@@ -74,6 +74,12 @@ class Bottleneck(nn.Module):
     return nn.relu(_shortcut(x, y, self.strides, norm, conv) + y)
 
 
+def _maybe_remat(block: Any, remat: bool) -> Any:
+  """``nn.remat(block)`` (activations recomputed in the backward pass instead of kept: less
+  memory, about one more forward pass of time) when ``remat``; ``train`` is static."""
+  return nn.remat(block, static_argnums=(2,)) if remat else block
+
+
 def _shortcut(x: jax.Array, y: jax.Array, strides: int, norm: Callable,
               conv: Callable) -> jax.Array:
   """The identity, or a strided 1x1 projection + BN where the shape changes."""
@@ -93,9 +99,11 @@ class ResNet(nn.Module):
   num_classes: int = 1000
   small_inputs: bool = False
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    block = _maybe_remat(self.block, self.remat)
     if self.small_inputs:
       x = nn.Conv(64, (3, 3), use_bias=False, dtype=self.dtype, name="conv_init")(x)
     else:
@@ -106,8 +114,8 @@ class ResNet(nn.Module):
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
-        x = self.block(64 * 2**i, strides=2 if i > 0 and j == 0 else 1, dtype=self.dtype,
-                       name=f"stage{i + 1}_block{j + 1}")(x, train)
+        x = block(64 * 2**i, strides=2 if i > 0 and j == 0 else 1, dtype=self.dtype,
+                  name=f"stage{i + 1}_block{j + 1}")(x, train)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(jnp.mean(x, axis=(1, 2)))
     return jnp.asarray(x, jnp.float32)
 
@@ -162,10 +170,12 @@ class MobileNetV2(nn.Module):
   small_inputs: bool = False
   dtype: Any = jnp.float32
   stages: Sequence[tuple[int, int, int, int]] = MOBILENET_V2_STAGES
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     norm = functools.partial(_norm, use_running_average=not train, dtype=self.dtype)
+    block = _maybe_remat(InvertedResidual, self.remat)
     x = nn.Conv(_make_divisible(32 * self.width), (3, 3), 1 if self.small_inputs else 2,
                 padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype, name="stem")(x)
     x = nn.relu6(norm(name="bn_stem")(x))
@@ -175,8 +185,8 @@ class MobileNetV2(nn.Module):
         s = 1  # 32x32 inputs: keep 4x4 maps at the end, as CIFAR versions do
       for i in range(n):
         k += 1
-        x = InvertedResidual(_make_divisible(c * self.width), t, s if i == 0 else 1,
-                             dtype=self.dtype, name=f"block{k}")(x, train)
+        x = block(_make_divisible(c * self.width), t, s if i == 0 else 1, dtype=self.dtype,
+                  name=f"block{k}")(x, train)
     last = _make_divisible(1280 * max(1.0, self.width))
     x = nn.Conv(last, (1, 1), use_bias=False, dtype=self.dtype, name="conv_last")(x)
     x = nn.relu6(norm(name="bn_last")(x))
@@ -235,16 +245,17 @@ SMALL_INPUTS = 64
 
 def create_model(name: str, *, bits_w: int, bits_a: int, num_classes: int, image_size: int,
                  per_channel: bool = False, act_batch_grad_scale: bool = False,
-                 dtype: Any = jnp.float32) -> nn.Module:
+                 dtype: Any = jnp.float32, remat: bool = False) -> nn.Module:
   """One of :data:`MODELS`, quantized by :func:`paper_rules` (plain Flax when float).
 
   ``image_size``: the side of the input images; at most :data:`SMALL_INPUTS` (CIFAR) gives
-  the ``small_inputs`` variant.
+  the ``small_inputs`` variant. ``remat``: recompute each block's activations in the
+  backward pass (``nn.remat``) instead of keeping them.
   """
   if name not in MODELS:
     raise ValueError(f"model={name!r} is not supported: use one of {sorted(MODELS)}")
   model = MODELS[name](num_classes=num_classes, small_inputs=image_size <= SMALL_INPUTS,
-                       dtype=dtype)
+                       dtype=dtype, remat=remat)
   if bits_w == FLOAT_BITS and bits_a == FLOAT_BITS:
     return model
   return quantize_model(model, paper_rules(name, bits_w, bits_a, per_channel=per_channel,

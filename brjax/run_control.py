@@ -90,21 +90,33 @@ class RunClock:
 
 
 class Diverged(ArithmeticError):
-  """The training loss of an epoch is not finite: the run stops before saving that epoch."""
+  """An epoch left the model broken (a non-finite loss, a step size at or below zero): the
+  run stops before saving that epoch."""
 
-  def __init__(self, epoch: int, m: dict, saved_epoch: int | None):
-    terms = ", ".join(f"{k}={m[k]:.4g}" for k in ("ce", "br_w", "br_a")
-                      if isinstance(m.get(k), float))
+  def __init__(self, epoch: int, what: str, saved_epoch: int | None):
     kept = (f"the checkpoint of epoch {saved_epoch} is kept" if saved_epoch else
             "no checkpoint was saved")
     super().__init__(
-        f"epoch {epoch} diverged: its mean training loss is {m['train_loss']} ({terms}); the "
-        f"epoch was not saved, {kept}: lower --lr or --lambda_w/--lambda_a, or freeze the "
-        "step sizes (--freeze_alpha_w/--freeze_alpha_a) or scale W-BR's gradient to them "
-        "(--br_alpha_grad_w=lsq)")
+        f"epoch {epoch} diverged: {what}; the epoch was not saved, {kept}: lower --lr or "
+        "--lambda_w/--lambda_a, or freeze the step sizes (--freeze_alpha_w/--freeze_alpha_a) "
+        "or scale W-BR's gradient to them (--br_alpha_grad_w=lsq)")
 
 
 def check_finite(epoch: int, m: dict, saved_epoch: int | None) -> None:
   """Raises :class:`Diverged` when the epoch's training loss is NaN or infinite."""
   if not math.isfinite(m["train_loss"]):
-    raise Diverged(epoch, m, saved_epoch)
+    terms = ", ".join(f"{k}={m[k]:.4g}" for k in ("ce", "br_w", "br_a")
+                      if isinstance(m.get(k), float))
+    raise Diverged(epoch, f"its mean training loss is {m['train_loss']} ({terms})", saved_epoch)
+
+
+def check_step_sizes(epoch: int, smallest: dict[str, float], saved_epoch: int | None) -> None:
+  """Raises :class:`Diverged` when a step size is at or below zero (``smallest``: each step
+  size's path and its smallest entry): its quantizer then runs on the 1e-8 floor and the
+  layer outputs zeros, which training would not undo."""
+  bad = {path: value for path, value in smallest.items() if not value > 0}
+  if bad:
+    shown = ", ".join(f"{path}={value:.4g}" for path, value in list(bad.items())[:3])
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    raise Diverged(epoch, f"step sizes went to zero or below ({shown}{more}): their layers "
+                   "output zeros", saved_epoch)

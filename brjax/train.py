@@ -198,6 +198,7 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
         start, lr = time.time(), float(schedule(int(state.step)))
         state, m = _train_epoch(run, step_fn, state, epoch, clock, stop.check, compiles)
         run_control.check_finite(epoch, m, ckpts.latest_epoch())
+        run_control.check_step_sizes(epoch, _smallest_step_sizes(state), ckpts.latest_epoch())
         m.update(epoch=epoch, phase=phase, step=int(state.step), lr=lr)
         _mark_terms_not_computed(m, config, phase)
         m.update(_evaluate_epoch(run, eval_fn, quant_fn, state, probe, clock, stop.check))
@@ -263,6 +264,13 @@ def _finished_run(config: Config, workdir: str, meta: dict, log: Callable[[str],
       f"{meta.get('best_test_acc', 0.0):.2f}%): nothing to resume. Evaluate it with "
       f"scripts/evaluate.py --workdir={workdir}")
   return records[-1] if records else {}
+
+
+def _smallest_step_sizes(state: TrainState) -> dict[str, float]:
+  """``{path: smallest entry}`` of every step size (``alpha``, ``input_alpha``) in ``state``."""
+  flat = flax.traverse_util.flatten_dict(state.params)
+  return {"/".join(path): float(np.min(jax.device_get(value)))
+          for path, value in flat.items() if quant.is_alpha_path(path)}
 
 
 def _probe_batch(run: _Run) -> dict:

@@ -26,6 +26,9 @@ def define(values: flags.FlagValues) -> flags.FlagValues:
                     flag_values=values)
   flags.DEFINE_integer("width", None, "resnet18_reference: channels of the first stage "
                        "(default 64, the reference's).", flag_values=values)
+  flags.DEFINE_bool("remat", False, "The papers' models: recompute each block's activations "
+                    "in the backward pass instead of keeping them (less memory, about a third "
+                    "more time; see the benchmark's memory lines).", flag_values=values)
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Computation dtype of convolutions, "
                     "matmuls, BatchNorm and activations (parameters, optimizer state, step sizes "
                     "and losses stay float32; integer codes are exact either way). Default: "
@@ -153,6 +156,7 @@ def config_from_flags(values: flags.FlagValues) -> Config:
   return Config(
       model=values.model, width=values.width, bits_w=bits_w, bits_a=bits_a, clip=values.clip,
       per_channel=values.per_channel, dtype=values.dtype or default_dtype(),
+      remat=values.remat,
       lambda_w=values.lambda_w, lambda_a=values.lambda_a,
       warmup_epochs=values.warmup_epochs, epochs=values.epochs,
       freeze_alpha_w=values.freeze_alpha or values.freeze_alpha_w,

@@ -83,3 +83,21 @@ def test_one_quantized_br_step(name, model):
                 if p[-1].key in ("alpha", "input_alpha")}
   assert step_sizes and all(jnp.any(g != 0) for g in step_sizes.values()), [
       k for k, g in step_sizes.items() if not jnp.any(g != 0)]
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  results = []
+  for remat in (False, True):
+    model = quantize_model(paper_models.ResNet(stage_sizes=(1, 1), num_classes=10,
+                                               small_inputs=True, remat=remat),
+                           paper_models.paper_rules("resnet18_imagenet", 2, 2))
+    variables = model.init(jax.random.key(1), images, train=True)
+
+    def loss_fn(params, model=model, variables=variables):
+      logits, state = model.apply({**variables, "params": params}, images, train=True,
+                                  mutable=["batch_stats", sites.COLLECTION])
+      return logits.sum() + sum(regularizer.br_losses(state[sites.COLLECTION]))
+
+    results.append(jax.jit(jax.value_and_grad(loss_fn))(variables["params"]))
+  chex.assert_trees_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)

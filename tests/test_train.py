@@ -381,6 +381,11 @@ def test_a_diverged_epoch_stops_the_run_with_the_remedies():
     run_control.check_finite(3, m, 2)
   with pytest.raises(run_control.Diverged, match="no checkpoint was saved"):
     run_control.check_finite(1, {"train_loss": float("inf")}, None)
+  run_control.check_step_sizes(2, {"conv/alpha": 0.1, "relu/alpha": 1e-3}, 1)
+  with pytest.raises(run_control.Diverged,
+                     match=r"^epoch 2 diverged: step sizes went to zero or below \(conv/alpha="
+                           r"-1\.68, relu/alpha=0\): their layers output zeros; the epoch"):
+    run_control.check_step_sizes(2, {"conv/alpha": -1.68, "relu/alpha": 0.0, "ok": 1.0}, 1)
 
 
 def test_paper_models_are_built_by_their_rules_at_the_data_size():
