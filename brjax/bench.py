@@ -58,6 +58,7 @@ import numpy as np
 from PIL import Image
 
 from brjax import bench_plain
+from brjax import bench_scale
 from brjax import input_pipeline
 from brjax import models
 from brjax import quant
@@ -332,6 +333,22 @@ def time_plain_models(report: Report, rounds: int, log: Callable[[str], None]) -
     report.add(f"{prefix}_brjax_over_qwix", r["brjax_over_qwix"], "x")
 
 
+def measure_scale(report: Report, config, rounds: int, quick: bool,
+                  log: Callable[[str], None]) -> None:
+  """bfloat16 against float32 (the BR step of ``config``), and the step memory of ResNet-50
+  (ResNet-18 at 64x64, batch 8, with ``quick``) without A-BR, with it, with remat."""
+  dtypes = bench_scale.time_dtypes(config, 32, rounds, log=log)
+  note = f"BR step, {config.model} W2A2, batch {config.batch_size}, median of {rounds} rounds"
+  report.add("step_time_br_bfloat16", dtypes["bfloat16"] * 1e3, "ms", note)
+  report.add("step_ratio_bfloat16", dtypes["ratio"], "x", "median per-round bfloat16 / float32")
+  model, size, batch = ("resnet18_imagenet", 64, 8) if quick else ("resnet50", 224, 32)
+  memory = bench_scale.step_memory(
+      dataclasses.replace(config, model=model, batch_size=batch), size, log=log)
+  for name, megabytes in memory.items():
+    report.add(f"step_memory_{name}", megabytes, "MB",
+               f"XLA's plan of the BR step, {model} W2A2 {size}x{size} batch {batch}")
+
+
 def check_targets(report: Report, quick: bool) -> tuple[list[str], bool]:
   """Lines ``PASS  what: name = value (target <= limit)`` for every target (``SKIP`` for
   timing targets with ``quick``), and whether all checked ones passed."""
@@ -355,7 +372,7 @@ def check_targets(report: Report, quick: bool) -> tuple[list[str], bool]:
 
 def run_benchmark(quick: bool, model_name: str, batch_size: int, rounds: int,
                   data_dir: str | None = None, json_out: str | None = None,
-                  plain_models: bool = False,
+                  plain_models: bool = False, scale: bool = False,
                   log: Callable[[str], None] = lambda _: None) -> Report:
   """Takes every measurement of this module's docstring; returns the report.
 
@@ -366,6 +383,9 @@ def run_benchmark(quick: bool, model_name: str, batch_size: int, rounds: int,
     data_dir: images for the two-phase run; None: a tiny synthetic folder.
     json_out: a file for one JSON line per measurement, or None.
     plain_models: also time ``brjax.bench_plain.MODELS`` against float and Qwix.
+    scale: also ``brjax.bench_scale``: the BR step in bfloat16 against float32 (this
+      model, this batch), and the memory plan of ResNet-50's BR step (224x224, batch 32)
+      without A-BR, with it, and with it under remat.
     log: progress lines.
   """
   devices = jax.devices()
@@ -406,6 +426,8 @@ def run_benchmark(quick: bool, model_name: str, batch_size: int, rounds: int,
                     matmul_size=1024 if quick else 2048, reps=3 if quick else 10)
       if plain_models:  # inside: the compilation cache writes to the folder until it goes
         time_plain_models(report, rounds=3 if quick else 5, log=log)
+      if scale:
+        measure_scale(report, config, rounds, quick, log)
       jax.config.update("jax_compilation_cache_dir", None)  # before its folder goes
   finally:
     report.close()

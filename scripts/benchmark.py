@@ -1,13 +1,14 @@
 """Benchmarks brjax training on this machine: step times, BR cost, compiles, input, FLOP/s.
 
     python scripts/benchmark.py [--quick] [--model=resnet20] [--batch_size=128] [--json_out=FILE]
-        [--[no]plain_models]
+        [--[no]plain_models] [--[no]scale]
 
 Runs ``brjax.bench.run_benchmark`` (its docstring lists every measurement): step times of
 float, QAT W2A2 and QAT W2A2 + BR, interleaved; BR alone at 2/4/8 bits; compile times and
 counts of a two-phase run; the input pipeline; FLOP/s; and, with ``--plain_models`` (on by
 default, off with ``--quick``), unmodified Flax models quantized by ``brjax.quantize_model``
-against float and Qwix.
+against float and Qwix; with ``--scale`` (likewise), the BR step in bfloat16 against
+float32 and the memory plan of ResNet-50's BR step without A-BR, with it, and with remat.
 
 Output: a table of the measurements and the targets with PASS/FAIL on stdout (progress on
 stderr); ``--json_out`` writes one JSON line per measurement (``name``, ``value``,
@@ -42,6 +43,9 @@ flags.DEFINE_string("data_dir", None, "Images for the compile-count run (a folde
 flags.DEFINE_bool("plain_models", None, "Also time unmodified Flax models (ViT, MobileNetV2) "
                   "quantized by brjax.quantize_model against float and Qwix (default: on, "
                   "off with --quick).", flag_values=FLAGS)
+flags.DEFINE_bool("scale", None, "Also measure the BR step in bfloat16 against float32, "
+                  "and the step memory of ResNet-50 (224x224, batch 32) without A-BR, with "
+                  "it, and with remat (default: on, off with --quick).", flag_values=FLAGS)
 flags.DEFINE_string("json_out", None, "Write one JSON line per measurement to this file.",
                     flag_values=FLAGS)
 
@@ -65,9 +69,10 @@ def main(argv: list[str]) -> int:
   batch_size = 32 if FLAGS.quick and not FLAGS["batch_size"].present else FLAGS.batch_size
   rounds = FLAGS.rounds or (3 if FLAGS.quick else 10)
   plain_models = not FLAGS.quick if FLAGS.plain_models is None else FLAGS.plain_models
+  scale = not FLAGS.quick if FLAGS.scale is None else FLAGS.scale
   from brjax import bench  # pylint: disable=g-import-not-at-top  (JAX: after the flags)
   report = bench.run_benchmark(FLAGS.quick, FLAGS.model, batch_size, rounds, FLAGS.data_dir,
-                               FLAGS.json_out, plain_models, log=progress)
+                               FLAGS.json_out, plain_models, scale, log=progress)
   print(bench.results_text(report))
   return 0
 

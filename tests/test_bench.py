@@ -68,3 +68,18 @@ def test_quantized_model_steps_measures_every_form(monkeypatch):
 def test_unknown_model():
   with pytest.raises(KeyError):
     bench_plain.quantized_model_steps("vgg")
+
+
+@pytest.mark.slow
+def test_scale_measurements_on_small_models():
+  """bench_scale builds the training step as brjax.train does: the memory plans of the four
+  variants, and float32 against bfloat16 step times."""
+  from brjax import bench_scale  # pylint: disable=g-import-not-at-top
+  from brjax.config import Config  # pylint: disable=g-import-not-at-top
+  memory = bench_scale.step_memory(Config(model="resnet20", batch_size=4), 32, num_classes=10,
+                                   variants=("no_abr", "abr"))
+  assert set(memory) == {"no_abr", "abr"}
+  assert all(0 < megabytes < 1024 for megabytes in memory.values()), memory
+  times = bench_scale.time_dtypes(Config(model="resnet20", batch_size=4), 32, 1)
+  assert times["float32"] > 0 and times["bfloat16"] > 0
+  assert times["ratio"] == pytest.approx(times["bfloat16"] / times["float32"])
