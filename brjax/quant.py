@@ -140,16 +140,23 @@ def lsq_quantize(x: jax.Array, alpha: jax.Array, qn: int | jax.Array, qp: int | 
   return _lsq_traced(x, alpha, jnp.asarray(qn, x.dtype), jnp.asarray(qp, x.dtype), grad_scale)
 
 
-def _lsq_forward(x, alpha, qn, qp):
-  # In at least float32: a bfloat16 input gets the codes float32 would give it; only the
-  # output ``code * alpha`` is rounded back to the input's dtype.
+def _scaled(x, alpha):
+  """``(x / alpha, alpha)`` in at least float32: a bfloat16 input gets the codes float32
+  would give it (only the output ``code * alpha`` is rounded back to its dtype)."""
   dtype = jnp.promote_types(x.dtype, jnp.float32)
   a = safe_alpha(alpha).astype(dtype)
-  v = x.astype(dtype) / a
-  return (jnp.round(jnp.clip(v, qn, qp)) * a).astype(x.dtype), v
+  return x.astype(dtype) / a, a
 
 
-def _lsq_grads(v, alpha, qn, qp, scale, g):
+def _lsq_forward(x, alpha, qn, qp):
+  v, a = _scaled(x, alpha)
+  return (jnp.round(jnp.clip(v, qn, qp)) * a).astype(x.dtype)
+
+
+def _lsq_grads(x, alpha, qn, qp, scale, g):
+  # The residual is x, not x / alpha: x is alive anyway (A-BR reads it), and recomputing the
+  # division here is cheaper than writing and keeping a second activation-sized array.
+  v, _ = _scaled(x, alpha)
   inside = (v >= qn) & (v <= qp)
   dx = jnp.where(inside, g, jnp.zeros_like(g))
   # The alpha gradient is a sum over many elements: accumulate in at least float32.
@@ -162,17 +169,16 @@ def _lsq_grads(v, alpha, qn, qp, scale, g):
 # Static range (Python ints, folded into the program): the common case.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _lsq_static(x, alpha, qn, qp, scale):
-  return _lsq_forward(x, alpha, qn, qp)[0]
+  return _lsq_forward(x, alpha, qn, qp)
 
 
 def _lsq_static_fwd(x, alpha, qn, qp, scale):
-  q, v = _lsq_forward(x, alpha, qn, qp)
-  return q, (v, alpha, scale)
+  return _lsq_forward(x, alpha, qn, qp), (x, alpha, scale)
 
 
 def _lsq_static_bwd(qn, qp, res, g):
-  v, alpha, scale = res
-  return (*_lsq_grads(v, alpha, qn, qp, scale, g), jnp.zeros_like(scale))
+  x, alpha, scale = res
+  return (*_lsq_grads(x, alpha, qn, qp, scale, g), jnp.zeros_like(scale))
 
 
 _lsq_static.defvjp(_lsq_static_fwd, _lsq_static_bwd)
@@ -181,17 +187,16 @@ _lsq_static.defvjp(_lsq_static_fwd, _lsq_static_bwd)
 # Traced range (arrays): a sign decided from data; the range gets no gradient.
 @jax.custom_vjp
 def _lsq_traced(x, alpha, qn, qp, scale):
-  return _lsq_forward(x, alpha, qn, qp)[0]
+  return _lsq_forward(x, alpha, qn, qp)
 
 
 def _lsq_traced_fwd(x, alpha, qn, qp, scale):
-  q, v = _lsq_forward(x, alpha, qn, qp)
-  return q, (v, alpha, qn, qp, scale)
+  return _lsq_forward(x, alpha, qn, qp), (x, alpha, qn, qp, scale)
 
 
 def _lsq_traced_bwd(res, g):
-  v, alpha, qn, qp, scale = res
-  return (*_lsq_grads(v, alpha, qn, qp, scale, g), jnp.zeros_like(qn), jnp.zeros_like(qp),
+  x, alpha, qn, qp, scale = res
+  return (*_lsq_grads(x, alpha, qn, qp, scale, g), jnp.zeros_like(qn), jnp.zeros_like(qp),
           jnp.zeros_like(scale))
 
 
