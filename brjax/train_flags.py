@@ -155,7 +155,7 @@ def config_from_flags(values: flags.FlagValues) -> Config:
                      "for float")
   return Config(
       model=values.model, width=values.width, bits_w=bits_w, bits_a=bits_a, clip=values.clip,
-      per_channel=values.per_channel, dtype=values.dtype or default_dtype(),
+      per_channel=values.per_channel, dtype=values.dtype or "float32",  # unset: default_dtype(), after --distributed
       remat=values.remat,
       lambda_w=values.lambda_w, lambda_a=values.lambda_a,
       warmup_epochs=values.warmup_epochs, epochs=values.epochs,

@@ -11,6 +11,7 @@ command that continues the run, and exits 130.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -44,6 +45,8 @@ def main(argv: list[str]) -> int:
     except (ValueError, RuntimeError) as e:
       print(f"error: --distributed: jax.distributed.initialize() failed: {e}", file=sys.stderr)
       return 2
+  if FLAGS.dtype is None:  # asks JAX for the backend: only after distributed initialization
+    config = dataclasses.replace(config, dtype=train_flags.default_dtype())
 
   try:
     return train(config, workdir)
