@@ -10,7 +10,7 @@ from __future__ import annotations
 from absl import flags
 
 from brjax import recipes
-from brjax.config import Config, MODELS
+from brjax.config import ABR_CLIPPED, Config, MODELS
 
 _D = Config()
 
@@ -68,6 +68,10 @@ def define(values: flags.FlagValues) -> flags.FlagValues:
                     "order) out of A-BR.", flag_values=values)
   flags.DEFINE_bool("abr_exclude_last", False, "Leave the last activation site out of A-BR.",
                     flag_values=values)
+  flags.DEFINE_enum("abr_clipped", _D.abr_clipped, list(ABR_CLIPPED), "A-BR's activations "
+                    "above the top level (value/alpha > qp + 0.5, clipped by the quantizer): "
+                    "include = counted in the top bin (the paper's), exclude = left out of "
+                    "every bin.", flag_values=values)
   flags.DEFINE_enum("recipe", _D.recipe, list(recipes.RECIPES), "Training recipe: brjax (SGD "
                     "0.1, per-step cosine, ...), reference (the reference package's QAT: Adam "
                     "0.01, constant-then-cosine per epoch, ...), reference_baseline (its float "
@@ -164,6 +168,7 @@ def config_from_flags(values: flags.FlagValues) -> Config:
       br_alpha_grad_a=values.br_alpha_grad_a, br_alpha_grad_w=values.br_alpha_grad_w,
       abr_layers=values.abr_layers,
       abr_exclude_first=values.abr_exclude_first, abr_exclude_last=values.abr_exclude_last,
+      abr_clipped=values.abr_clipped,
       recipe=values.recipe, lr=values.lr,
       optimizer=values.optimizer, schedule=values.schedule, decay_alphas=values.decay_alphas,
       act_grad_scale=values.act_grad_scale, alpha_init=values.alpha_init,
