@@ -137,6 +137,17 @@ def define(values: flags.FlagValues) -> flags.FlagValues:
                        flag_values=values)
   flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its latest "
                     "checkpoint.", flag_values=values)
+  flags.DEFINE_string("branch_from", None, "Workdir of a warmup run (one stopped with "
+                      "--stop_after_epoch at or before the end of its warmup) whose flags differ "
+                      "from this run's only in BR-phase flags (lambda_w, lambda_a, "
+                      "freeze_alpha*, br_alpha_grad_*, abr_*): a --workdir without checkpoints "
+                      "starts from its checkpoint instead of training the warmup again, and "
+                      "trains what this command trains from scratch, bit for bit.",
+                      flag_values=values)
+  flags.DEFINE_integer("stop_after_epoch", None, "Stop after this epoch (1..--epochs), "
+                       "leaving a run that --resume continues; with --stop_after_epoch="
+                       "<warmup_epochs>, a warmup that runs differing only in BR-phase flags "
+                       "branch from (--branch_from).", flag_values=values)
   flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() before "
                     "anything else; it reads the cluster from the environment (Cloud TPU, "
                     "SLURM, Open MPI, Kubernetes). Every process runs the same command.",
