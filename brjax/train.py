@@ -212,7 +212,7 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   quant_fn = jax.jit(functools.partial(metrics.quant_metrics, run.model))
   writer = summary.create_writer(workdir) if tensorboard and is_chief else None
   schedule = optim.learning_rate_schedule(config, run.steps_per_epoch)
-  clock, step_fns, last = RunClock(config.epochs, run.steps_per_epoch), {}, {}
+  clock, step_fns, last = RunClock(last_epoch, run.steps_per_epoch), {}, {}
   try:
     with StopOnSigint() as stop:
       for epoch in range(start_epoch + 1, last_epoch + 1):
