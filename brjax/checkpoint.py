@@ -192,17 +192,23 @@ def _unreadable(manager: ocp.CheckpointManager, epoch: int, error: Exception) ->
           f"({type(error).__name__}: {reason[:200]}){hint}")
 
 
-def check_compatible(saved: dict, config: Config, path: str) -> None:
-  """Raises CheckpointError if ``config`` differs from the saved one (beyond data paths).
+def config_diffs(saved: dict, config: Config, allowed=RESUMABLE_CHANGES) -> list[str]:
+  """``["--lr=0.1 there, --lr=0.01 here", ...]``: the fields outside ``allowed`` in which
+  ``config`` differs from the saved one.
 
   A field the saved config lacks (written before the field existed) counts as the value
   that run used: the default of a ``Config()``, whose recipe is the only one there was.
   """
-  current = dataclasses.asdict(config)
-  defaults = dataclasses.asdict(Config())
-  saved = {**defaults, **saved}
-  diffs = [f"--{k}={saved.get(k)!r} there, --{k}={v!r} here" for k, v in current.items()
-           if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+  saved = {**dataclasses.asdict(Config()), **saved}
+  return [f"--{k}={saved.get(k)!r} there, --{k}={v!r} here"
+          for k, v in dataclasses.asdict(config).items()
+          if k not in allowed and saved.get(k) != v]
+
+
+def check_compatible(saved: dict, config: Config, path: str) -> None:
+  """Raises CheckpointError if ``config`` differs from the saved one (beyond data paths,
+  :data:`RESUMABLE_CHANGES`; see :func:`config_diffs`)."""
+  diffs = config_diffs(saved, config)
   if diffs:
     raise CheckpointError(f"checkpoint {path} is from an incompatible run ({'; '.join(diffs)}): "
                           "resume with the same flags, or choose another --workdir")

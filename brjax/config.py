@@ -21,6 +21,12 @@ PRETRAINED_SUFFIXES = (".pth", ".pt")
 DTYPES = ("float32", "bfloat16")  # computation dtypes; parameters stay float32
 INPUT_MODES = ("auto", "memory", "streaming")  # brjax.streaming.INPUT_MODES
 ALPHA_GRADS_W = ("full", "lsq", "none")  # brjax.regularizer.ALPHA_GRADS_W, without JAX
+ABR_CLIPPED = ("include", "exclude")  # brjax.regularizer.CLIPPED, without JAX
+BR_PHASE_FIELDS = frozenset({
+    "lambda_w", "lambda_a", "freeze_alpha_w", "freeze_alpha_a", "br_alpha_grad_a",
+    "br_alpha_grad_w", "abr_layers", "abr_exclude_first", "abr_exclude_last", "abr_clipped"})
+"""The fields that act only in the BR phase: two runs that differ only in them train the
+same warmup, bit for bit (``--branch_from`` and the study's shared warmups rely on it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +60,7 @@ class Config:
   abr_layers: str | None = None
   abr_exclude_first: bool = False
   abr_exclude_last: bool = False
+  abr_clipped: str = "include"
   # Optimization: a recipe (brjax.recipes), each part overridable.
   recipe: str = "brjax"
   epochs: int = 100
@@ -101,6 +108,8 @@ class Config:
              f"use one of {', '.join(accepted)}")
     _check(self.br_alpha_grad_w in ALPHA_GRADS_W, "br_alpha_grad_w", self.br_alpha_grad_w,
            f"use one of {', '.join(ALPHA_GRADS_W)}")
+    _check(self.abr_clipped in ABR_CLIPPED, "abr_clipped", self.abr_clipped,
+           f"use one of {', '.join(ABR_CLIPPED)}")
     _check(isinstance(self.decay_alphas, bool), "decay_alphas", self.decay_alphas,
            "use true or false")
     _check(_is_finite(self.adam_eps) and self.adam_eps > 0, "adam_eps", self.adam_eps,

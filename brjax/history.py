@@ -19,6 +19,11 @@ import os
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_KINDS = ("latest", "best")
+META_FILE = os.path.join("meta", "metadata")
+"""Where a checkpoint folder holds its JSON meta (epoch, config, best test accuracy, and
+``branched_from`` for a branched run): orbax's ``JsonCheckpointHandler`` writes the
+``meta`` item of ``brjax.checkpoint`` there as one JSON object (tests/test_train.py checks
+that orbax reads back what this module reads)."""
 
 
 class HistoryError(ValueError):
@@ -102,6 +107,26 @@ def checkpoint_epochs(workdir: str, kind: str = "latest") -> list[int]:
     return []
   return sorted(int(name) for name in os.listdir(directory)
                 if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
+def checkpoint_dir(workdir: str, kind: str, epoch: int) -> str:
+  """``<workdir>/checkpoints/<kind>/<epoch>``."""
+  return os.path.join(workdir, "checkpoints", kind, str(epoch))
+
+
+def read_checkpoint_meta(workdir: str, kind: str = "latest", epoch: int | None = None) -> dict:
+  """The JSON meta of the checkpoint of ``epoch`` (default: the newest) of ``kind``; ``{}``
+  when the run has no such checkpoint.
+
+  Raises:
+    OSError, ValueError: the meta file is missing or is not JSON.
+  """
+  epochs = checkpoint_epochs(workdir, kind)
+  if epoch is None and not epochs:
+    return {}
+  epoch = epochs[-1] if epoch is None else epoch
+  with open(os.path.join(checkpoint_dir(workdir, kind, epoch), META_FILE)) as f:
+    return json.load(f)
 
 
 def has_checkpoint(workdir: str, kinds: tuple[str, ...] = CHECKPOINT_KINDS) -> bool:

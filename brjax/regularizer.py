@@ -36,8 +36,14 @@ _LANES = 16
 _MAX_LANE_TABLE = 4096
 
 
+CLIPPED = ("include", "exclude")
+"""What A-BR does with values clipped above the top level (``v / alpha > qp + 0.5``):
+``include`` them in the top bin (the BR paper's and the reference package's binning), or
+``exclude`` them from every bin."""
+
+
 def bin_regularization(v: jax.Array, alpha: jax.Array, qn: int, qp: int, *,
-                       alpha_grad: bool = False) -> jax.Array:
+                       alpha_grad: bool = False, clipped: str = "include") -> jax.Array:
   """Bin Regularization loss of one tensor.
 
   Bin assignment never carries gradient. The gradient reaches ``v`` through the bin means
@@ -51,16 +57,30 @@ def bin_regularization(v: jax.Array, alpha: jax.Array, qn: int, qp: int, *,
     alpha: step size, a scalar or an array broadcastable to ``v``.
     qn, qp: the integer range, Python ints (see ``quant.qrange``).
     alpha_grad: whether the loss is differentiable with respect to ``alpha``.
+    clipped: one of :data:`CLIPPED`. ``"exclude"`` leaves every element with
+      ``v / alpha > qp + 0.5`` (one the quantizer clips down to the top level) out of
+      every bin: it adds to no count and no sum, and gets no gradient. A bin left empty
+      (say the top bin, when all of its elements lay above the range) adds nothing, as
+      any empty bin; with every element excluded the loss is 0. Values clipped below
+      ``qn`` (signed inputs) stay in the bottom bin either way.
 
   Returns:
     A float32 (or float64, for float64 input) scalar: the sum over non-empty bins.
   """
-  return _binned_loss(v, alpha, qn, qp - qn + 1, alpha_grad)
+  _check_clipped(clipped)
+  return _binned_loss(v, alpha, qn, qp - qn + 1, alpha_grad, clipped == "exclude")
 
 
-def _binned_loss(v, alpha, qn, levels: int, alpha_grad: bool) -> jax.Array:
+def _check_clipped(clipped: str) -> None:
+  if clipped not in CLIPPED:
+    raise ValueError(f"clipped={clipped!r} is not accepted: use one of {', '.join(CLIPPED)}")
+
+
+def _binned_loss(v, alpha, qn, levels: int, alpha_grad: bool,
+                 exclude_above: bool = False) -> jax.Array:
   """:func:`bin_regularization` on ``levels`` levels from ``qn`` (an int, or an int array
-  broadcastable to ``v``: then each of its entries starts the grid of its group)."""
+  broadcastable to ``v``: then each of its entries starts the grid of its group);
+  ``exclude_above``: leave out the elements above ``qn + levels - 1 + 0.5`` steps."""
   dtype = jnp.promote_types(v.dtype, jnp.float32)
   v = v.astype(dtype)
   alpha = jnp.asarray(alpha, dtype)
@@ -68,8 +88,8 @@ def _binned_loss(v, alpha, qn, levels: int, alpha_grad: bool) -> jax.Array:
   if qn.ndim:  # one grid per group of alpha and qn alike
     alpha = jnp.broadcast_to(alpha, jnp.broadcast_shapes(alpha.shape, qn.shape))
   fixed_alpha = jax.lax.stop_gradient(alpha)
-  bins = jax.lax.stop_gradient(
-      jnp.round(jnp.clip(v / quant.safe_alpha(fixed_alpha), qn, qn + (levels - 1))))
+  ratio = jax.lax.stop_gradient(v / quant.safe_alpha(fixed_alpha))
+  bins = jnp.round(jnp.clip(ratio, qn, qn + (levels - 1)))
   level = bins * (alpha if alpha_grad else fixed_alpha)
 
   num_bins = alpha.size * levels
@@ -84,8 +104,12 @@ def _binned_loss(v, alpha, qn, levels: int, alpha_grad: bool) -> jax.Array:
   # end: one running float32 sum over 2M elements lost 5e-4 of precision, lanes 6e-6.
   lanes = max(1, min(_LANES, v.size // num_bins, _MAX_LANE_TABLE // num_bins))
   segment = jax.lax.iota(jnp.int32, v.size) % lanes * num_bins + bin_index
-  counts = jax.ops.segment_sum(jnp.ones_like(segment), segment, lanes * num_bins)
-  sums = jax.ops.segment_sum((v - level).reshape(-1)**2, segment, lanes * num_bins)
+  ones, squares = jnp.ones_like(segment), (v - level).reshape(-1)**2
+  if exclude_above:  # elements clipped down to the top level count nowhere
+    keep = (ratio <= qn + (levels - 1) + 0.5).reshape(-1)
+    ones, squares = jnp.where(keep, ones, 0), jnp.where(keep, squares, 0)
+  counts = jax.ops.segment_sum(ones, segment, lanes * num_bins)
+  sums = jax.ops.segment_sum(squares, segment, lanes * num_bins)
   counts = counts.reshape(lanes, num_bins).sum(0)
   sums = sums.reshape(lanes, num_bins).sum(0)
   return jnp.sum(sums / jnp.maximum(counts, 1).astype(dtype))
@@ -108,7 +132,7 @@ _scale_gradient.defvjp(lambda x, scale: (x, scale),
                        lambda scale, g: (g * scale, jnp.zeros_like(scale)))
 
 
-def site_br(site: sites.Site, *, alpha_grad: bool | str) -> jax.Array:
+def site_br(site: sites.Site, *, alpha_grad: bool | str, clipped: str = "include") -> jax.Array:
   """BR of one quantization site, on its own range; each stacked layer on its own grid.
 
   Layers stacked by ``nn.scan`` add up (each is a tensor of its own). A per-channel step
@@ -119,6 +143,7 @@ def site_br(site: sites.Site, *, alpha_grad: bool | str) -> jax.Array:
 
   ``alpha_grad``: a bool, or one of :data:`ALPHA_GRADS_W` (``"lsq"`` scales the step
   size's gradient by ``1 / sqrt(N * qp)``, ``N = values.size / alpha.size`` per step size).
+  ``clipped``: one of :data:`CLIPPED` (see :func:`bin_regularization`).
   """
   values, alpha, qn = sites.grouped(site)
   stack_size = math.prod(values.shape[:values.ndim - site.ndim])
@@ -127,7 +152,8 @@ def site_br(site: sites.Site, *, alpha_grad: bool | str) -> jax.Array:
     qp = site.levels - 1 + jnp.max(qn)  # weights: a static signed range
     g = quant.grad_scale(values.size // alpha.size, 1) * jax.lax.rsqrt(qp.astype(jnp.float32))
     alpha = _scale_gradient(alpha, g.astype(alpha.dtype))
-  loss = _binned_loss(values, alpha, qn, site.levels, alpha_grad in (True, "full", "lsq"))
+  loss = _binned_loss(values, alpha, qn, site.levels, alpha_grad in (True, "full", "lsq"),
+                      clipped == "exclude")
   return loss / channels if channels > 1 else loss
 
 
@@ -158,7 +184,7 @@ def weight_br(collection: Any, *, alpha_grad: str = "full") -> jax.Array:
 
 
 def activation_br(collection: Any, *, alpha_grad: bool = False,
-                  layers: str | None = None) -> jax.Array:
+                  layers: str | None = None, clipped: str = "include") -> jax.Array:
   """A-BR: the sum of :func:`bin_regularization` over every quantized activation.
 
   Reads the ``"input"`` (a layer's quantized input) and ``"output"`` (a ``QuantReLU``'s
@@ -172,14 +198,21 @@ def activation_br(collection: Any, *, alpha_grad: bool = False,
       makes a moving target).
     layers: a regular expression; only sites whose module path it matches
       (``re.search``) count. ``None``: every site.
+    clipped: one of :data:`CLIPPED`: ``"include"`` (the paper's) counts an activation
+      above the top level (``v / alpha > qp + 0.5``, clipped by the quantizer) in the top
+      bin, which pulls it down to that level; ``"exclude"`` leaves it out of every bin
+      (no count, no sum, no gradient from A-BR), so the top bin's mean and variance are
+      those of the values that round to it. A bin left empty adds nothing.
 
   Returns:
     A float32 (float64 for float64 activations) scalar.
 
   Raises:
-    ValueError: if no activation site was found (or ``layers`` matched none).
+    ValueError: if no activation site was found (or ``layers`` matched none), or
+      ``clipped`` is not one of :data:`CLIPPED`.
   """
-  found = [site_br(s, alpha_grad=alpha_grad)
+  _check_clipped(clipped)
+  found = [site_br(s, alpha_grad=alpha_grad, clipped=clipped)
            for path, _, s in sites.iterate(collection, (sites.INPUT, sites.OUTPUT))
            if layers is None or re.search(layers, path)]
   if not found:
@@ -191,11 +224,13 @@ def activation_br(collection: Any, *, alpha_grad: bool = False,
 
 
 def br_losses(collection: Any, *, alpha_grad_a: bool = False, abr_layers: str | None = None,
-              alpha_grad_w: str = "full") -> tuple[jax.Array, jax.Array]:
+              alpha_grad_w: str = "full",
+              abr_clipped: str = "include") -> tuple[jax.Array, jax.Array]:
   """Both collectors at once: ``(weight_br(collection), activation_br(collection))``.
 
   ``collection`` is the ``"quant"`` collection of one ``model.apply(..., mutable=["quant",
   ...])``: every kernel and every activation binned with its own bits and range.
   """
   return (weight_br(collection, alpha_grad=alpha_grad_w),
-          activation_br(collection, alpha_grad=alpha_grad_a, layers=abr_layers))
+          activation_br(collection, alpha_grad=alpha_grad_a, layers=abr_layers,
+                        clipped=abr_clipped))

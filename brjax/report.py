@@ -20,6 +20,8 @@ RULE = "=" * 80
 
 _WBR_ALPHA = {"full": "full (paper-faithful)", "lsq": "scaled by LSQ's g = 1/sqrt(N*Qp)",
               "none": "none"}
+_ABR_CLIPPED = {"include": "counted in the top bin (the paper's)",
+                "exclude": "left out of every bin"}
 
 def banner(config: Config, topology: Topology, ds: datasets.Dataset,
            abr_line: str | None = None) -> str:
@@ -45,6 +47,8 @@ def banner(config: Config, topology: Topology, ds: datasets.Dataset,
     ]
     if config.lambda_a > 0:
       lines.append(f"    └─> gradients to alpha: {config.br_alpha_grad_a} (--br_alpha_grad_a)")
+      lines.append(f"    └─> values above the top level: {_ABR_CLIPPED[config.abr_clipped]} "
+                   "(--abr_clipped)")
     if abr_line:
       lines.append(f"    └─> activation sites: {abr_line} (--abr_layers, "
                    "--abr_exclude_first/last)")

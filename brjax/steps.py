@@ -43,6 +43,7 @@ class BRSettings:
   alpha_grad_a: bool = struct.field(pytree_node=False, default=False)
   alpha_grad_w: str = struct.field(pytree_node=False, default="full")
   abr_layers: str | None = struct.field(pytree_node=False, default=None)
+  abr_clipped: str = struct.field(pytree_node=False, default="include")
 
 
 def phase_of(config: Config, epoch: int) -> str:
@@ -68,7 +69,7 @@ def br_settings(config: Config, phase: str,
       lambda_w=config.lambda_w if config.bits_w != quant.FLOAT_BITS else 0.0,
       lambda_a=config.lambda_a if config.bits_a != quant.FLOAT_BITS else 0.0,
       alpha_grad_a=config.br_alpha_grad_a, alpha_grad_w=config.br_alpha_grad_w,
-      abr_layers=pattern)
+      abr_layers=pattern, abr_clipped=config.abr_clipped)
 
 
 def activation_sites(model: flax.linen.Module, variables: dict, images: jax.Array) -> list[str]:
@@ -134,7 +135,8 @@ def train_step(state: TrainState, batch: dict, br: BRSettings) -> tuple[TrainSta
     br_w = (regularizer.weight_br(recorded, alpha_grad=br.alpha_grad_w) if br.lambda_w > 0
             else zero)
     br_a = (regularizer.activation_br(recorded, alpha_grad=br.alpha_grad_a,
-                                      layers=br.abr_layers) if br.lambda_a > 0 else zero)
+                                      layers=br.abr_layers, clipped=br.abr_clipped)
+            if br.lambda_a > 0 else zero)
     loss = ce + br.lambda_w * br_w + br.lambda_a * br_a
     return loss, (logits, updates["batch_stats"], ce, br_w, br_a)
 

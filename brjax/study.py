@@ -1,29 +1,39 @@
 """The LSQ vs LSQ+BR comparison study: its runs, flags, results and summary, without JAX.
 
-``scripts/experiments.py`` plans a study here and runs it with ``brjax.study_runner``.
+``scripts/experiments.py`` plans a study here and runs it with ``brjax.study_runner``;
+``brjax.study_plan`` says the plan in words (``--dry_run``).
 
 A study trains ResNet-20 at W<bits>A<bits> under each config of :data:`CONFIGS` for each
-seed, with the same warmup and BR epochs for all. Layout of its ``study_dir``::
+seed, with the same warmup and BR epochs for all (:data:`PRESETS` names whole studies).
+Layout of its ``study_dir``::
 
     study.json              the study's flags; a later run with other flags is refused
+    warmup_s<seed>/         the seed's shared warmup (a --workdir stopped after the warmup)
     <config>_s<seed>/       the run's --workdir (checkpoints/, metrics.jsonl, train.log)
     <config>_s<seed>.json   the run's result, written when the run has finished
     summary.json            per config: mean and sample std over seeds, n, the command
     summary.md              the same as a table (``brjax.study_summary``)
 
 Each run is one ``scripts/train.py`` process of this repository, started with every flag
-that defines it; the command is recorded in its result and reproduces the run from the
-repository root. A child process rather than ``brjax.train.train_and_evaluate`` here: the
-recorded command is the one that ran; every run starts from a fresh JAX runtime, as a user
-reproducing it will; and this module never imports JAX (``brjax.config`` validates every
-run before the first starts), so it holds no accelerator memory the runs need.
+that defines it; the command recorded in its result reproduces the run from scratch, from
+the repository root. **Shared warmups** (on by default): the configs differ only in
+BR-phase fields, so their warmups are the same, bit for bit; the runner trains each
+seed's warmup once (:class:`Warmup`, ``--stop_after_epoch``) and starts every run of
+that seed from its checkpoint (``--branch_from``, ``brjax.run_start``), which gives the
+metrics of the run from scratch; each result records its ``warmup_source``. A child
+process rather than ``brjax.train.train_and_evaluate`` here: every run starts from a fresh
+JAX runtime, as a user reproducing it will; and this module never imports JAX
+(``brjax.config`` validates every run before the first starts), so it holds no
+accelerator memory the runs need.
 
 Resume: a run whose result JSON exists is skipped (state ``done``); a run whose workdir
-holds checkpoints but has no result continues with ``--resume`` (``resume``).
+holds checkpoints but has no result continues with ``--resume`` (``resume``); a warmup
+with a checkpoint at the end of the warmup is ``done``, one with fewer epochs resumes.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -34,22 +44,51 @@ from typing import Any, Mapping
 
 from brjax import history
 from brjax import study_summary
-from brjax.config import Config
+from brjax.config import BR_PHASE_FIELDS, Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 """The repository root: every run executes there, and recorded paths are relative to it."""
 TRAIN_SCRIPT = os.path.join("scripts", "train.py")
 
+_BR = {"lambda_w": 1.0, "lambda_a": 1.0}
 CONFIGS = {
-    "lsq": ("LSQ", 0.0, 0.0),
-    "lsq_br": ("LSQ + W-BR + A-BR", 1.0, 1.0),
-    "w_br": ("LSQ + W-BR", 1.0, 0.0),
+    "lsq": ("LSQ", {"lambda_w": 0.0, "lambda_a": 0.0}),
+    "lsq_br": ("LSQ + W-BR + A-BR", _BR),
+    "w_br": ("LSQ + W-BR", {"lambda_w": 1.0, "lambda_a": 0.0}),
+    "lsq_br_small": ("LSQ + W-BR + A-BR at lambda_a 0.1", {"lambda_w": 1.0, "lambda_a": 0.1}),
+    "lsq_br_frozen": ("LSQ + W-BR + A-BR, step sizes frozen after warmup",
+                      {**_BR, "freeze_alpha_w": True, "freeze_alpha_a": True}),
+    "lsq_br_gscaled": ("LSQ + W-BR (step-size gradient scaled by LSQ's g) + A-BR",
+                       {**_BR, "br_alpha_grad_w": "lsq"}),
+    "lsq_br_noclip": ("LSQ + W-BR + A-BR without the clipped values",
+                      {**_BR, "abr_clipped": "exclude"}),
 }
-"""name -> (description, lambda_w, lambda_a), in the order of the summary."""
+"""name -> (description, the Config fields it sets), in the order of the summary. Every
+config sets BR-phase fields only (``brjax.config.BR_PHASE_FIELDS``), so the configs of a
+seed share one warmup."""
+DEFAULT_CONFIGS = ("lsq", "lsq_br", "w_br")
 
 STUDY_FLAGS = ("bits", "seeds", "configs", "warmup_epochs", "epochs", "lr", "batch_size",
-               "train_examples", "test_examples", "pretrained", "data_dir")
+               "train_examples", "test_examples", "pretrained", "data_dir", "recipe")
 """The flags stored in study.json: a study continues only with the same values."""
+STUDY_DEFAULTS = {"recipe": "brjax"}
+"""The value a flag had in a study.json written before the flag existed."""
+BASELINE = os.path.join("checkpoints", "resnet20_float_cifar10")
+"""The shipped float baseline, relative to the repository root."""
+
+PRESETS = {
+    "evidence": {
+        "configs": ["lsq", "lsq_br", "w_br", "lsq_br_small", "lsq_br_frozen",
+                    "lsq_br_gscaled", "lsq_br_noclip"],
+        "seeds": [0, 1, 2], "bits": 2, "recipe": "reference", "lr": 0.01,
+        "warmup_epochs": 5, "epochs": 20, "batch_size": 128, "train_examples": 0,
+        "test_examples": 0, "pretrained": os.path.join(REPO, BASELINE)},
+}
+"""Named studies: the study flags each sets (a flag given explicitly wins). ``evidence``
+(issue 14, does BR help?): W2A2 ResNet-20 from the shipped float baseline, the reference
+package's recipe, the whole training set, 5 LSQ warmup + 15 BR epochs, seeds 0-2, LSQ
+against BR at full and small A-BR weight, W-BR alone, frozen step sizes, W-BR's
+step-size gradient scaled by LSQ's g, and A-BR without the clipped values."""
 RESULT_RE = re.compile(r"^(?P<config>\w+?)_s(?P<seed>-?\d+)\.json$")
 RESULT_KEYS = ("config", "seed", "command", "final_test_acc", "best_test_acc",
                "final_train_acc")
@@ -60,6 +99,32 @@ class StudyError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Warmup:
+  """A shared warmup: LSQ alone (every BR-phase field at its default, both lambdas 0) up to
+  the end of the warmup (``--stop_after_epoch``), which the runs of one seed with that
+  warmup branch from (``--branch_from``) instead of each training it again."""
+  name: str  # warmup_s<seed>
+  workdir: str  # absolute
+  train_config: Config
+
+  def flags(self) -> list[str]:
+    """Every scripts/train.py flag of the warmup, ``--workdir`` last."""
+    return train_flags(self.train_config) + [
+        f"--stop_after_epoch={self.train_config.warmup_epochs}",
+        f"--workdir={repo_path(self.workdir)}"]
+
+  def command(self) -> str:
+    return shlex.join(["python", TRAIN_SCRIPT, *self.flags()])
+
+  def state(self) -> str:
+    """``done`` (a checkpoint at the end of the warmup), ``resume`` or ``new``."""
+    epochs = history.checkpoint_epochs(self.workdir, "latest")
+    if epochs and epochs[-1] >= self.train_config.warmup_epochs:
+      return "done"
+    return "resume" if epochs else "new"
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
   """One training run of the study."""
   config: str  # a key of CONFIGS
@@ -67,6 +132,7 @@ class Run:
   workdir: str  # absolute
   result_path: str  # absolute
   train_config: Config
+  warmup: Warmup | None = None  # the shared warmup it branches from, if any
 
   @property
   def name(self) -> str:
@@ -77,14 +143,29 @@ class Run:
     return train_flags(self.train_config) + [f"--workdir={repo_path(self.workdir)}"]
 
   def command(self) -> str:
-    """The shell command that reproduces the run, from the repository root."""
+    """The shell command that reproduces the run from scratch, from the repository root
+    (a run branched from its warmup is this run, bit for bit)."""
     return shlex.join(["python", TRAIN_SCRIPT, *self.flags()])
+
+  def start_flags(self) -> list[str]:
+    """The flags that start the run: :meth:`flags`, with ``--branch_from`` its warmup."""
+    flags = self.flags()
+    if self.warmup is None:
+      return flags
+    return flags[:-1] + [f"--branch_from={repo_path(self.warmup.workdir)}", flags[-1]]
 
   def state(self) -> str:
     """``done`` (result written), ``resume`` (checkpoints, no result) or ``new``."""
     if os.path.exists(self.result_path):
       return "done"
     return "resume" if history.checkpoint_epochs(self.workdir, "latest") else "new"
+
+
+def warmup_config(config: Config) -> Config:
+  """The config of ``config``'s warmup: LSQ alone, every BR-phase field at its default.
+  Runs whose configs give the same one train the same warmup, bit for bit."""
+  off = {f: getattr(Config(), f) for f in BR_PHASE_FIELDS}
+  return dataclasses.replace(config, **{**off, "lambda_w": 0.0, "lambda_a": 0.0})
 
 
 def _flag_value(value) -> str:
@@ -154,13 +235,28 @@ def _known_config(name: str) -> str:
   return name
 
 
+def apply_preset(name: str | None, values: dict, given: set[str]) -> dict:
+  """``values`` with the flags of the preset ``name`` (:data:`PRESETS`) in place of those
+  not ``given`` explicitly; ``values`` itself without a preset.
+
+  Raises:
+    StudyError: an unknown preset.
+  """
+  if name is None:
+    return values
+  if name not in PRESETS:
+    raise StudyError(f"--preset={name} is not accepted: use one of {', '.join(PRESETS)}")
+  return {**values, **{k: v for k, v in PRESETS[name].items() if k not in given}}
+
+
 def check_study(values: Mapping[str, Any]) -> dict:
   """The study's flags (:data:`STUDY_FLAGS`) from ``values``, checked, paths as
   :func:`repo_path` gives them.
 
   Args:
-    values: every name of STUDY_FLAGS; ``seeds`` and ``configs`` as lists of strings (or
-      seeds as ints), as the comma-separated flags give them.
+    values: every name of STUDY_FLAGS (those of STUDY_DEFAULTS may be left out);
+      ``seeds`` and ``configs`` as lists of strings (or seeds as ints), as the
+      comma-separated flags give them.
 
   Raises:
     StudyError: a bit width outside 2..8, or seeds / configs that are not distinct known
@@ -173,15 +269,19 @@ def check_study(values: Mapping[str, Any]) -> dict:
                       "use distinct comma-separated integers, e.g. --seeds=0,1,2")
   configs = _parse_list(values["configs"], "configs", _known_config,
                         f"use distinct comma-separated names from {', '.join(CONFIGS)}")
-  study = {name: values[name] for name in STUDY_FLAGS}
+  study = {name: values.get(name, STUDY_DEFAULTS.get(name)) for name in STUDY_FLAGS}
   return {**study, "seeds": seeds, "configs": configs,
           "pretrained": repo_path(values["pretrained"]),
           "data_dir": repo_path(values["data_dir"])}
 
 
-def plan(study_dir: str, study: dict) -> list[Run]:
+def plan(study_dir: str, study: dict, share_warmup: bool = True) -> list[Run]:
   """The study's runs, seed by seed (every config of the first seed first), each with its
-  validated ``Config``.
+  validated ``Config`` and, with ``share_warmup``, the warmup it branches from.
+
+  With ``share_warmup`` the runs of a seed whose configs have the same
+  :func:`warmup_config` branch from one :class:`Warmup` (``warmup_s<seed>``; with several
+  warmups in a seed, ``warmup_<first config>_s<seed>``), which the runner trains first.
 
   Raises:
     StudyError: a value scripts/train.py would refuse (its own one-line message), or no BR
@@ -189,15 +289,33 @@ def plan(study_dir: str, study: dict) -> list[Run]:
   """
   # Paths in ``study`` are relative to the repository root, as the runs execute there.
   with contextlib.chdir(REPO):
-    return [_plan_run(study_dir, study, name, seed)
+    runs = [_plan_run(study_dir, study, name, seed)
             for seed in study["seeds"] for name in study["configs"]]
+    if not share_warmup or study["warmup_epochs"] == 0:
+      return runs
+    keys = [(run.seed, warmup_config(run.train_config)) for run in runs]
+  groups: dict[tuple[int, Config], list[Run]] = {}
+  for key, run in zip(keys, runs):
+    groups.setdefault(key, []).append(run)
+  per_seed = collections.Counter(seed for seed, _ in groups)
+  warmups = {}
+  for (seed, config), members in groups.items():
+    name = (f"warmup_s{seed}" if per_seed[seed] == 1 else
+            f"warmup_{members[0].config}_s{seed}")
+    warmups[(seed, config)] = Warmup(name, os.path.join(study_dir, name), config)
+  return [dataclasses.replace(run, warmup=warmups[key]) for key, run in zip(keys, runs)]
+
+
+def warmups(runs: list[Run]) -> list[Warmup]:
+  """The distinct warmups of ``runs``, in the order of their first run."""
+  return list({r.warmup.name: r.warmup for r in runs if r.warmup is not None}.values())
 
 
 def _plan_run(study_dir: str, study: dict, name: str, seed: int) -> Run:
-  _, lambda_w, lambda_a = CONFIGS[name]
   try:
     config = Config(
-        bits_w=study["bits"], bits_a=study["bits"], lambda_w=lambda_w, lambda_a=lambda_a,
+        bits_w=study["bits"], bits_a=study["bits"], **CONFIGS[name][1],
+        recipe=study.get("recipe", STUDY_DEFAULTS["recipe"]),
         warmup_epochs=study["warmup_epochs"], epochs=study["epochs"], lr=study["lr"],
         batch_size=study["batch_size"], seed=seed, data_dir=study["data_dir"],
         train_examples=study["train_examples"], test_examples=study["test_examples"],
@@ -237,6 +355,7 @@ def check_study_file(study_dir: str, study: dict) -> bool:
   saved = read_study_file(study_dir)
   if saved is None:
     return False
+  saved = {**STUDY_DEFAULTS, **saved}
   diffs = [f"{_format_flag(k, saved.get(k))} there, {_format_flag(k, v)} here"
            for k, v in study.items() if saved.get(k) != v]
   if diffs:
@@ -244,22 +363,6 @@ def check_study_file(study_dir: str, study: dict) -> bool:
                      f"({'; '.join(diffs)}): run it again with its own flags to continue "
                      "it, or choose another --study_dir")
   return True
-
-
-def dry_run(study_dir: str, study: dict) -> list[str]:
-  """One line per run: ``<name> (<new|resume|skip>): <command>``; writes nothing.
-
-  Raises:
-    StudyError: as :func:`plan`, or ``study_dir`` holds a study with other flags.
-  """
-  runs = plan(study_dir, study)
-  check_study_file(study_dir, study)
-  lines = []
-  for run in runs:
-    state = run.state()
-    extra = " --resume" if state == "resume" else ""
-    lines.append(f"{run.name} ({'skip' if state == 'done' else state}): {run.command()}{extra}")
-  return lines
 
 
 # ------------------------------------------------------------------ results

@@ -3,13 +3,15 @@
 The study holds a lock on its folder; each run is a ``scripts/train.py`` process that dies
 with the study's (Linux), whose output is streamed to the terminal and to the run's
 ``train.log`` without progress-bar redraws; the devices and the code version the runs see
-are recorded in every result. Standard library only: no JAX in this process.
+are recorded in every result. A seed's shared warmup (``study.Warmup``) is trained just
+before the first run that branches from it. Standard library only: no JAX in this process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import datetime
 import fcntl
 import json
@@ -24,6 +26,7 @@ import time
 from brjax import history
 from brjax import study
 from brjax import study_summary
+from brjax.config import BR_PHASE_FIELDS
 
 # Prints a JSON description of the devices and JAX version the runs will see.
 DEVICE_PROBE = """\
@@ -140,12 +143,14 @@ def build_result(run: study.Run, wall_time_s: float, resumed_from: int | None, d
                        f"{ended}, not epoch {config.epochs}")
   last = records[-1]
   best_epoch = max(records, key=lambda m: m["test_acc"])["epoch"]
-  description, lambda_w, lambda_a = study.CONFIGS[run.config]
   return {
-      "config": run.config, "seed": run.seed, "description": description,
-      "lambda_w": lambda_w, "lambda_a": lambda_a,
+      "config": run.config, "seed": run.seed, "description": study.CONFIGS[run.config][0],
+      "lambda_w": config.lambda_w, "lambda_a": config.lambda_a,
+      "br_flags": {k: v for k, v in dataclasses.asdict(config).items()
+                   if k in BR_PHASE_FIELDS},
       "bits_w": config.bits_w, "bits_a": config.bits_a,
       "command": run.command(), "workdir": run.workdir,
+      "warmup_source": warmup_source(run),
       "epochs": config.epochs, "warmup_epochs": config.warmup_epochs,
       "final_test_acc": last["test_acc"], "best_test_acc": last["best_test_acc"],
       "best_epoch": best_epoch, "final_train_acc": last["train_acc"],
@@ -157,6 +162,21 @@ def build_result(run: study.Run, wall_time_s: float, resumed_from: int | None, d
       "jax_version": device.get("jax_version"), "jaxlib_version": device.get("jaxlib_version"),
       "python_version": sys.version.split()[0], "git": git, "finished": now(),
   }
+
+
+def warmup_source(run: study.Run) -> dict | None:
+  """Where the run's warmup came from: ``{"workdir", "epoch", "command"}`` of the warmup
+  it branched from (its checkpoints' ``branched_from``; the command when it is the run's
+  planned warmup), or None if it trained its own warmup."""
+  try:
+    branched = history.read_checkpoint_meta(run.workdir).get("branched_from")
+  except (OSError, ValueError):
+    branched = None
+  if not branched:
+    return None
+  warmup = run.warmup
+  planned = warmup is not None and study.repo_path(warmup.workdir) == branched["workdir"]
+  return {**branched, "command": warmup.command() if planned else None}
 
 
 @contextlib.contextmanager
@@ -182,7 +202,7 @@ def _lock(study_dir: str):
     yield
 
 
-def run_study(study_dir: str, flags: dict, command: str) -> int:
+def run_study(study_dir: str, flags: dict, command: str, share_warmup: bool = True) -> int:
   """Runs every unfinished run of the study in order, writing its result; returns the exit
   code (0, 1 if a run failed, 2 if scripts/train.py refused its flags or checkpoints).
 
@@ -192,6 +212,8 @@ def run_study(study_dir: str, flags: dict, command: str) -> int:
     study_dir: the study's folder (absolute).
     flags: the study's flags, from ``study.check_study``.
     command: the command line that started the study, recorded in a new study.json.
+    share_warmup: train each seed's warmup once and branch its runs from it (see
+      ``brjax.study``); off: every run trains its own warmup.
 
   Raises:
     study.StudyError: as ``study.plan``; another process holds the study; other flags in
@@ -199,7 +221,7 @@ def run_study(study_dir: str, flags: dict, command: str) -> int:
     KeyboardInterrupt: Ctrl-C; the current run's process is killed, and resumes from its
       last checkpoint when the study is run again.
   """
-  runs = study.plan(study_dir, flags)
+  runs = study.plan(study_dir, flags, share_warmup)
   os.makedirs(study_dir, exist_ok=True)
   with _lock(study_dir):
     if not study.check_study_file(study_dir, flags):
@@ -207,12 +229,39 @@ def run_study(study_dir: str, flags: dict, command: str) -> int:
           "flags": flags, "created": now(), "command": command})
     probes = {}  # the devices and commit, probed once and only if a run starts
     for i, run in enumerate(runs, 1):
-      code = _run_one(run, f"[{i}/{len(runs)}] {run.name}", probes)
+      head = f"[{i}/{len(runs)}] {run.name}"
+      if run.warmup is not None and run.state() == "new" and run.warmup.state() != "done":
+        code = _run_warmup(run.warmup, f"{head}: warmup {run.warmup.name}")
+        if code:
+          return code
+      code = _run_one(run, head, probes)
       if code:
         return code
       if code is not None:
         study.write_summary(study_dir, flags, flags["pretrained"])
   print("\n" + study.write_summary(study_dir, flags, flags["pretrained"]), end="")
+  return 0
+
+
+def _run_warmup(warmup: study.Warmup, head: str) -> int:
+  """Trains (or resumes) a shared warmup up to the end of its warmup; 0, else the study's
+  exit code (a one-line error printed)."""
+  argv = [sys.executable, os.path.join(study.REPO, study.TRAIN_SCRIPT), *warmup.flags()]
+  state = warmup.state()
+  if state == "resume":
+    argv.append("--resume")
+  print(f"{head}: {'resume' if state == 'resume' else 'start'}\n{warmup.command()}"
+        f"{' --resume' if state == 'resume' else ''}", flush=True)
+  os.makedirs(warmup.workdir, exist_ok=True)
+  log_path = os.path.join(warmup.workdir, "train.log")
+  code, wall, last = execute(argv, log_path, study.REPO)
+  if code == 0 and warmup.state() != "done":
+    code, last = 1, f"no checkpoint of epoch {warmup.train_config.warmup_epochs} was left"
+  if code != 0:
+    print(f"error: warmup {warmup.name} failed (exit {code}): {last[:300]} (log: "
+          f"{log_path}); fix the cause and run the study again to continue", file=sys.stderr)
+    return 2 if code == 2 else 1
+  print(f"{head}: done in {wall:.0f}s", flush=True)
   return 0
 
 
@@ -223,16 +272,18 @@ def _run_one(run: study.Run, head: str, probes: dict) -> int | None:
   if state == "done":
     print(f"{head}: skip, its result exists ({run.result_path})", flush=True)
     return None
-  argv = [sys.executable, os.path.join(study.REPO, study.TRAIN_SCRIPT), *run.flags()]
+  argv = [sys.executable, os.path.join(study.REPO, study.TRAIN_SCRIPT), *run.start_flags()]
+  command = shlex.join(["python", study.TRAIN_SCRIPT, *run.start_flags()])
   resumed_from = None
   if state == "resume":
     resumed_from = history.checkpoint_epochs(run.workdir, "latest")[-1]
-    argv.append("--resume")
+    argv = argv[:2] + run.flags() + ["--resume"]
+    command = run.command() + " --resume"
   if not probes:
     probes.update(device=probe_device(study.REPO), git=git_commit(study.REPO))
-  what = f"resume from epoch {resumed_from}" if state == "resume" else "start"
-  print(f"{head}: {what}\n{run.command()}{' --resume' if state == 'resume' else ''}",
-        flush=True)
+  what = (f"resume from epoch {resumed_from}" if state == "resume" else
+          f"branch from {run.warmup.name}" if run.warmup is not None else "start")
+  print(f"{head}: {what}\n{command}", flush=True)
   os.makedirs(run.workdir, exist_ok=True)
   log_path = os.path.join(run.workdir, "train.log")
   code, wall, last = execute(argv, log_path, study.REPO)

@@ -123,8 +123,10 @@ def _setup_lines(study: dict | None) -> list[str]:
   for split in ("train", "test"):
     if study[f"{split}_examples"]:
       data += f", first {study[f'{split}_examples']} {split} images"
+  recipe = study.get("recipe", "brjax")
+  recipe = "" if recipe == "brjax" else f"{recipe} recipe, "
   setup = (f"{study['epochs']} epochs ({study['warmup_epochs']} LSQ warmup, then BR), "
-           f"lr {study['lr']:g}, batch {study['batch_size']}, seeds "
+           f"{recipe}lr {study['lr']:g}, batch {study['batch_size']}, seeds "
            f"{','.join(map(str, study['seeds']))}; data: {data}; from "
            f"{study['pretrained'] or 'scratch'}.")
   return [f"# LSQ vs LSQ+BR: ResNet-20 W{study['bits']}A{study['bits']}", "", setup, ""]

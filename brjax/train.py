@@ -8,6 +8,7 @@ The parts it calls live next door:
   brjax.parallel      the device mesh, the jitted steps, the batches on the devices
   brjax.evaluation    evaluate (a test split), evaluate_run (a run's checkpoint)
   brjax.report        the banner and the log lines
+  brjax.run_start     where a run starts: a new workdir, --resume, --branch_from
   brjax.run_control   Ctrl-C at a safe point (Interrupted), the clock of the time left
   brjax.history       the run's metrics.jsonl
 
@@ -26,6 +27,7 @@ from typing import Callable
 
 import flax
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import tqdm
@@ -39,6 +41,7 @@ from brjax import optim
 from brjax import quant
 from brjax import report
 from brjax import run_control
+from brjax import run_start
 from brjax import streaming
 from brjax import summary
 from brjax.config import Config, PRETRAINED_SUFFIXES
@@ -148,11 +151,14 @@ class _Run:
   steps_per_epoch: int
   is_chief: bool  # process 0, which alone logs and writes metrics (multi-host)
   log: Callable[[str], None]
+  branched_from: dict | None = None  # the warmup run it branched from (run_start)
 
 
 def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
                        devices=None, log: Callable[[str], None] = print,
-                       tensorboard: bool = False, histogram_every: int = 5) -> dict:
+                       tensorboard: bool = False, histogram_every: int = 5,
+                       branch_from: str | None = None,
+                       stop_after_epoch: int | None = None) -> dict:
   """Runs (or resumes) a whole training run; returns the last epoch's metrics.
 
   Writes ``<workdir>/metrics.jsonl`` (one JSON object per epoch, with per-layer
@@ -164,20 +170,37 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   is overwritten); with it, a finished run returns its last metrics at once, and a workdir
   without checkpoints starts from epoch 1 (both say so).
 
+  ``branch_from``: a workdir without checkpoints starts from that warmup run's checkpoint
+  instead of epoch 1 (``brjax.run_start``: its config may differ only in BR-phase fields,
+  its checkpoint must be at or before the end of the warmup); the metrics are those of
+  the same run from scratch. ``stop_after_epoch``: return after that epoch (a warmup to
+  branch from: ``stop_after_epoch=config.warmup_epochs``), leaving a run that ``resume``
+  continues.
+
   Raises:
     Interrupted: Ctrl-C (SIGINT, in the main thread) stopped the run between two steps;
       the checkpoints of the finished epochs are kept.
   """
+  last_epoch = config.epochs if stop_after_epoch is None else stop_after_epoch
+  if not 1 <= last_epoch <= config.epochs:
+    raise ValueError(f"--stop_after_epoch={stop_after_epoch} is not accepted: use an integer "
+                     f"in 1..{config.epochs} (--epochs={config.epochs})")
   # With several processes (multi-host), process 0 alone logs and writes metrics;
   # orbax coordinates the checkpoint writes of all processes itself.
   is_chief = jax.process_index() == 0
   log = log if is_chief else lambda _: None
-  saved_epoch, meta = _check_workdir(config, workdir, resume, log)
-  if saved_epoch is not None and saved_epoch >= config.epochs:
-    return _finished_run(config, workdir, meta, log)
+  start = run_start.check_workdir(config, workdir, resume, log, branch_from)
+  saved_epoch, meta = start.epoch, start.meta
+  if start.branch_from is None and saved_epoch is not None and saved_epoch >= last_epoch:
+    return run_start.nothing_left(config, workdir, meta, log, stop_after_epoch)
 
   run = _setup(config, workdir, devices, is_chief, log, meta)
   state = create_train_state(config, run.model, run.ds, run.steps_per_epoch)
+  if start.branch_from is not None:
+    if is_chief:
+      run_start.copy_branch(start, config, workdir, log)
+    if jax.process_count() > 1:  # the others restore what process 0 copied
+      multihost_utils.sync_global_devices("brjax.run_start.copy_branch")
   os.makedirs(workdir, exist_ok=True)
   ckpts = checkpoint.RunCheckpoints(workdir)
   state, start_epoch, best_acc = _restore_or_start(run, ckpts, state, saved_epoch)
@@ -189,10 +212,10 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   quant_fn = jax.jit(functools.partial(metrics.quant_metrics, run.model))
   writer = summary.create_writer(workdir) if tensorboard and is_chief else None
   schedule = optim.learning_rate_schedule(config, run.steps_per_epoch)
-  clock, step_fns, last = RunClock(config.epochs, run.steps_per_epoch), {}, {}
+  clock, step_fns, last = RunClock(last_epoch, run.steps_per_epoch), {}, {}
   try:
     with StopOnSigint() as stop:
-      for epoch in range(start_epoch + 1, config.epochs + 1):
+      for epoch in range(start_epoch + 1, last_epoch + 1):
         phase = phase_of(config, epoch)
         state, step_fn, compiles = _enter_phase(run, state, epoch, phase, step_fns, abr_sites)
         start, lr = time.time(), float(schedule(int(state.step)))
@@ -208,7 +231,7 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
         _write_summaries(run, writer, state, m, probe, histogram_every)
         log(report.format_epoch_line(m, config.epochs) + report.time_note(m, clock))
         last = m
-        if epoch < config.epochs:
+        if epoch < last_epoch:
           stop.check()
   except StopRequested:
     raise Interrupted(workdir, ckpts.latest_epoch()) from None
@@ -221,49 +244,10 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
       writer.close()
   if last:
     log(f"Best Test Acc={best_acc:.2f}%; checkpoints in {os.path.join(workdir, 'checkpoints')}")
+  if last_epoch < config.epochs:
+    log(f"Stopped after epoch {last_epoch} (--stop_after_epoch): continue with --resume, or "
+        f"branch runs from it with --branch_from={workdir}")
   return last
-
-
-def _check_workdir(config: Config, workdir: str, resume: bool,
-                   log: Callable[[str], None]) -> tuple[int | None, dict]:
-  """Looks at the workdir before any work (creating nothing): ``(latest epoch, its meta)``.
-
-  Raises:
-    CheckpointError: checkpoints there without ``resume`` (a finished run has nothing to
-      continue; an unfinished one needs ``resume``), or ``resume`` of an incompatible run.
-  """
-  epoch, meta = checkpoint.peek_latest(workdir)
-  if epoch is None:
-    if resume:
-      log(f"--resume: {workdir} holds no checkpoint (no epoch of a run there finished): "
-          "starting from epoch 1")
-    return None, {}
-  if resume:
-    checkpoint.check_compatible(meta.get("config", {}), config,
-                                os.path.join(workdir, "checkpoints", "latest", str(epoch)))
-  else:
-    saved = meta.get("config") or {}
-    total = saved.get("epochs")
-    best = meta.get("best_test_acc")
-    best = f", best test acc {best:.2f}%" if isinstance(best, (int, float)) else ""
-    if total is not None and epoch >= total:
-      raise checkpoint.CheckpointError(
-          f"--workdir={workdir} holds a finished run (all {total} epochs{best}): nothing is left "
-          "to continue; choose another --workdir, or delete that one to train it again")
-    raise checkpoint.CheckpointError(
-        f"--workdir={workdir} already holds checkpoints (epoch {epoch}"
-        f"{f' of {total}' if total else ''}): pass --resume to continue that run, or choose "
-        "another --workdir")
-  return epoch, meta
-
-
-def _finished_run(config: Config, workdir: str, meta: dict, log: Callable[[str], None]) -> dict:
-  """Says that a resumed run has nothing left to do; returns its last metrics line."""
-  records = history.read_history(workdir, missing_ok=True)
-  log(f"{workdir} has finished all {config.epochs} epochs (best test acc "
-      f"{meta.get('best_test_acc', 0.0):.2f}%): nothing to resume. Evaluate it with "
-      f"scripts/evaluate.py --workdir={workdir}")
-  return records[-1] if records else {}
 
 
 def _smallest_step_sizes(state: TrainState) -> dict[str, float]:
@@ -286,7 +270,8 @@ def _setup(config: Config, workdir: str, devices, is_chief: bool,
            log: Callable[[str], None], meta: dict) -> _Run:
   """Loads the data, checks the batch size against it and the devices, creates the model.
 
-  A resumed run (``meta`` of its checkpoint) keeps its normalization statistics.
+  A resumed run (``meta`` of its checkpoint) keeps its normalization statistics and
+  its ``branched_from``.
 
   Writes nothing: a data or flag error leaves no workdir behind.
   """
@@ -301,7 +286,7 @@ def _setup(config: Config, workdir: str, devices, is_chief: bool,
                      f"the {topology.mesh.size} devices")
   model = create_model(config, ds.num_classes, ds.image_size)
   return _Run(config, workdir, ds, topology, model,
-              steps_per_epoch, is_chief, log)
+              steps_per_epoch, is_chief, log, meta.get("branched_from"))
 
 
 def _restore_or_start(run: _Run, ckpts: checkpoint.RunCheckpoints, state: TrainState,
@@ -446,7 +431,8 @@ def _save_epoch(run: _Run, ckpts: checkpoint.RunCheckpoints, state: TrainState, 
              {"epoch": m["epoch"], "phase": m["phase"], "best_test_acc": m["best_test_acc"],
               "config": dataclasses.asdict(run.config),
               "data": {"mean": ds.mean.tolist(), "std": ds.std.tolist(),
-                       "class_names": list(ds.class_names), "image_size": ds.image_size}},
+                       "class_names": list(ds.class_names), "image_size": ds.image_size},
+              **({"branched_from": run.branched_from} if run.branched_from else {})},
              is_best=is_best)
 
 

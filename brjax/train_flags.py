@@ -10,7 +10,7 @@ from __future__ import annotations
 from absl import flags
 
 from brjax import recipes
-from brjax.config import Config, MODELS
+from brjax.config import ABR_CLIPPED, Config, MODELS
 
 _D = Config()
 
@@ -68,6 +68,10 @@ def define(values: flags.FlagValues) -> flags.FlagValues:
                     "order) out of A-BR.", flag_values=values)
   flags.DEFINE_bool("abr_exclude_last", False, "Leave the last activation site out of A-BR.",
                     flag_values=values)
+  flags.DEFINE_enum("abr_clipped", _D.abr_clipped, list(ABR_CLIPPED), "A-BR's activations "
+                    "above the top level (value/alpha > qp + 0.5, clipped by the quantizer): "
+                    "include = counted in the top bin (the paper's), exclude = left out of "
+                    "every bin.", flag_values=values)
   flags.DEFINE_enum("recipe", _D.recipe, list(recipes.RECIPES), "Training recipe: brjax (SGD "
                     "0.1, per-step cosine, ...), reference (the reference package's QAT: Adam "
                     "0.01, constant-then-cosine per epoch, ...), reference_baseline (its float "
@@ -133,6 +137,17 @@ def define(values: flags.FlagValues) -> flags.FlagValues:
                        flag_values=values)
   flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its latest "
                     "checkpoint.", flag_values=values)
+  flags.DEFINE_string("branch_from", None, "Workdir of a warmup run (one stopped with "
+                      "--stop_after_epoch at or before the end of its warmup) whose flags differ "
+                      "from this run's only in BR-phase flags (lambda_w, lambda_a, "
+                      "freeze_alpha*, br_alpha_grad_*, abr_*): a --workdir without checkpoints "
+                      "starts from its checkpoint instead of training the warmup again, and "
+                      "trains what this command trains from scratch, bit for bit.",
+                      flag_values=values)
+  flags.DEFINE_integer("stop_after_epoch", None, "Stop after this epoch (1..--epochs), "
+                       "leaving a run that --resume continues; with --stop_after_epoch="
+                       "<warmup_epochs>, a warmup that runs differing only in BR-phase flags "
+                       "branch from (--branch_from).", flag_values=values)
   flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() before "
                     "anything else; it reads the cluster from the environment (Cloud TPU, "
                     "SLURM, Open MPI, Kubernetes). Every process runs the same command.",
@@ -164,6 +179,7 @@ def config_from_flags(values: flags.FlagValues) -> Config:
       br_alpha_grad_a=values.br_alpha_grad_a, br_alpha_grad_w=values.br_alpha_grad_w,
       abr_layers=values.abr_layers,
       abr_exclude_first=values.abr_exclude_first, abr_exclude_last=values.abr_exclude_last,
+      abr_clipped=values.abr_clipped,
       recipe=values.recipe, lr=values.lr,
       optimizer=values.optimizer, schedule=values.schedule, decay_alphas=values.decay_alphas,
       act_grad_scale=values.act_grad_scale, alpha_init=values.alpha_init,

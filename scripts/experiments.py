@@ -1,20 +1,20 @@
-"""Runs the LSQ vs LSQ+BR comparison study: every config and seed, one JSON each, a summary.
+"""Runs an LSQ vs LSQ+BR comparison study: every config and seed, one JSON each, a summary.
 
     python scripts/experiments.py --study_dir=checkpoints/study_W2A2 \\
         --pretrained=checkpoints/resnet20_float_cifar10 \\
         --data_dir=../shared/datasets/cifar10-jpeg.tar.gz
 
 The study trains ResNet-20 at W<bits>A<bits> (``--bits``, default 2) under each of
-``--configs`` for each of ``--seeds``, with the same warmup and BR epochs for all:
-
-* ``lsq``:    ``--lambda_w=0 --lambda_a=0`` (LSQ alone),
-* ``lsq_br``: ``--lambda_w=1 --lambda_a=1`` (LSQ + W-BR + A-BR),
-* ``w_br``:   ``--lambda_w=1 --lambda_a=0`` (LSQ + W-BR only).
+``--configs`` (``brjax.study.CONFIGS``; default lsq, lsq_br, w_br) for each of ``--seeds``,
+with the same warmup and BR epochs for all. ``--preset=evidence`` is issue 14's study
+(``brjax.study.PRESETS``; flags given explicitly override it); ``--dry_run`` prints its
+plan with estimated times.
 
 Each run is one ``scripts/train.py`` process whose command is recorded in its result; the
-folder layout, resume and locking are ``brjax.study``'s and ``brjax.study_runner``'s (see
-their docstrings). Run the same command again to continue a stopped study: finished runs
-are skipped, an interrupted one resumes from its last checkpoint.
+runs of a seed share one warmup (``--noshare_warmup``: each trains its own; the metrics are
+the same); the folder layout, resume and locking are ``brjax.study``'s and
+``brjax.study_runner``'s. Run the same command again to continue a stopped study: finished
+runs are skipped, an interrupted one resumes from its last checkpoint.
 
 Bad flags stop before any work with a one-line error (exit 2); a failed run stops the
 study with one line naming its log (exit 1, or 2 if ``scripts/train.py`` refused its flags
@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
 from brjax import cli
 from brjax import study
+from brjax import study_plan
 from brjax import study_runner
 
 FLAGS = flags.FlagValues()
@@ -46,8 +47,14 @@ flags.DEFINE_string("data_dir", None, "Local images (a folder or .tar.gz, as "
 flags.DEFINE_integer("bits", 2, "Weight and activation bit width of the study (2..8).",
                      flag_values=FLAGS)
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, comma-separated.", flag_values=FLAGS)
-flags.DEFINE_list("configs", list(study.CONFIGS), f"Configs, comma-separated, from "
+flags.DEFINE_list("configs", list(study.DEFAULT_CONFIGS), f"Configs, comma-separated, from "
                   f"{', '.join(study.CONFIGS)}.", flag_values=FLAGS)
+flags.DEFINE_string("preset", None, f"A named study ({', '.join(study.PRESETS)}): its "
+                    "flags, unless given explicitly.", flag_values=FLAGS)
+flags.DEFINE_string("recipe", "brjax", "Training recipe of every run (scripts/train.py's "
+                    "--recipe).", flag_values=FLAGS)
+flags.DEFINE_bool("share_warmup", True, "Train each seed's warmup once and start its runs "
+                  "from it (--branch_from): the same metrics, fewer epochs.", flag_values=FLAGS)
 flags.DEFINE_integer("warmup_epochs", 30, "LSQ-only epochs before BR (every config).",
                      flag_values=FLAGS)
 flags.DEFINE_integer("epochs", 100, "Total epochs, warmup included.", flag_values=FLAGS)
@@ -81,19 +88,21 @@ def main(argv: list[str]) -> int:
     cli.parse_flags(FLAGS, argv)
     study_dir = study_dir_flag()
     if FLAGS.summarize_only:
-      others = [f"--{n}" for n in study.STUDY_FLAGS + ("dry_run",)
+      others = [f"--{n}" for n in study.STUDY_FLAGS + ("dry_run", "preset")
                 if FLAGS[n].present and n != "pretrained"]
       if others:
         raise study.StudyError(f"--summarize_only reads the study's flags from study.json: "
                                f"leave out {', '.join(others)}")
       print(study.summarize_only(study_dir, study.repo_path(FLAGS.pretrained)), end="")
       return 0
-    flag_values = study.check_study({name: FLAGS[name].value for name in study.STUDY_FLAGS})
+    given = {name for name in study.STUDY_FLAGS if FLAGS[name].present}
+    flag_values = study.check_study(study.apply_preset(
+        FLAGS.preset, {name: FLAGS[name].value for name in study.STUDY_FLAGS}, given))
     if FLAGS.dry_run:
-      print("\n".join(study.dry_run(study_dir, flag_values)))
+      print("\n".join(study_plan.dry_run(study_dir, flag_values, FLAGS.share_warmup)))
       return 0
     command = shlex.join(["python", os.path.join("scripts", "experiments.py"), *argv[1:]])
-    return study_runner.run_study(study_dir, flag_values, command)
+    return study_runner.run_study(study_dir, flag_values, command, FLAGS.share_warmup)
   except (flags.Error, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -34,6 +34,9 @@ def main(argv: list[str]) -> int:
     if FLAGS.histogram_every < 1:
       raise ValueError(f"--histogram_every={FLAGS.histogram_every} is not accepted: use an "
                        "integer >= 1")
+    if FLAGS.stop_after_epoch is not None and not 1 <= FLAGS.stop_after_epoch <= config.epochs:
+      raise ValueError(f"--stop_after_epoch={FLAGS.stop_after_epoch} is not accepted: use an "
+                       f"integer in 1..{config.epochs} (--epochs={config.epochs})")
   except (flags.Error, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -63,7 +66,9 @@ def train(config: Config, workdir: str) -> int:
   try:
     train_lib.train_and_evaluate(config, workdir, resume=FLAGS.resume,
                                  tensorboard=FLAGS.tensorboard,
-                                 histogram_every=FLAGS.histogram_every)
+                                 histogram_every=FLAGS.histogram_every,
+                                 branch_from=FLAGS.branch_from,
+                                 stop_after_epoch=FLAGS.stop_after_epoch)
   except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -48,6 +48,7 @@ cli = _load_cli()
     (["--model=resnet18_reference", "--pretrained=/no/such.pth"], "--pretrained=/no/such.pth"),
     (["--pretrained=/no/such.pth"], "--pretrained=/no/such.pth"),
     (["--clip=-1"], "--clip=-1.0"),
+    (["--abr_clipped=drop"], "--abr_clipped"),
     (["--train_examples=-1"], "--train_examples=-1"),
     (["--pretrained=/no/such/run"], "--pretrained=/no/such/run"),
     (["--data_dir=/no/such/data"], "--data_dir=/no/such/data"),

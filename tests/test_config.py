@@ -36,6 +36,7 @@ def test_defaults_are_valid_and_named():
     ("model", "vgg16", "resnet18, resnet20"),
     ("clip", -6.0, "positive"),
     ("br_alpha_grad_w", "scaled", "full, lsq, none"),
+    ("abr_clipped", "drop", "include, exclude"),
     ("data_dir", "/no/such/folder", "train/<class>/"),
     ("pretrained", "/no/such/run", "checkpoints/"),
 ])
@@ -55,6 +56,14 @@ def test_paper_models_keep_their_own_activations():
   assert Config(model="mobilenet_v2").model == "mobilenet_v2"
   with pytest.raises(ValueError, match="^--clip=6.0 is not accepted: .*CIFAR ResNet"):
     Config(model="resnet50", clip=6.0)
+
+
+def test_choices_without_jax_are_the_libraries():
+  from brjax import config, regularizer  # pylint: disable=g-import-not-at-top
+  assert config.ABR_CLIPPED == regularizer.CLIPPED
+  assert config.ALPHA_GRADS_W == regularizer.ALPHA_GRADS_W
+  fields = {f.name for f in dataclasses.fields(Config)}
+  assert config.BR_PHASE_FIELDS <= fields
 
 
 def test_frozen():

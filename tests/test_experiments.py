@@ -72,6 +72,9 @@ def one_line_error(err: str) -> str:
     (["--data_dir=/no/such/data"], "--data_dir=/no/such/data"),
     (["--pretrained=/no/such/run"], "--pretrained=/no/such/run"),
     (["--summarize_only", "--seeds=0"], "--seeds"),
+    (["--summarize_only", "--preset=evidence"], "--preset"),
+    (["--preset=bogus"], "--preset=bogus"),
+    (["--recipe=pytorch"], "--recipe=pytorch"),
     (["--no_such_flag=1"], "no_such_flag"),
     (["extra_positional"], "extra_positional"),
 ])
@@ -85,35 +88,48 @@ def test_bad_flag_is_one_line_error_before_any_work(argv, flag, tmp_path, capsys
 
 
 def _dry_run(capsys, study_dir, data_dir, *extra) -> dict[str, tuple[str, str]]:
-  """``{run name: (state, command)}`` printed by --dry_run."""
+  """``{warmup or run name: (state, command)}`` printed by --dry_run (its ``#`` lines on
+  the study and the total time left skipped)."""
   code = experiments.main(["experiments.py", f"--study_dir={study_dir}",
                            f"--data_dir={data_dir}", *TINY, *extra, "--dry_run"])
   out, err = capsys.readouterr()
   assert code == 0 and not err, err
+  lines = out.strip().splitlines()
+  assert lines[0].startswith("# plan: ") and lines[-1].startswith("# total left: ")
   runs = {}
-  for line in out.strip().splitlines():
+  for line in lines[1:-1]:
     head, command = line.split(": ", 1)
-    name, state = head.split(" ")
-    runs[name] = (state.strip("()"), command)
+    name, state = head.split(" ", 1)
+    runs[name] = (state.strip("()").split(",")[0], command)
   return runs
 
 
 def test_dry_run_prints_each_command_and_writes_nothing(tmp_path, capsys):
   study_dir = tmp_path / "study"
   runs = _dry_run(capsys, study_dir, tmp_path, "--seeds=0,1", "--configs=lsq,lsq_br,w_br")
-  # Seed by seed: every config of seed 0 first.
-  assert list(runs) == ["lsq_s0", "lsq_br_s0", "w_br_s0", "lsq_s1", "lsq_br_s1", "w_br_s1"]
+  # Seed by seed: the seed's shared warmup, then every config of seed 0.
+  assert list(runs) == ["warmup_s0", "lsq_s0", "lsq_br_s0", "w_br_s0",
+                        "warmup_s1", "lsq_s1", "lsq_br_s1", "w_br_s1"]
   for name, (state, command) in runs.items():
     assert state == "new"
     assert command.startswith("python scripts/train.py --")
-    lambda_w, lambda_a = LAMBDAS[name.rsplit("_s", 1)[0]]
+    config = name.rsplit("_s", 1)[0]
+    lambda_w, lambda_a = LAMBDAS.get(config, (0.0, 0.0))  # a warmup is LSQ alone
     assert f"--lambda_w={lambda_w}" in command and f"--lambda_a={lambda_a}" in command
-    assert f"--workdir={study_dir / name}" in command
+    assert command.endswith(f"--workdir={study_dir / name}")
+    if config == "warmup":
+      assert "--stop_after_epoch=1 " in command and "--branch_from" not in command
+    else:
+      assert f"--branch_from={study_dir / 'warmup'}_s{name[-1]} " in command
   assert not study_dir.exists()
+  unshared = _dry_run(capsys, study_dir, tmp_path, "--noshare_warmup")
+  assert list(unshared) == ["lsq_s0", "lsq_br_s0"]
+  assert not any("--branch_from" in command for _, command in unshared.values())
 
 
 def test_each_command_reproduces_its_run_through_train_py(tmp_path, capsys):
-  """Parsed by scripts/train.py's own flags, every command gives exactly the run's Config."""
+  """Parsed by scripts/train.py's own flags, every command gives exactly the run's Config
+  (a warmup's: LSQ alone, stopped after the warmup; a branch's: its warmup named)."""
   from brjax.config import Config  # pylint: disable=g-import-not-at-top
   study_dir = tmp_path / "study"
   runs = _dry_run(capsys, study_dir, tmp_path, "--seeds=0,7", "--configs=lsq,lsq_br,w_br",
@@ -125,15 +141,36 @@ def test_each_command_reproduces_its_run_through_train_py(tmp_path, capsys):
     train_cli.FLAGS.unparse_flags()
     assert train_cli.FLAGS(["train.py", *words[2:]]) == ["train.py"]
     parsed = train_cli.config_from_flags(train_cli.FLAGS)
-    lambda_w, lambda_a = LAMBDAS[config_name]
+    lambda_w, lambda_a = LAMBDAS.get(config_name, (0.0, 0.0))
     assert parsed == Config(bits_w=2, bits_a=2, lambda_w=lambda_w, lambda_a=lambda_a,
                             warmup_epochs=1, epochs=2, lr=0.02, batch_size=32, seed=int(seed),
                             data_dir=str(tmp_path), train_examples=128, test_examples=64)
     assert train_cli.FLAGS.workdir == str(study_dir / name)
+    warmup = config_name == "warmup"
+    assert train_cli.FLAGS.stop_after_epoch == (1 if warmup else None)
+    assert train_cli.FLAGS.branch_from == (None if warmup else str(study_dir / f"warmup_s{seed}"))
     # Every setting is explicit, so later changes of train.py's defaults don't change it.
     named = {w.split("=", 1)[0].lstrip("-") for w in words[2:]}
     expected = {k for k, v in vars(parsed).items() if v is not None} - {"bits_w", "bits_a"}
-    assert expected | {"bits", "workdir"} == named
+    extra = {"stop_after_epoch"} if warmup else {"branch_from"}
+    assert expected | {"bits", "workdir"} | extra == named
+
+
+def test_the_evidence_preset_plans_issue_14s_study(tmp_path, capsys):
+  runs = _dry_run(capsys, tmp_path / "study", tmp_path, "--preset=evidence")
+  # TINY's flags are explicit, so they win over the preset's: seeds, configs, epochs.
+  assert list(runs) == ["warmup_s0", "lsq_s0", "lsq_br_s0"]
+  assert "--recipe=reference" in runs["lsq_br_s0"][1]
+  assert f"--pretrained={study_lib.BASELINE}" in runs["lsq_br_s0"][1]
+  code = experiments.main(["experiments.py", f"--study_dir={tmp_path / 'study'}",
+                           f"--data_dir={tmp_path}", "--preset=evidence", "--dry_run"])
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert code == 0 and lines[0].startswith("# plan: 7 configs x 3 seeds = 21 runs + 3 shared "
+                                           "warmups of 5 epochs, 20 epochs each (5 warmup)")
+  names = [line.split(" ", 1)[0] for line in lines[1:-1]]
+  assert names[:8] == ["warmup_s0", "lsq_s0", "lsq_br_s0", "w_br_s0", "lsq_br_small_s0",
+                       "lsq_br_frozen_s0", "lsq_br_gscaled_s0", "lsq_br_noclip_s0"]
+  assert len(names) == 24
 
 
 def test_a_study_in_use_is_refused(tmp_path, capsys):
@@ -275,9 +312,19 @@ def test_study_writes_one_result_per_run_and_a_summary(study, cifar_tar):
     else:
       assert result["br_w"] > 0 and result["br_a"] > 0
     assert result["wall_time_s"] > 0 and result["resumed_from_epoch"] is None
+    warmup = study_dir / "warmup_s0"
+    assert result["warmup_source"]["workdir"] == study_lib.repo_path(str(warmup))
+    assert result["warmup_source"]["epoch"] == 1
+    assert "--stop_after_epoch=1 " in result["warmup_source"]["command"]
+    assert "--branch_from" not in result["command"]  # the run from scratch
     assert result["device"]["platform"] == "cpu" and result["device"]["device_count"] >= 1
     assert result["jax_version"]
-    assert "Epoch 2/2 [BR]" in (workdir / "train.log").read_text()
+    log = (workdir / "train.log").read_text()
+    assert "Epoch 2/2 [BR]" in log and f"Branched from {study_lib.repo_path(str(warmup))}" in log
+    assert "Epoch 1/2 [WARMUP]" not in log  # trained once, in the shared warmup
+  warmup_log = (study_dir / "warmup_s0" / "train.log").read_text()
+  assert "Epoch 1/2 [WARMUP]" in warmup_log and "Stopped after epoch 1" in warmup_log
+  assert proc.stdout.count("warmup warmup_s0: start") == 1
   study_json = json.loads((study_dir / "study.json").read_text())["flags"]
   assert study_json["seeds"] == [0] and study_json["configs"] == ["lsq", "lsq_br"]
 
@@ -295,6 +342,42 @@ def test_study_writes_one_result_per_run_and_a_summary(study, cifar_tar):
   markdown = (study_dir / "summary.md").read_text()
   assert "| lsq | LSQ | 1 |" in markdown and "| lsq_br | LSQ + W-BR + A-BR | 1 |" in markdown
   assert markdown in proc.stdout  # the table is printed at the end
+
+
+@pytest.mark.slow
+def test_a_run_with_its_own_warmup_gives_the_shared_warmups_results(study, cifar_tar,
+                                                                     tmp_path):
+  """--noshare_warmup: lsq_br_s0 trains its own warmup, and writes the same history."""
+  shared_dir, _, cache = study
+  proc = run_study(tmp_path / "own", cifar_tar, cache, "--configs=lsq_br", "--noshare_warmup")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "warmup_s0" not in proc.stdout and "Epoch 1/2 [WARMUP]" in proc.stdout
+  result = json.loads((tmp_path / "own" / "lsq_br_s0.json").read_text())
+  shared = json.loads((shared_dir / "lsq_br_s0.json").read_text())
+  assert result["warmup_source"] is None
+  for key in ("final_test_acc", "best_test_acc", "final_train_acc", "br_w", "br_a"):
+    assert result[key] == shared[key], key
+  histories = [[{k: v for k, v in json.loads(line).items() if not k.endswith("time_s")}
+                for line in (d / "lsq_br_s0" / "metrics.jsonl").read_text().splitlines()]
+               for d in (tmp_path / "own", shared_dir)]
+  assert histories[0] == histories[1]
+
+
+@pytest.mark.slow
+def test_a_lost_run_branches_again_from_the_kept_warmup(study, cifar_tar, tmp_path):
+  original, _, cache = study
+  study_dir = tmp_path / "study"
+  shutil.copytree(original, study_dir)
+  expected = json.loads((study_dir / "lsq_s0.json").read_text())
+  (study_dir / "lsq_s0.json").unlink()
+  shutil.rmtree(study_dir / "lsq_s0")
+  proc = run_study(study_dir, cifar_tar, cache)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "[1/2] lsq_s0: branch from warmup_s0" in proc.stdout
+  assert "warmup warmup_s0" not in proc.stdout and "Epoch 1/2 [" not in proc.stdout
+  result = json.loads((study_dir / "lsq_s0.json").read_text())
+  for key in ("final_test_acc", "best_test_acc", "final_train_acc"):
+    assert result[key] == expected[key], key
 
 
 @pytest.mark.slow

@@ -112,3 +112,28 @@ def test_results_table_is_the_studys_summary():
     assert config["n"] == len(runs) >= 3
     assert config["final_test_acc"]["values"] == [r["final_test_acc"] for r in runs]
     assert f"`{config['command_template']}`" in results
+
+
+def _shortened(line: str) -> str:
+  """A plan line as README shows it: the flags before the warmup's or branch's own cut."""
+  if line.startswith("#"):
+    return line
+  head, command = line.split(": ", 1)
+  words = command.split()
+  own = [w for w in words if w.startswith(("--stop_after_epoch", "--branch_from", "--workdir"))]
+  return f"{head}: {' '.join(words[:2] + ['...'] + own)}"
+
+
+def test_the_evidence_plan_is_what_the_dry_run_prints(cifar_tar, tmp_path):
+  """docs/evidence_plan.txt and README's plan: the --preset=evidence dry run of a new study."""
+  from brjax import study, study_plan  # pylint: disable=g-import-not-at-top
+  flags = {name: None for name in study.STUDY_FLAGS}
+  flags = study.check_study(study.apply_preset("evidence", {**flags, "data_dir": cifar_tar},
+                                               {"data_dir"}))
+  assert flags["data_dir"] == "../shared/datasets/cifar10-jpeg.tar.gz"
+  study_dir = tmp_path / "study"  # new: every run "new", as before the study started
+  lines = [l.replace(str(study_dir), "checkpoints/study_evidence_W2A2")
+           for l in study_plan.dry_run(str(study_dir), flags)]
+  assert (ROOT / "docs" / "evidence_plan.txt").read_text().splitlines() == lines
+  shown = _code_after("Its plan, as `--dry_run` prints it", "").strip().splitlines()
+  assert shown == [_shortened(l) for l in lines]

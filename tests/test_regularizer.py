@@ -13,16 +13,18 @@ from brjax import regularizer
 from brjax import sites
 
 
-def _loop_reference(v, alpha, qn, qp):
-  """Float64 BR straight from the paper's per-bin definition, looping over bins."""
+def _loop_reference(v, alpha, qn, qp, clipped="include"):
+  """Float64 BR straight from the paper's per-bin definition, looping over bins; with
+  ``clipped="exclude"``, elements above ``qp + 0.5`` steps belong to no bin."""
   v = np.asarray(v, np.float64)
   a = np.broadcast_to(np.asarray(alpha, np.float64), v.shape)
   bins = np.round(np.clip(v / a, qn, qp))
+  inside = (v / a <= qp + 0.5) if clipped == "exclude" else np.ones(v.shape, bool)
   groups = np.broadcast_to(np.arange(np.size(alpha)).reshape(np.shape(alpha)), v.shape)
   total = 0.0
   for group in range(np.size(alpha)):
     for m in range(qn, qp + 1):
-      members = (bins == m) & (groups == group)
+      members = (bins == m) & (groups == group) & inside
       if not members.any():
         continue
       vals, level = v[members], m * a[members][0]
@@ -63,6 +65,63 @@ class BinRegularizationTest(chex.TestCase):
       loss = regularizer.bin_regularization(jnp.asarray(v), alpha, qn, qp)
     np.testing.assert_allclose(loss, expected, rtol=1e-12)
     np.testing.assert_allclose(loss, _loop_reference(v, alpha, qn, qp), rtol=1e-12)
+
+  @parameterized.product(bits=[2, 4], signed=[True, False], per_channel=[False, True])
+  def test_exclude_clipped_matches_loop_over_bins(self, bits, signed, per_channel):
+    """``clipped="exclude"``: values above the top level's rounding edge count nowhere."""
+    qn, qp = quant.qrange(bits, signed)
+    rng = np.random.default_rng(10 + bits)
+    alpha = rng.uniform(0.05, 0.2, (7,)) if per_channel else np.float64(0.11)
+    v = rng.normal(0, 0.3 * qp**0.5, (60, 7))  # wide: many values beyond the range
+    if not signed:
+      v = np.abs(v)
+    expected = _loop_reference(v, alpha, qn, qp, "exclude")
+    assert (v / alpha > qp + 0.5).any() and expected != _loop_reference(v, alpha, qn, qp)
+    with jax.enable_x64(True):
+      loss = jax.jit(lambda v, a: regularizer.bin_regularization(v, a, qn, qp,
+                                                                 clipped="exclude"))(
+          jnp.asarray(v), jnp.asarray(alpha))
+    np.testing.assert_allclose(loss, expected, rtol=1e-10)
+
+  def test_exclude_clipped_by_hand_and_an_emptied_top_bin(self):
+    alpha, qn, qp = 0.5, 0, 3  # edge of the top bin: v / alpha = 3.5, v = 1.75
+    v = np.array([0.1, 0.2, 1.4, 1.6, 1.75, 1.76, 9.0])
+    expected = ((0.15 - 0.0)**2 + np.var([0.1, 0.2])                  # bin 0
+                + (np.mean([1.4, 1.6, 1.75]) - 1.5)**2 + np.var([1.4, 1.6, 1.75]))  # bin 3
+    with jax.enable_x64(True):
+      loss = regularizer.bin_regularization(jnp.asarray(v), alpha, qn, qp, clipped="exclude")
+      np.testing.assert_allclose(loss, expected, rtol=1e-12)
+      # Every element of the top bin above the edge: the bin is empty and adds nothing.
+      top = jnp.asarray([0.1, 0.2, 1.9, 5.0])
+      np.testing.assert_allclose(
+          regularizer.bin_regularization(top, alpha, qn, qp, clipped="exclude"),
+          0.15**2 + np.var([0.1, 0.2]), rtol=1e-12)
+      all_out = regularizer.bin_regularization(jnp.asarray([4.0, 7.0]), alpha, qn, qp,
+                                               clipped="exclude")
+      assert float(all_out) == 0.0
+    with pytest.raises(ValueError, match="clipped='drop' is not accepted: use one of "
+                                         "include, exclude"):
+      regularizer.bin_regularization(jnp.asarray(v), alpha, qn, qp, clipped="drop")
+
+  @parameterized.parameters(True, False)
+  def test_exclude_differs_from_include_only_beyond_the_range(self, alpha_grad):
+    """Bit-identical loss and gradients while no value passes the top edge; beyond it the
+    excluded values get exactly zero gradient, and every gradient stays finite."""
+    qn, qp, alpha = 0, 3, jnp.float32(0.2)
+    v = jnp.abs(jax.random.normal(jax.random.key(1), (500,))) * 0.2
+    inside = jnp.clip(v, 0, (qp + 0.5) * alpha * 0.999)
+    grad = lambda x, mode: jax.value_and_grad(
+        lambda x, a: regularizer.bin_regularization(x, a, qn, qp, alpha_grad=alpha_grad,
+                                                    clipped=mode), argnums=(0, 1))(x, alpha)
+    (li, gi), (le, ge) = grad(inside, "include"), grad(inside, "exclude")
+    assert float(li) == float(le)
+    chex.assert_trees_all_equal(gi, ge)
+    outside = inside.at[:20].set(jnp.linspace(0.75, 3.0, 20))  # 20 values above 0.7
+    (li, gi), (le, ge) = grad(outside, "include"), grad(outside, "exclude")
+    assert float(li) != float(le)
+    assert all(np.all(np.isfinite(g)) for g in (*gi, *ge))
+    np.testing.assert_array_equal(ge[0][:20], 0.0)
+    assert np.all(gi[0][:20] != 0.0)
 
   def test_values_on_their_levels_give_zero(self):
     alpha = 0.3
@@ -198,6 +257,23 @@ def test_br_losses_returns_both_parts():
   np.testing.assert_allclose(br_w, regularizer.weight_br(col))
   np.testing.assert_allclose(br_a, regularizer.activation_br(col))
   assert float(br_a) > 0 and float(br_w) > 0
+
+
+def test_activation_br_clipped_reaches_every_site_and_only_activations():
+  """``abr_clipped="exclude"``: each activation site on its own range, W-BR unchanged."""
+  col = _collection(bits_w=2, bits_a=2)  # 2-bit activations: many values above the range
+  acts = [s for _, _, s in sites.iterate(col, ("output", "input"))]
+  expected = sum(_loop_reference(s.values, s.alpha, int(s.qn), int(s.qn) + s.levels - 1,
+                                 "exclude") for s in acts)
+  br_w, br_a = regularizer.br_losses(col, abr_clipped="exclude")
+  np.testing.assert_allclose(br_a, expected, rtol=1e-5)
+  assert float(br_a) != float(regularizer.activation_br(col))
+  assert float(br_w) == float(regularizer.weight_br(col))
+  grads = jax.grad(lambda c: regularizer.activation_br(c, clipped="exclude"),
+                   allow_int=True)(col)
+  assert all(np.all(np.isfinite(g.values)) for g in grads["relu"]["output"])
+  with pytest.raises(ValueError, match="clipped='top' is not accepted"):
+    regularizer.activation_br(col, clipped="top")
 
 
 @pytest.mark.slow

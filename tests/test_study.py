@@ -17,7 +17,7 @@ import pytest
 from brjax import study
 from brjax import study_runner
 from brjax import study_summary
-from brjax.config import Config
+from brjax.config import BR_PHASE_FIELDS, Config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -70,21 +70,89 @@ def test_train_flags_write_bits_once_when_equal():
   assert not any(f.startswith("--bits=") or f.startswith("--width=") for f in mixed)
 
 
-def test_run_states_and_dry_run(tmp_path):
+def test_run_states(tmp_path):
   checked = flags(seeds=["0"])
   lsq, lsq_br = study.plan(str(tmp_path), checked)
   assert lsq.state() == lsq_br.state() == "new"
   (pathlib.Path(lsq_br.workdir) / "checkpoints" / "latest" / "1").mkdir(parents=True)
   pathlib.Path(lsq.result_path).write_text("{}")
   assert (lsq.state(), lsq_br.state()) == ("done", "resume")
-  lines = study.dry_run(str(tmp_path), checked)
-  assert lines[0] == f"lsq_s0 (skip): {lsq.command()}"
-  assert lines[1] == f"lsq_br_s0 (resume): {lsq_br.command()} --resume"
+
+
+def test_configs_set_br_phase_fields_only_and_share_one_warmup_per_seed(tmp_path):
+  assert all(set(fields) <= BR_PHASE_FIELDS for _, fields in study.CONFIGS.values())
+  runs = study.plan(str(tmp_path), flags(configs=list(study.CONFIGS), warmup_epochs=1,
+                                         epochs=3))
+  assert len(runs) == 2 * len(study.CONFIGS)
+  assert [w.name for w in study.warmups(runs)] == ["warmup_s0", "warmup_s1"]
+  warmup = runs[0].warmup
+  assert all(r.warmup is warmup for r in runs if r.seed == 0)
+  config = warmup.train_config
+  assert (config.lambda_w, config.lambda_a, config.seed) == (0.0, 0.0, 0)
+  assert config == study.warmup_config(runs[4].train_config)  # lsq_br_frozen's
+  assert warmup.flags()[-2:] == ["--stop_after_epoch=1",
+                                 f"--workdir={tmp_path / 'warmup_s0'}"]
+  assert warmup.command().startswith("python scripts/train.py --model=resnet20 --bits=2 ")
+  frozen = runs[4]
+  assert frozen.name == "lsq_br_frozen_s0" and frozen.train_config.freeze_alpha_a
+  assert frozen.start_flags()[-2:] == [f"--branch_from={tmp_path / 'warmup_s0'}",
+                                       f"--workdir={tmp_path / 'lsq_br_frozen_s0'}"]
+  assert frozen.start_flags()[:-2] == frozen.flags()[:-1]
+  assert "--branch_from" not in frozen.command()  # the run from scratch: the same run
+  assert "--abr_clipped=exclude" in runs[6].command()
+  assert "--br_alpha_grad_w=lsq" in runs[5].command()
+  assert not any(r.warmup for r in study.plan(str(tmp_path), flags(), share_warmup=False))
+  assert not any(r.warmup for r in study.plan(str(tmp_path), flags(warmup_epochs=0)))
+
+
+def test_configs_with_other_warmups_get_their_own(tmp_path, monkeypatch):
+  monkeypatch.setitem(study.CONFIGS, "lsq_relu6", ("LSQ, ReLU6", {"lambda_w": 0.0,
+                                                                  "lambda_a": 0.0, "clip": 6.0}))
+  runs = study.plan(str(tmp_path), flags(configs=["lsq", "lsq_relu6", "lsq_br"], seeds=["3"]))
+  assert [r.warmup.name for r in runs] == ["warmup_lsq_s3", "warmup_lsq_relu6_s3",
+                                           "warmup_lsq_s3"]
+  assert runs[1].warmup.train_config.clip == 6.0
+
+
+def test_warmup_states(tmp_path):
+  warmup = study.plan(str(tmp_path), flags(seeds=["0"], warmup_epochs=2, epochs=3))[0].warmup
+  latest = pathlib.Path(warmup.workdir) / "checkpoints" / "latest"
+  assert warmup.state() == "new"
+  (latest / "1").mkdir(parents=True)
+  assert warmup.state() == "resume"
+  (latest / "2").mkdir()
+  assert warmup.state() == "done"
+
+
+def test_presets_give_their_flags_unless_given(tmp_path):
+  values = {name: None for name in study.STUDY_FLAGS}
+  values.update(bits=2, data_dir=None, seeds=["0"], lr=0.01)
+  preset = study.apply_preset("evidence", values, {"seeds"})
+  assert preset["seeds"] == ["0"]  # given explicitly: kept
+  assert preset["configs"] == ["lsq", "lsq_br", "w_br", "lsq_br_small", "lsq_br_frozen",
+                               "lsq_br_gscaled", "lsq_br_noclip"]
+  assert (preset["recipe"], preset["warmup_epochs"], preset["epochs"]) == ("reference", 5, 20)
+  assert preset["train_examples"] == 0
+  checked = study.check_study(preset)
+  assert checked["pretrained"] == study.BASELINE  # recorded relative to the repository
+  config = study.plan(str(tmp_path), checked)[1].train_config
+  assert (config.recipe, config.optimizer, config.schedule) == (
+      "reference", "adam", "constant_cosine")
+  assert study.apply_preset(None, values, set()) is values
+  with pytest.raises(study.StudyError, match="--preset=bogus is not accepted: use one of "
+                                             "evidence"):
+    study.apply_preset("bogus", values, set())
 
 
 def test_a_study_file_with_other_flags_is_refused(tmp_path):
   checked = flags()
   assert not study.check_study_file(str(tmp_path), checked)
+  # A study.json from before --recipe existed continues as the brjax recipe.
+  old = {k: v for k, v in checked.items() if k != "recipe"}
+  study_summary.write_json(str(tmp_path / "study.json"), {"flags": old})
+  assert study.check_study_file(str(tmp_path), checked)
+  with pytest.raises(study.StudyError, match="--recipe=brjax there, --recipe=reference here"):
+    study.check_study_file(str(tmp_path), {**checked, "recipe": "reference"})
   study_summary.write_json(str(tmp_path / "study.json"), {"flags": {**checked, "lr": 0.1}})
   with pytest.raises(study.StudyError, match="--lr=0.1 there, --lr=0.01 here"):
     study.check_study_file(str(tmp_path), checked)
@@ -114,9 +182,27 @@ def test_build_result_from_the_runs_history(tmp_path):
   assert result["description"] == "LSQ + W-BR + A-BR" and result["command"] == run.command()
   assert result["device"] == {"platform": "cpu", "device_count": 1}
   assert result["jax_version"] == "0.x" and set(study.RESULT_KEYS) <= set(result)
+  assert result["warmup_source"] is None  # no checkpoint meta with branched_from
+  assert result["br_flags"]["lambda_a"] == 1.0 and result["br_flags"]["abr_clipped"] == "include"
   write_metrics(pathlib.Path(run.workdir), 1)
   with pytest.raises(RuntimeError, match="ends at 1, not epoch 2"):
     study_runner.build_result(run, 1.0, None, device, {})
+
+
+def test_result_records_the_warmup_it_branched_from(tmp_path):
+  run = study.plan(str(tmp_path), flags(seeds=["0"]))[1]
+  write_metrics(pathlib.Path(run.workdir), 2)
+  meta_dir = pathlib.Path(run.workdir) / "checkpoints" / "latest" / "2" / "meta"
+  meta_dir.mkdir(parents=True)
+  branched = {"workdir": study.repo_path(run.warmup.workdir), "epoch": 1}
+  (meta_dir / "metadata").write_text(json.dumps({"epoch": 2, "branched_from": branched}))
+  result = study_runner.build_result(run, 1.0, None, {}, {})
+  assert result["warmup_source"] == {**branched, "command": run.warmup.command()}
+  assert result["command"] == run.command() and "--branch_from" not in result["command"]
+  other = {"workdir": "elsewhere", "epoch": 1}
+  (meta_dir / "metadata").write_text(json.dumps({"epoch": 2, "branched_from": other}))
+  assert study_runner.build_result(run, 1.0, None, {}, {})["warmup_source"] == {
+      **other, "command": None}
 
 
 def fake_result(study_dir: pathlib.Path, config: str, seed: int, final: float, **extra):
@@ -169,6 +255,9 @@ def test_markdown_describes_the_study_and_an_unreadable_baseline(tmp_path):
                              "cifar10, first 64 train images, first 32 test images; from "
                              "scratch.\n")
   assert "| float baseline | float, ? epochs | 1 | n/a | n/a | n/a |" in markdown
+  reference = study_summary.summary_markdown({**summary, "study": {**summary["study"],
+                                                                   "recipe": "reference"}})
+  assert "2 epochs (1 LSQ warmup, then BR), reference recipe, lr 0.01, batch 32" in reference
   assert markdown.endswith("Float baseline no_such_run: no readable metrics.jsonl "
                            "(FileNotFoundError).\n")
 

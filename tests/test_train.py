@@ -371,6 +371,38 @@ def test_abr_site_selection():
                              rtol=1e-6)
 
 
+def test_abr_clipped_reaches_the_step_and_the_banner():
+  """--abr_clipped=exclude: the BR step's A-BR leaves values above the range out; the
+  warmup step is the same for both settings; the banner says which."""
+  config = Config(batch_size=4, abr_clipped="exclude")
+  assert steps.br_settings(config, steps.BR).abr_clipped == "exclude"
+  assert steps.br_settings(config, steps.WARMUP) == steps.BRSettings()
+  small = models.CifarResNet(stage_sizes=(1,), stage_filters=(4,),
+                             conv=functools.partial(quant.QuantConv, bits=2),
+                             dense=functools.partial(quant.QuantDense, bits=2),
+                             act=functools.partial(quant.QuantReLU, bits=2))
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  variables = small.init(jax.random.key(1), x)
+  state = steps.TrainState.create(apply_fn=small.apply, params=variables["params"],
+                                  tx=optim.create_optimizer(config, 1),
+                                  batch_stats=variables["batch_stats"], rng=jax.random.key(2))
+  batch = {"image": x * 3.0, "label": jnp.arange(4) % 10}  # wide inputs: values clip
+  _, recorded = small.apply(variables, batch["image"], train=True,
+                            mutable=["quant", "batch_stats"])
+  for mode in ("include", "exclude"):
+    br = steps.br_settings(dataclasses.replace(config, abr_clipped=mode), steps.BR)
+    _, m = steps.train_step(state, batch, br)
+    want = regularizer.activation_br(recorded["quant"], clipped=mode)
+    np.testing.assert_allclose(m["br_a"] / 4, want, rtol=1e-5)
+  assert float(regularizer.activation_br(recorded["quant"], clipped="exclude")) != float(
+      regularizer.activation_br(recorded["quant"]))
+  text = report.banner(config, parallel.Topology.create(), _synthetic_dataset())
+  assert ("    └─> values above the top level: left out of every bin (--abr_clipped)"
+          in text)
+  assert "counted in the top bin (the paper's) (--abr_clipped)" in report.banner(
+      Config(), parallel.Topology.create(), _synthetic_dataset())
+
+
 def test_a_diverged_epoch_stops_the_run_with_the_remedies():
   from brjax import run_control  # pylint: disable=g-import-not-at-top
   run_control.check_finite(3, {"train_loss": 1.5}, 2)

@@ -1,0 +1,139 @@
+"""A study's plan in words (``scripts/experiments.py --dry_run``): each shared warmup and
+run, its state, its estimated time and the command that will run; no JAX, nothing written.
+
+Times are estimates from a float run's epoch times (the study's ``--pretrained`` if its
+metrics.jsonl has them, else the shipped baseline's), per training image, times the cost
+of a quantized step over a float step (:data:`STEP_COST`). They hold for the machine that
+float run was trained on; the evaluation of each epoch is counted at the float run's
+share (exact for the whole training set, low for a subset).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import statistics
+
+from brjax import history
+from brjax import study
+from brjax.config import Config
+
+STEP_COST = {"lsq": 0.95, "br": 1.12}
+"""A W2A2 ResNet-20 training step's time over a float step's, measured by
+scripts/benchmark.py on this project's 2-core CPU (README, Performance): LSQ alone (the
+warmup, and the BR phase of a config with both lambdas 0) and LSQ + W-BR + A-BR (every
+other BR phase: an upper bound for W-BR alone)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochTime:
+  """Seconds per training image of a float run's epochs (median epoch, evaluation included)."""
+  seconds_per_image: float
+  epoch_seconds: float  # its median epoch
+  images: int  # its training images per epoch
+  source: str  # its workdir, as given
+
+
+def epoch_time(pretrained: str | None, root: str = study.REPO) -> EpochTime | None:
+  """The epoch time of ``pretrained`` (a float run's workdir, relative to ``root``) or, if
+  it logged none, of the shipped baseline; None if neither did."""
+  for source in dict.fromkeys(p for p in (pretrained, study.BASELINE) if p):
+    path = os.path.join(root, source)
+    try:
+      records = history.read_history(path, missing_ok=True)
+      batch = history.read_checkpoint_meta(path, "best").get("config", {}).get("batch_size")
+    except (OSError, ValueError):
+      continue
+    times = [r["epoch_time_s"] for r in records if r.get("epoch_time_s")]
+    if not times or not records[-1].get("step") or not batch:
+      continue
+    images = records[-1]["step"] // records[-1]["epoch"] * batch
+    median = statistics.median(times)
+    return EpochTime(median / images, median, images, source)
+  return None
+
+
+def run_seconds(config: Config, first: int, last: int, per: EpochTime) -> float:
+  """Estimated seconds of epochs ``first..last`` (1-based, inclusive) of ``config``."""
+  images = config.train_examples or per.images
+  br_cost = STEP_COST["br"] if config.lambda_w or config.lambda_a else STEP_COST["lsq"]
+  epochs = range(first, last + 1)
+  cost = sum(STEP_COST["lsq"] if e <= config.warmup_epochs else br_cost for e in epochs)
+  return cost * images * per.seconds_per_image
+
+
+def duration(seconds: float) -> str:
+  """``"~1h12m"``, ``"~24m"``."""
+  minutes = round(seconds / 60)
+  return f"~{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"~{minutes}m"
+
+
+def _line(name: str, state: str, left: float | None, command: str, note: str = "") -> str:
+  time = "" if left is None else f", {duration(left)}"
+  return f"{name} ({state}{time}{note}): {command}"
+
+
+def dry_run(study_dir: str, flags: dict, share_warmup: bool = True) -> list[str]:
+  """The plan: a ``#`` line on the study, one line per warmup and run in the order the
+  runner takes them, ``<name> (<new|resume|skip>[, ~time][, from <warmup> at epoch W]):
+  <command>``, then a ``#`` line with the total time left.
+
+  Raises:
+    StudyError: as ``study.plan``, or ``study_dir`` holds a study with other flags.
+  """
+  runs = study.plan(study_dir, flags, share_warmup)
+  study.check_study_file(study_dir, flags)
+  per = epoch_time(flags["pretrained"])
+  estimate = (lambda config, first, last: None) if per is None else (
+      lambda config, first, last: run_seconds(config, first, last, per))
+  lines, total, started = [], 0.0, set()
+  for run in runs:
+    warmup, state = run.warmup, run.state()
+    if warmup is not None and warmup.name not in started and state == "new":
+      started.add(warmup.name)
+      w_state, config = warmup.state(), warmup.train_config
+      if w_state != "done":
+        done = (history.checkpoint_epochs(warmup.workdir) or [0])[-1]
+        left = estimate(config, done + 1, config.warmup_epochs)
+        total += left or 0.0
+        resume = " --resume" if w_state == "resume" else ""
+        lines.append(_line(warmup.name, w_state, left, warmup.command() + resume))
+    config = run.train_config
+    if state == "done":
+      lines.append(_line(run.name, "skip", None, run.command()))
+      continue
+    if state == "resume":
+      done = history.checkpoint_epochs(run.workdir)[-1]
+      command = run.command() + " --resume"
+    else:
+      done = config.warmup_epochs if warmup is not None else 0
+      command = shlex.join(["python", study.TRAIN_SCRIPT, *run.start_flags()])
+    left = estimate(config, done + 1, config.epochs)
+    total += left or 0.0
+    note = (f", from {warmup.name} at epoch {config.warmup_epochs}"
+            if warmup is not None and state == "new" else "")
+    lines.append(_line(run.name, state, left, command, note))
+  return [_head(runs, flags, per, share_warmup), *lines, _foot(runs, total, per)]
+
+
+def _head(runs: list[study.Run], flags: dict, per: EpochTime | None,
+          share_warmup: bool) -> str:
+  shared = study.warmups(runs)
+  warmup = (f" + {len(shared)} shared warmups of {flags['warmup_epochs']} epochs" if shared
+            else " (no shared warmup)" if not share_warmup else "")
+  times = ("no time estimate: no float run with epoch times" if per is None else
+           f"times estimated from {per.source} ({per.epoch_seconds:.0f} s per float epoch of "
+           f"{per.images} images; a step costs {STEP_COST['lsq']}x float with LSQ alone, "
+           f"{STEP_COST['br']}x with BR)")
+  return (f"# plan: {len(flags['configs'])} configs x {len(flags['seeds'])} seeds = "
+          f"{len(runs)} runs{warmup}, {flags['epochs']} epochs each "
+          f"({flags['warmup_epochs']} warmup); {times}")
+
+
+def _foot(runs: list[study.Run], total: float, per: EpochTime | None) -> str:
+  if per is None:
+    return "# total: no estimate"
+  alone = sum(run_seconds(r.train_config, 1, r.train_config.epochs, per) for r in runs)
+  return (f"# total left: {duration(total)} on that machine, one run at a time (every run "
+          f"from scratch, no shared warmup: {duration(alone)})")
