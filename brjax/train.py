@@ -253,8 +253,9 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
 def _smallest_step_sizes(state: TrainState) -> dict[str, float]:
   """``{path: smallest entry}`` of every step size (``alpha``, ``input_alpha``) in ``state``."""
   flat = flax.traverse_util.flatten_dict(state.params)
-  return {"/".join(path): float(np.min(jax.device_get(value)))
-          for path, value in flat.items() if quant.is_alpha_path(path)}
+  step_sizes = jax.device_get({path: value for path, value in flat.items()
+                               if quant.is_alpha_path(path)})  # one transfer
+  return {"/".join(path): float(np.min(value)) for path, value in step_sizes.items()}
 
 
 def _probe_batch(run: _Run) -> dict:
