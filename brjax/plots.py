@@ -192,6 +192,63 @@ def br_curves_figure(runs: list[dict]):
   return fig
 
 
+STUDY_CURVES_SIZE = (10.0, 3.8)  # a study's curves.png
+
+
+def study_curves_figure(results: list[dict]):
+  """A study's per-epoch accuracy: per config, the mean over its seeds as a line and the
+  seeds' range (min to max) as a band; test accuracy left, train accuracy right; the end of
+  the warmup as a dotted line.
+
+  Args:
+    results: run results of ``brjax.study`` (``config``, ``seed``, ``warmup_epochs`` and
+      ``curve``: per epoch ``{"epoch", "test_acc", "train_acc", ...}``), in the order the
+      legend shows the configs. Results without a curve (written before results kept one)
+      are left out.
+
+  Returns:
+    The figure, or None if no result has a curve.
+  """
+  configs: dict[str, list[dict]] = {}
+  for result in results:
+    if result.get("curve"):
+      configs.setdefault(result["config"], []).append(result)
+  if not configs:
+    return None
+  fig = _new_figure(STUDY_CURVES_SIZE, margins=(0.35, 0.5))
+  axes = fig.subplots(1, 2)
+  palette = colormaps["tab10"]
+  last = 1
+  for i, (name, rows) in enumerate(configs.items()):
+    for ax, key in zip(axes, ("test_acc", "train_acc")):
+      by_epoch: dict[int, list[float]] = {}
+      for row in rows:
+        for point in row["curve"]:
+          if isinstance(point.get(key), (int, float)):
+            by_epoch.setdefault(point["epoch"], []).append(point[key])
+      epochs = sorted(by_epoch)
+      if not epochs:
+        continue
+      last = max(last, epochs[-1])
+      values = [np.asarray(by_epoch[e]) for e in epochs]
+      color = palette(i % 10)
+      ax.plot(epochs, [v.mean() for v in values], color=color, lw=1.4,
+              label=f"{name} (n={len(rows)})")
+      if len(rows) > 1:
+        ax.fill_between(epochs, [v.min() for v in values], [v.max() for v in values],
+                        color=color, alpha=0.18, lw=0)
+  warmups = {r.get("warmup_epochs") for rows in configs.values() for r in rows} - {None, 0}
+  for ax, title in zip(axes, ("test accuracy (%)", "train accuracy (%)")):
+    for warmup in warmups:
+      ax.axvline(warmup + 0.5, color="0.4", ls=":", lw=0.9)
+    ax.set_title(title + ": mean over seeds, band = their range", fontsize=9)
+    _epoch_axis(ax, last)
+    ax.yaxis.set_major_locator(ticker.MaxNLocator(6))
+    ax.grid(alpha=0.3, lw=0.5)
+  axes[0].legend(fontsize=7)
+  return fig
+
+
 def _alpha_curves(run: dict, kind: str) -> dict[str, tuple[list, list]]:
   """``{layer: (epochs, alphas)}`` of one kind from the history's ``"quant"`` entries."""
   curves = {}

@@ -396,8 +396,13 @@ def collect_results(study_dir: str) -> list[dict]:
                                         r["seed"]))
 
 
+CURVES_FILE = "curves.png"
+
+
 def write_summary(study_dir: str, study: dict | None, pretrained: str | None) -> str:
-  """Writes summary.json and summary.md from the results in ``study_dir``; returns the table.
+  """Writes summary.json and summary.md from the results in ``study_dir``, and
+  :data:`CURVES_FILE` (``plots.study_curves_figure``) if a result has per-epoch curves;
+  returns the table.
 
   Args:
     study_dir: the study's folder.
@@ -416,7 +421,12 @@ def write_summary(study_dir: str, study: dict | None, pretrained: str | None) ->
     summary = study_summary.summarize(results, study, baseline)
   except ValueError as e:
     raise StudyError(str(e)) from None
-  return study_summary.write_summary_files(study_dir, summary)
+  markdown = study_summary.write_summary_files(study_dir, summary)
+  from brjax import plots  # pylint: disable=g-import-not-at-top (matplotlib: only here)
+  fig = plots.study_curves_figure(results)
+  if fig is not None:
+    plots.save(fig, os.path.join(study_dir, CURVES_FILE))
+  return markdown
 
 
 def summarize_only(study_dir: str, pretrained: str | None = None) -> str:

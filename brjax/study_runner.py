@@ -127,9 +127,14 @@ def git_commit(repo: str) -> dict:
 # ------------------------------------------------------------------ a study
 
 
+# Per-epoch values a result keeps (its "curve"), for the study's figure without the runs.
+CURVE_KEYS = ("epoch", "phase", "train_acc", "test_acc", "test_loss", "br_w", "br_a")
+
+
 def build_result(run: study.Run, wall_time_s: float, resumed_from: int | None, device: dict,
                  git: dict) -> dict:
-  """The result of a finished run, from its metrics.jsonl.
+  """The result of a finished run, from its metrics.jsonl (its last epoch, and per epoch
+  the :data:`CURVE_KEYS` in ``"curve"``, warmup epochs included).
 
   Raises:
     RuntimeError: the history does not end at the run's last epoch.
@@ -161,6 +166,7 @@ def build_result(run: study.Run, wall_time_s: float, resumed_from: int | None, d
       "device": {k: v for k, v in device.items() if not k.endswith("_version")},
       "jax_version": device.get("jax_version"), "jaxlib_version": device.get("jaxlib_version"),
       "python_version": sys.version.split()[0], "git": git, "finished": now(),
+      "curve": [{k: m.get(k) for k in CURVE_KEYS} for m in records],
   }
 
 

@@ -73,9 +73,27 @@ def read_baseline(pretrained: str, root: str) -> dict:
   return baseline
 
 
+PAIRED_WITH = "lsq"
+"""The config every other one is compared with, seed by seed (same warmup, same data order)."""
+
+
+def paired_difference(rows: list[dict], reference: list[dict], key: str) -> dict | None:
+  """Mean and sample std over the seeds both have of ``row[key] - reference[key]`` (the
+  seeds share their warmup and data order, so the difference cancels the seed's own
+  spread); None without a common seed."""
+  by_seed = {r["seed"]: r[key] for r in reference}
+  seeds = sorted(r["seed"] for r in rows if r["seed"] in by_seed)
+  if not seeds:
+    return None
+  ours = {r["seed"]: r[key] for r in rows}
+  return {**mean_std([ours[s] - by_seed[s] for s in seeds]), "seeds": seeds}
+
+
 def summarize(results: list[dict], study: dict | None, baseline: dict | None) -> dict:
   """summary.json: per config (in the order of ``results``) the mean and sample std over
-  seeds of the final and best test accuracy and the final train accuracy.
+  seeds of the final and best test accuracy and the final train accuracy, and against
+  :data:`PAIRED_WITH` the paired per-seed differences of the final and best test accuracy
+  (``"paired"``: None for that config itself, or without a common seed).
 
   Args:
     results: run results, grouped by config in the order the summary shows them.
@@ -103,12 +121,30 @@ def summarize(results: list[dict], study: dict | None, baseline: dict | None) ->
         "final_train_acc": mean_std([r["final_train_acc"] for r in rows]),
         "command_template": templates[0],
     }
+  reference = configs.get(PAIRED_WITH)
+  for name, rows in configs.items():
+    paired = None
+    if reference is not None and name != PAIRED_WITH:
+      paired = {key: paired_difference(rows, reference, key)
+                for key in ("final_test_acc", "best_test_acc")}
+      if paired["final_test_acc"] is None:
+        paired = None
+    out["configs"][name]["paired"] = paired
   return out
 
 
 def _pm(stats: dict) -> str:
   std = "n/a" if stats["std"] is None else f"{stats['std']:.2f}"
   return f"{stats['mean']:.2f} ± {std}"
+
+
+def _paired(c: dict) -> str:
+  paired = c.get("paired")
+  if paired is None:
+    return "-"
+  d = paired["final_test_acc"]
+  std = "" if d["std"] is None else f" ± {d['std']:.2f}"
+  return f"{d['mean']:+.2f}{std} (n={len(d['seeds'])})"
 
 
 def _acc(value) -> str:
@@ -136,18 +172,22 @@ def summary_markdown(summary: dict) -> str:
   """The summary as a Markdown table, then the command template of each config."""
   lines = _setup_lines(summary["study"])
   lines += ["| config | training | n | final test acc (%) | best test acc (%) | "
-            "final train acc (%) |",
-            "| --- | --- | ---: | ---: | ---: | ---: |"]
+            f"final train acc (%) | final test acc - {PAIRED_WITH}, same seed (pp) |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
   baseline = summary["baseline"]
   if baseline is not None:
     lines.append(f"| float baseline | float, {baseline['epochs'] or '?'} epochs | 1 | "
                  f"{_acc(baseline['final_test_acc'])} | {_acc(baseline['best_test_acc'])} | "
-                 "n/a |")
+                 "n/a | - |")
   for name, c in summary["configs"].items():
     lines.append(f"| {name} | {c['description']} | {c['n']} | {_pm(c['final_test_acc'])} | "
-                 f"{_pm(c['best_test_acc'])} | {_pm(c['final_train_acc'])} |")
+                 f"{_pm(c['best_test_acc'])} | {_pm(c['final_train_acc'])} | {_paired(c)} |")
   lines += ["", "Mean ± sample standard deviation over the n seeds (n/a for one seed); "
-            "test accuracy is always quantized.", "", "Commands (from the repository root; "
+            "test accuracy is always quantized. The last column is the mean ± std over the "
+            f"seeds both configs ran of (this config's final test accuracy - {PAIRED_WITH}'s) "
+            "in percentage points: the runs of one seed share their data order (and, "
+            "branched, their warmup), so the pairing removes the spread between seeds.", "",
+            "Commands (from the repository root; "
             "one run per seed):", ""]
   lines += [f"- `{name}`: `{c['command_template']}`" for name, c in summary["configs"].items()]
   if baseline is not None and baseline.get("error"):

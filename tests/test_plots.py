@@ -125,3 +125,30 @@ def test_write_outputs_without_quantized_weights(tmp_path):
   written = analysis.write_outputs([run], str(tmp_path), notes.append)
   assert "weights_hist.png" not in [os.path.basename(p) for p in written]
   assert notes == ["no quantized weights: weights_hist.png not written"]
+
+
+def _study_result(config, seed, accs, warmup=1):
+  return {"config": config, "seed": seed, "warmup_epochs": warmup,
+          "curve": [{"epoch": e, "test_acc": a, "train_acc": a + 1.0}
+                    for e, a in enumerate(accs, 1)]}
+
+
+def test_study_curves_show_the_seed_mean_and_its_range(tmp_path):
+  results = [_study_result("lsq", 0, [50.0, 60.0, 70.0]),
+             _study_result("lsq", 1, [52.0, 64.0, 68.0]),
+             _study_result("lsq_br", 0, [50.0, 58.0, 72.0]),
+             {"config": "w_br", "seed": 0}]  # a result from before curves: left out
+  fig = plots.study_curves_figure(results)
+  test_ax = fig.axes[0]
+  lines = {line.get_label(): line for line in test_ax.lines if not line.get_label().startswith("_")}
+  assert sorted(lines) == ["lsq (n=2)", "lsq_br (n=1)"]
+  assert list(lines["lsq (n=2)"].get_ydata()) == [51.0, 62.0, 69.0]
+  bands = test_ax.collections  # one band, for the config with two seeds
+  assert len(bands) == 1
+  lows_highs = bands[0].get_paths()[0].vertices[:, 1]
+  assert lows_highs.min() == 50.0 and lows_highs.max() == 70.0
+  assert fig.axes[1].lines[0].get_ydata()[0] == 52.0  # train accuracy, right
+  assert test_ax.get_xlim() == (0.5, 3.5)
+  path = plots.save(fig, str(tmp_path / "curves.png"))
+  assert Image.open(path).size == tuple(int(x * plots.DPI) for x in plots.STUDY_CURVES_SIZE)
+  assert plots.study_curves_figure([{"config": "lsq", "seed": 0}]) is None

@@ -184,6 +184,11 @@ def test_build_result_from_the_runs_history(tmp_path):
   assert result["jax_version"] == "0.x" and set(study.RESULT_KEYS) <= set(result)
   assert result["warmup_source"] is None  # no checkpoint meta with branched_from
   assert result["br_flags"]["lambda_a"] == 1.0 and result["br_flags"]["abr_clipped"] == "include"
+  assert result["curve"] == [  # every epoch, warmup included, for the study's figure
+      {"epoch": 1, "phase": "WARMUP", "train_acc": 5.0, "test_acc": 10.0, "test_loss": 2.0,
+       "br_w": None, "br_a": None},
+      {"epoch": 2, "phase": "BR", "train_acc": 10.0, "test_acc": 20.0, "test_loss": 2.0,
+       "br_w": 0.5, "br_a": 1.5}]
   write_metrics(pathlib.Path(run.workdir), 1)
   with pytest.raises(RuntimeError, match="ends at 1, not epoch 2"):
     study_runner.build_result(run, 1.0, None, device, {})
@@ -233,7 +238,27 @@ def test_summary_of_two_seeds(tmp_path):
                                    f"--workdir={tmp_path}/lsq_s{{seed}}")
   markdown = study_summary.summary_markdown(summary)
   assert markdown.startswith("# LSQ vs LSQ+BR\n")
-  assert "| lsq | LSQ | 2 | 81.00 ± 1.41 | 81.00 ± 1.41 | 81.00 ± 1.41 |" in markdown
+  assert "| lsq | LSQ | 2 | 81.00 ± 1.41 | 81.00 ± 1.41 | 81.00 ± 1.41 | - |" in markdown
+
+
+def test_paired_differences_against_lsq_use_the_seeds_both_ran(tmp_path):
+  for seed, (lsq, br) in enumerate([(80.0, 81.0), (84.0, 84.5), (70.0, None)]):
+    fake_result(tmp_path, "lsq", seed, lsq)
+    if br is not None:
+      fake_result(tmp_path, "lsq_br", seed, br)
+  fake_result(tmp_path, "w_br", 7, 60.0)  # no seed in common with lsq
+  summary = study_summary.summarize(study.collect_results(str(tmp_path)), None, None)
+  configs = summary["configs"]
+  assert configs["lsq"]["paired"] is None and configs["w_br"]["paired"] is None
+  paired = configs["lsq_br"]["paired"]["final_test_acc"]
+  assert paired["seeds"] == [0, 1] and paired["values"] == [1.0, 0.5]
+  assert paired["mean"] == 0.75 and paired["std"] == pytest.approx(0.5 / 2 ** 0.5)
+  # against the unpaired means (82.0 vs 78.0 with seed 2) the pairing tells another story
+  assert configs["lsq"]["final_test_acc"]["mean"] == pytest.approx(78.0)
+  markdown = study_summary.summary_markdown(summary)
+  assert "| lsq_br | LSQ + W-BR + A-BR | 2 | 82.75 ± 2.47 | 82.75 ± 2.47 | 82.75 ± 2.47 | " \
+         "+0.75 ± 0.35 (n=2) |" in markdown
+  assert "| lsq | LSQ | 3 | 78.00 ± 7.21 |" in markdown and markdown.count("| - |") == 2
 
 
 def test_results_of_one_config_from_different_commands_are_refused(tmp_path):
@@ -306,3 +331,14 @@ def test_the_shipped_study_summary_is_rebuilt_exactly():
                                     shipped["baseline"])
   assert summary == shipped
   assert study_summary.summary_markdown(summary) == (study_dir / "summary.md").read_text()
+
+
+def test_the_summary_draws_the_curves_of_results_that_have_them(tmp_path):
+  fake_result(tmp_path, "lsq", 0, 80.0)
+  study.summarize_only(str(tmp_path))
+  assert not (tmp_path / study.CURVES_FILE).exists()  # no result with a curve
+  fake_result(tmp_path, "lsq_br", 0, 81.0, warmup_epochs=1,
+              curve=[{"epoch": 1, "test_acc": 70.0, "train_acc": 71.0},
+                     {"epoch": 2, "test_acc": 81.0, "train_acc": 80.0}])
+  study.summarize_only(str(tmp_path))
+  assert (tmp_path / study.CURVES_FILE).read_bytes().startswith(b"\x89PNG")
