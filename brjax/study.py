@@ -275,22 +275,34 @@ def check_study(values: Mapping[str, Any]) -> dict:
           "data_dir": repo_path(values["data_dir"])}
 
 
-def plan(study_dir: str, study: dict, share_warmup: bool = True) -> list[Run]:
-  """The study's runs, seed by seed (every config of the first seed first), each with its
-  validated ``Config`` and, with ``share_warmup``, the warmup it branches from.
+ORDERS = ("seed", "config")
+"""The order a study's runs are taken in: ``seed``, every config of a seed, then the next
+seed (one seed's whole comparison first); ``config``, every seed of a config, then the next
+config (with ``lsq`` and ``lsq_br`` first, their seed-paired comparison first). Results do
+not depend on it."""
+
+
+def plan(study_dir: str, study: dict, share_warmup: bool = True,
+         order: str = "seed") -> list[Run]:
+  """The study's runs in ``order`` (one of :data:`ORDERS`), each with its validated
+  ``Config`` and, with ``share_warmup``, the warmup it branches from.
 
   With ``share_warmup`` the runs of a seed whose configs have the same
   :func:`warmup_config` branch from one :class:`Warmup` (``warmup_s<seed>``; with several
   warmups in a seed, ``warmup_<first config>_s<seed>``), which the runner trains first.
 
   Raises:
-    StudyError: a value scripts/train.py would refuse (its own one-line message), or no BR
-      epoch.
+    StudyError: a value scripts/train.py would refuse (its own one-line message), no BR
+      epoch, or an unknown ``order``.
   """
+  if order not in ORDERS:
+    raise StudyError(f"--order={order} is not accepted: use one of {', '.join(ORDERS)}")
+  pairs = [(seed, name) for seed in study["seeds"] for name in study["configs"]]
+  if order == "config":
+    pairs = [(seed, name) for name in study["configs"] for seed in study["seeds"]]
   # Paths in ``study`` are relative to the repository root, as the runs execute there.
   with contextlib.chdir(REPO):
-    runs = [_plan_run(study_dir, study, name, seed)
-            for seed in study["seeds"] for name in study["configs"]]
+    runs = [_plan_run(study_dir, study, name, seed) for seed, name in pairs]
     if not share_warmup or study["warmup_epochs"] == 0:
       return runs
     keys = [(run.seed, warmup_config(run.train_config)) for run in runs]

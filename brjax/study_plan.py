@@ -74,15 +74,16 @@ def _line(name: str, state: str, left: float | None, command: str, note: str = "
   return f"{name} ({state}{time}{note}): {command}"
 
 
-def dry_run(study_dir: str, flags: dict, share_warmup: bool = True) -> list[str]:
+def dry_run(study_dir: str, flags: dict, share_warmup: bool = True,
+            order: str = "seed") -> list[str]:
   """The plan: a ``#`` line on the study, one line per warmup and run in the order the
   runner takes them, ``<name> (<new|resume|skip>[, ~time][, from <warmup> at epoch W]):
-  <command>``, then a ``#`` line with the total time left.
+  <command>``, then a ``#`` line with the total time left. ``order``: see ``study.ORDERS``.
 
   Raises:
     StudyError: as ``study.plan``, or ``study_dir`` holds a study with other flags.
   """
-  runs = study.plan(study_dir, flags, share_warmup)
+  runs = study.plan(study_dir, flags, share_warmup, order)
   study.check_study_file(study_dir, flags)
   per = epoch_time(flags["pretrained"])
   estimate = (lambda config, first, last: None) if per is None else (

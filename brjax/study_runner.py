@@ -208,7 +208,8 @@ def _lock(study_dir: str):
     yield
 
 
-def run_study(study_dir: str, flags: dict, command: str, share_warmup: bool = True) -> int:
+def run_study(study_dir: str, flags: dict, command: str, share_warmup: bool = True,
+              order: str = "seed") -> int:
   """Runs every unfinished run of the study in order, writing its result; returns the exit
   code (0, 1 if a run failed, 2 if scripts/train.py refused its flags or checkpoints).
 
@@ -220,6 +221,8 @@ def run_study(study_dir: str, flags: dict, command: str, share_warmup: bool = Tr
     command: the command line that started the study, recorded in a new study.json.
     share_warmup: train each seed's warmup once and branch its runs from it (see
       ``brjax.study``); off: every run trains its own warmup.
+    order: the order of the runs (``study.ORDERS``); a warmup is trained before the first
+      run that needs it.
 
   Raises:
     study.StudyError: as ``study.plan``; another process holds the study; other flags in
@@ -227,7 +230,7 @@ def run_study(study_dir: str, flags: dict, command: str, share_warmup: bool = Tr
     KeyboardInterrupt: Ctrl-C; the current run's process is killed, and resumes from its
       last checkpoint when the study is run again.
   """
-  runs = study.plan(study_dir, flags, share_warmup)
+  runs = study.plan(study_dir, flags, share_warmup, order)
   os.makedirs(study_dir, exist_ok=True)
   with _lock(study_dir):
     if not study.check_study_file(study_dir, flags):

@@ -8,7 +8,8 @@ The study trains ResNet-20 at W<bits>A<bits> (``--bits``, default 2) under each 
 ``--configs`` (``brjax.study.CONFIGS``; default lsq, lsq_br, w_br) for each of ``--seeds``,
 with the same warmup and BR epochs for all. ``--preset=evidence`` is issue 14's study
 (``brjax.study.PRESETS``; flags given explicitly override it); ``--dry_run`` prints its
-plan with estimated times.
+plan with estimated times; ``--order=config`` takes every seed of a config before the next
+config (default ``seed``: every config of a seed before the next seed).
 
 Each run is one ``scripts/train.py`` process whose command is recorded in its result; the
 runs of a seed share one warmup (``--noshare_warmup``: each trains its own; the metrics are
@@ -55,6 +56,9 @@ flags.DEFINE_string("recipe", "brjax", "Training recipe of every run (scripts/tr
                     "--recipe).", flag_values=FLAGS)
 flags.DEFINE_bool("share_warmup", True, "Train each seed's warmup once and start its runs "
                   "from it (--branch_from): the same metrics, fewer epochs.", flag_values=FLAGS)
+flags.DEFINE_enum("order", "seed", list(study.ORDERS), "Order of the runs: seed (every "
+                  "config of a seed, then the next seed) or config (every seed of a config, "
+                  "then the next config). Results do not depend on it.", flag_values=FLAGS)
 flags.DEFINE_integer("warmup_epochs", 30, "LSQ-only epochs before BR (every config).",
                      flag_values=FLAGS)
 flags.DEFINE_integer("epochs", 100, "Total epochs, warmup included.", flag_values=FLAGS)
@@ -99,10 +103,12 @@ def main(argv: list[str]) -> int:
     flag_values = study.check_study(study.apply_preset(
         FLAGS.preset, {name: FLAGS[name].value for name in study.STUDY_FLAGS}, given))
     if FLAGS.dry_run:
-      print("\n".join(study_plan.dry_run(study_dir, flag_values, FLAGS.share_warmup)))
+      print("\n".join(study_plan.dry_run(study_dir, flag_values, FLAGS.share_warmup,
+                                         FLAGS.order)))
       return 0
     command = shlex.join(["python", os.path.join("scripts", "experiments.py"), *argv[1:]])
-    return study_runner.run_study(study_dir, flag_values, command, FLAGS.share_warmup)
+    return study_runner.run_study(study_dir, flag_values, command, FLAGS.share_warmup,
+                                  FLAGS.order)
   except (flags.Error, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

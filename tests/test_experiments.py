@@ -171,6 +171,20 @@ def test_the_evidence_preset_plans_issue_14s_study(tmp_path, capsys):
   assert names[:8] == ["warmup_s0", "lsq_s0", "lsq_br_s0", "w_br_s0", "lsq_br_small_s0",
                        "lsq_br_frozen_s0", "lsq_br_gscaled_s0", "lsq_br_noclip_s0"]
   assert len(names) == 24
+  # --order=config: every seed of lsq, then of lsq_br (the paired comparison first); each
+  # seed's warmup comes before the first run that branches from it.
+  code = experiments.main(["experiments.py", f"--study_dir={tmp_path / 'study'}",
+                           f"--data_dir={tmp_path}", "--preset=evidence", "--dry_run",
+                           "--order=config"])
+  lines = capsys.readouterr().out.strip().splitlines()
+  names = [line.split(" ", 1)[0] for line in lines[1:-1]]
+  assert code == 0 and names[:9] == ["warmup_s0", "lsq_s0", "warmup_s1", "lsq_s1", "warmup_s2",
+                                     "lsq_s2", "lsq_br_s0", "lsq_br_s1", "lsq_br_s2"]
+  assert len(set(names)) == len(names) == 24
+  code = experiments.main(["experiments.py", f"--study_dir={tmp_path / 'study'}",
+                           "--preset=evidence", "--dry_run", "--order=seeds"])
+  err = capsys.readouterr().err
+  assert code == 2 and err == "error: flag --order=seeds: value should be one of <seed|config>\n"
 
 
 def test_a_study_in_use_is_refused(tmp_path, capsys):

@@ -125,7 +125,8 @@ def _shortened(line: str) -> str:
 
 
 def test_the_evidence_plan_is_what_the_dry_run_prints(cifar_tar, tmp_path):
-  """docs/evidence_plan.txt and README's plan: the --preset=evidence dry run of a new study."""
+  """docs/evidence_plan.txt and README's plan: the --preset=evidence --order=config dry run
+  of a new study."""
   from brjax import study, study_plan  # pylint: disable=g-import-not-at-top
   flags = {name: None for name in study.STUDY_FLAGS}
   flags = study.check_study(study.apply_preset("evidence", {**flags, "data_dir": cifar_tar},
@@ -133,7 +134,7 @@ def test_the_evidence_plan_is_what_the_dry_run_prints(cifar_tar, tmp_path):
   assert flags["data_dir"] == "../shared/datasets/cifar10-jpeg.tar.gz"
   study_dir = tmp_path / "study"  # new: every run "new", as before the study started
   lines = [l.replace(str(study_dir), "checkpoints/study_evidence_W2A2")
-           for l in study_plan.dry_run(str(study_dir), flags)]
+           for l in study_plan.dry_run(str(study_dir), flags, order="config")]
   assert (ROOT / "docs" / "evidence_plan.txt").read_text().splitlines() == lines
   shown = _code_after("Its plan, as `--dry_run` prints it", "").strip().splitlines()
   assert shown == [_shortened(l) for l in lines]

@@ -342,3 +342,16 @@ def test_the_summary_draws_the_curves_of_results_that_have_them(tmp_path):
                      {"epoch": 2, "test_acc": 81.0, "train_acc": 80.0}])
   study.summarize_only(str(tmp_path))
   assert (tmp_path / study.CURVES_FILE).read_bytes().startswith(b"\x89PNG")
+
+
+def test_plan_orders_by_seed_or_by_config_and_refuses_others(tmp_path):
+  checked = flags(seeds=["0", "1"], configs=["lsq", "lsq_br", "w_br"])
+  by_seed = [r.name for r in study.plan(str(tmp_path), checked)]
+  by_config = [r.name for r in study.plan(str(tmp_path), checked, order="config")]
+  assert by_seed == ["lsq_s0", "lsq_br_s0", "w_br_s0", "lsq_s1", "lsq_br_s1", "w_br_s1"]
+  assert by_config == ["lsq_s0", "lsq_s1", "lsq_br_s0", "lsq_br_s1", "w_br_s0", "w_br_s1"]
+  warmups = {r.name: r.warmup.name for r in study.plan(str(tmp_path), checked, order="config")}
+  assert warmups["lsq_br_s1"] == warmups["lsq_s1"] == "warmup_s1"  # shared either way
+  with pytest.raises(study.StudyError, match="--order=random is not accepted: use one of "
+                                             "seed, config"):
+    study.plan(str(tmp_path), checked, order="random")
