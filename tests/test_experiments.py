@@ -299,12 +299,13 @@ def study(cifar_tar, tmp_path_factory):
 
 def _mtimes(study_dir: pathlib.Path) -> dict[str, int]:
   return {str(p.relative_to(study_dir)): p.stat().st_mtime_ns for p in study_dir.rglob("*")
-          if p.is_file() and p.name not in ("summary.json", "summary.md", ".lock")}
+          if p.is_file() and p.name not in ("summary.json", "summary.md", "curves.png", ".lock")}
 
 
 @pytest.mark.slow
 def test_study_writes_one_result_per_run_and_a_summary(study, cifar_tar):
   study_dir, proc, _ = study
+  assert (study_dir / "curves.png").read_bytes().startswith(b"\x89PNG")
   assert sorted(p.name for p in study_dir.glob("*.json")) == [
       "lsq_br_s0.json", "lsq_s0.json", "study.json", "summary.json"]
   for name in ("lsq", "lsq_br"):
@@ -321,6 +322,7 @@ def test_study_writes_one_result_per_run_and_a_summary(study, cifar_tar):
     assert result["best_test_acc"] == max(m["test_acc"] for m in history)
     assert result["final_train_acc"] == history[-1]["train_acc"]
     assert 0 <= result["final_test_acc"] <= result["best_test_acc"] <= 100
+    assert [p["test_acc"] for p in result["curve"]] == [m["test_acc"] for m in history]
     if name == "lsq":
       assert result["br_w"] is None and result["br_a"] is None  # BR not computed
     else:
