@@ -96,22 +96,27 @@ def test_every_script_command_uses_existing_scripts_and_flags():
           f"README: {script} has no flag --{flag}")
 
 
-def test_results_table_is_the_studys_summary():
-  """README's Results table is the one scripts/experiments.py wrote from the run JSONs."""
+@pytest.mark.parametrize("name,configs,min_seeds", [
+    ("study_resnet20_W2A2", {"lsq", "lsq_br", "w_br"}, 3),
+    # issue 14's study, committed run by run as its runs finish
+    ("study_evidence_W2A2", None, 1)])
+def test_results_table_is_the_studys_summary(name, configs, min_seeds):
+  """README's Results tables are the ones scripts/experiments.py wrote from the run JSONs."""
   import json  # pylint: disable=g-import-not-at-top
-  study = ROOT / "checkpoints" / "study_resnet20_W2A2"
+  study = ROOT / "checkpoints" / name
   summary = json.loads((study / "summary.json").read_text())
   table = [l for l in (study / "summary.md").read_text().splitlines() if l.startswith("|")]
   results = README[README.index("## Results"):]
   for line in table:
-    assert line in results, f"README Results lacks the summary row {line!r}"
+    assert line in results, f"README Results lacks the {name} summary row {line!r}"
   # summary.md is what experiments.py makes of summary.json, which it made of the run JSONs.
-  assert set(summary["configs"]) == {"lsq", "lsq_br", "w_br"}
-  for name, config in summary["configs"].items():
-    runs = [json.loads((study / f"{name}_s{s}.json").read_text()) for s in config["seeds"]]
-    assert config["n"] == len(runs) >= 3
+  assert configs is None or set(summary["configs"]) == configs
+  for config_name, config in summary["configs"].items():
+    runs = [json.loads((study / f"{config_name}_s{s}.json").read_text())
+            for s in config["seeds"]]
+    assert config["n"] == len(runs) >= min_seeds
     assert config["final_test_acc"]["values"] == [r["final_test_acc"] for r in runs]
-    assert f"`{config['command_template']}`" in results
+    assert f"`{config['command_template']}`" in results or name != "study_resnet20_W2A2"
 
 
 def _shortened(line: str) -> str:

@@ -323,9 +323,10 @@ def test_paths_in_and_beside_the_repository_are_recorded_relative_to_it():
   assert study.repo_path(None) is None
 
 
-def test_the_shipped_study_summary_is_rebuilt_exactly():
-  """checkpoints/study_resnet20_W2A2: its run results give its summary.json and summary.md."""
-  study_dir = REPO / "checkpoints" / "study_resnet20_W2A2"
+@pytest.mark.parametrize("name", ["study_resnet20_W2A2", "study_evidence_W2A2"])
+def test_the_shipped_study_summary_is_rebuilt_exactly(name):
+  """checkpoints/<name>: its run results give its summary.json and summary.md."""
+  study_dir = REPO / "checkpoints" / name
   shipped = json.loads((study_dir / "summary.json").read_text())
   summary = study_summary.summarize(study.collect_results(str(study_dir)), shipped["study"],
                                     shipped["baseline"])
