@@ -40,7 +40,7 @@ import json
 import os
 import re
 import shlex
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from brjax import history
 from brjax import study_summary
@@ -316,6 +316,28 @@ def plan(study_dir: str, study: dict, share_warmup: bool = True,
             f"warmup_{members[0].config}_s{seed}")
     warmups[(seed, config)] = Warmup(name, os.path.join(study_dir, name), config)
   return [dataclasses.replace(run, warmup=warmups[key]) for key, run in zip(keys, runs)]
+
+
+def select(runs: list[Run], names: Sequence[str]) -> list[Run]:
+  """The runs of ``runs`` named in ``names`` (``<config>_s<seed>``), in the order of
+  ``names``; all of ``runs`` if ``names`` is empty. A part of a study to take now: one
+  comparison before the rest, or the share of one machine when several run the study. The
+  warmups the selected runs branch from stay theirs (they are trained first if missing).
+
+  Raises:
+    StudyError: a name that is not a run of the plan, or a name given twice.
+  """
+  if not names:
+    return runs
+  by_name = {run.name: run for run in runs}
+  for name in names:
+    if name not in by_name:
+      raise StudyError(f"--runs={name} is not accepted: it is not a run of this study; use "
+                       f"names from {', '.join(by_name)}")
+  if len(set(names)) != len(names):
+    twice = next(n for n in names if names.count(n) > 1)
+    raise StudyError(f"--runs={twice} is not accepted: it is given twice; name each run once")
+  return [by_name[name] for name in names]
 
 
 def warmups(runs: list[Run]) -> list[Warmup]:

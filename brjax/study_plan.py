@@ -14,6 +14,7 @@ import dataclasses
 import os
 import shlex
 import statistics
+from collections.abc import Sequence
 
 from brjax import history
 from brjax import study
@@ -75,15 +76,18 @@ def _line(name: str, state: str, left: float | None, command: str, note: str = "
 
 
 def dry_run(study_dir: str, flags: dict, share_warmup: bool = True,
-            order: str = "seed") -> list[str]:
+            order: str = "seed", only: Sequence[str] = ()) -> list[str]:
   """The plan: a ``#`` line on the study, one line per warmup and run in the order the
   runner takes them, ``<name> (<new|resume|skip>[, ~time][, from <warmup> at epoch W]):
-  <command>``, then a ``#`` line with the total time left. ``order``: see ``study.ORDERS``.
+  <command>``, then a ``#`` line with the total time left. ``order``: see ``study.ORDERS``;
+  ``only``: run names to take, in that order (``study.select``; empty: all).
 
   Raises:
-    StudyError: as ``study.plan``, or ``study_dir`` holds a study with other flags.
+    StudyError: as ``study.plan`` and ``study.select``, or ``study_dir`` holds a study with
+      other flags.
   """
-  runs = study.plan(study_dir, flags, share_warmup, order)
+  every = study.plan(study_dir, flags, share_warmup, order)
+  runs = study.select(every, only)
   study.check_study_file(study_dir, flags)
   per = epoch_time(flags["pretrained"])
   estimate = (lambda config, first, last: None) if per is None else (
@@ -115,10 +119,10 @@ def dry_run(study_dir: str, flags: dict, share_warmup: bool = True,
     note = (f", from {warmup.name} at epoch {config.warmup_epochs}"
             if warmup is not None and state == "new" else "")
     lines.append(_line(run.name, state, left, command, note))
-  return [_head(runs, flags, per, share_warmup), *lines, _foot(runs, total, per)]
+  return [_head(runs, len(every), flags, per, share_warmup), *lines, _foot(runs, total, per)]
 
 
-def _head(runs: list[study.Run], flags: dict, per: EpochTime | None,
+def _head(runs: list[study.Run], planned: int, flags: dict, per: EpochTime | None,
           share_warmup: bool) -> str:
   shared = study.warmups(runs)
   warmup = (f" + {len(shared)} shared warmups of {flags['warmup_epochs']} epochs" if shared
@@ -127,8 +131,10 @@ def _head(runs: list[study.Run], flags: dict, per: EpochTime | None,
            f"times estimated from {per.source} ({per.epoch_seconds:.0f} s per float epoch of "
            f"{per.images} images; a step costs {STEP_COST['lsq']}x float with LSQ alone, "
            f"{STEP_COST['br']}x with BR)")
+  taken = f"{len(runs)} of its {planned} runs (--runs)" if len(runs) < planned else (
+      f"{planned} runs")
   return (f"# plan: {len(flags['configs'])} configs x {len(flags['seeds'])} seeds = "
-          f"{len(runs)} runs{warmup}, {flags['epochs']} epochs each "
+          f"{taken}{warmup}, {flags['epochs']} epochs each "
           f"({flags['warmup_epochs']} warmup); {times}")
 
 

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 from brjax import history
 from brjax import study
@@ -209,7 +210,7 @@ def _lock(study_dir: str):
 
 
 def run_study(study_dir: str, flags: dict, command: str, share_warmup: bool = True,
-              order: str = "seed") -> int:
+              order: str = "seed", only: Sequence[str] = ()) -> int:
   """Runs every unfinished run of the study in order, writing its result; returns the exit
   code (0, 1 if a run failed, 2 if scripts/train.py refused its flags or checkpoints).
 
@@ -223,14 +224,16 @@ def run_study(study_dir: str, flags: dict, command: str, share_warmup: bool = Tr
       ``brjax.study``); off: every run trains its own warmup.
     order: the order of the runs (``study.ORDERS``); a warmup is trained before the first
       run that needs it.
+    only: run names (``<config>_s<seed>``) to take, in that order; empty: every run. The
+      summary still covers every result of the study.
 
   Raises:
-    study.StudyError: as ``study.plan``; another process holds the study; other flags in
+    study.StudyError: as ``study.plan`` and ``study.select``; another process holds the study; other flags in
       its study.json; a malformed result.
     KeyboardInterrupt: Ctrl-C; the current run's process is killed, and resumes from its
       last checkpoint when the study is run again.
   """
-  runs = study.plan(study_dir, flags, share_warmup, order)
+  runs = study.select(study.plan(study_dir, flags, share_warmup, order), only)
   os.makedirs(study_dir, exist_ok=True)
   with _lock(study_dir):
     if not study.check_study_file(study_dir, flags):

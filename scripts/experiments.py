@@ -9,7 +9,9 @@ The study trains ResNet-20 at W<bits>A<bits> (``--bits``, default 2) under each 
 with the same warmup and BR epochs for all. ``--preset=evidence`` is issue 14's study
 (``brjax.study.PRESETS``; flags given explicitly override it); ``--dry_run`` prints its
 plan with estimated times; ``--order=config`` takes every seed of a config before the next
-config (default ``seed``: every config of a seed before the next seed).
+config (default ``seed``: every config of a seed before the next seed); ``--runs=lsq_br_s0,
+lsq_br_s1`` takes only the named runs, in that order (one comparison first, or one
+machine's share of the study).
 
 Each run is one ``scripts/train.py`` process whose command is recorded in its result; the
 runs of a seed share one warmup (``--noshare_warmup``: each trains its own; the metrics are
@@ -59,6 +61,9 @@ flags.DEFINE_bool("share_warmup", True, "Train each seed's warmup once and start
 flags.DEFINE_enum("order", "seed", list(study.ORDERS), "Order of the runs: seed (every "
                   "config of a seed, then the next seed) or config (every seed of a config, "
                   "then the next config). Results do not depend on it.", flag_values=FLAGS)
+flags.DEFINE_list("runs", [], "Take only these runs (<config>_s<seed>, comma-separated), in "
+                  "this order; unset: every run of the study. Runs are named in the plan "
+                  "(--dry_run). Like --order, not a study flag.", flag_values=FLAGS)
 flags.DEFINE_integer("warmup_epochs", 30, "LSQ-only epochs before BR (every config).",
                      flag_values=FLAGS)
 flags.DEFINE_integer("epochs", 100, "Total epochs, warmup included.", flag_values=FLAGS)
@@ -92,7 +97,7 @@ def main(argv: list[str]) -> int:
     cli.parse_flags(FLAGS, argv)
     study_dir = study_dir_flag()
     if FLAGS.summarize_only:
-      others = [f"--{n}" for n in study.STUDY_FLAGS + ("dry_run", "preset")
+      others = [f"--{n}" for n in study.STUDY_FLAGS + ("dry_run", "preset", "order", "runs")
                 if FLAGS[n].present and n != "pretrained"]
       if others:
         raise study.StudyError(f"--summarize_only reads the study's flags from study.json: "
@@ -104,11 +109,11 @@ def main(argv: list[str]) -> int:
         FLAGS.preset, {name: FLAGS[name].value for name in study.STUDY_FLAGS}, given))
     if FLAGS.dry_run:
       print("\n".join(study_plan.dry_run(study_dir, flag_values, FLAGS.share_warmup,
-                                         FLAGS.order)))
+                                         FLAGS.order, FLAGS.runs)))
       return 0
     command = shlex.join(["python", os.path.join("scripts", "experiments.py"), *argv[1:]])
     return study_runner.run_study(study_dir, flag_values, command, FLAGS.share_warmup,
-                                  FLAGS.order)
+                                  FLAGS.order, FLAGS.runs)
   except (flags.Error, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

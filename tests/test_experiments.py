@@ -73,6 +73,10 @@ def one_line_error(err: str) -> str:
     (["--pretrained=/no/such/run"], "--pretrained=/no/such/run"),
     (["--summarize_only", "--seeds=0"], "--seeds"),
     (["--summarize_only", "--preset=evidence"], "--preset"),
+    (["--summarize_only", "--runs=lsq_s0"], "--runs"),
+    (["--summarize_only", "--order=config"], "--order"),
+    (["--runs=lsq_s9"], "--runs=lsq_s9"),
+    (["--runs=lsq_br_s0,lsq_br_s0"], "--runs=lsq_br_s0"),
     (["--preset=bogus"], "--preset=bogus"),
     (["--recipe=pytorch"], "--recipe=pytorch"),
     (["--no_such_flag=1"], "no_such_flag"),
@@ -185,6 +189,20 @@ def test_the_evidence_preset_plans_issue_14s_study(tmp_path, capsys):
                            "--preset=evidence", "--dry_run", "--order=seeds"])
   err = capsys.readouterr().err
   assert code == 2 and err == "error: flag --order=seeds: value should be one of <seed|config>\n"
+
+
+def test_runs_takes_only_the_named_runs_in_their_order_with_their_warmups(tmp_path, capsys):
+  runs = _dry_run(capsys, tmp_path / "study", tmp_path, "--seeds=0,1",
+                  "--configs=lsq,lsq_br,w_br", "--runs=lsq_br_s1,w_br_s0")
+  # Each named run, after the warmup it branches from (trained first if missing).
+  assert list(runs) == ["warmup_s1", "lsq_br_s1", "warmup_s0", "w_br_s0"]
+  assert "--branch_from=" + str(tmp_path / "study" / "warmup_s1") in runs["lsq_br_s1"][1]
+  code = experiments.main(["experiments.py", f"--study_dir={tmp_path / 'study'}",
+                           f"--data_dir={tmp_path}", *TINY, "--seeds=0,1",
+                           "--runs=lsq_br_s1", "--dry_run"])
+  head = capsys.readouterr().out.splitlines()[0]
+  assert code == 0 and head.startswith("# plan: 2 configs x 2 seeds = 1 of its 4 runs (--runs) "
+                                       "+ 1 shared warmups of 1 epochs"), head
 
 
 def test_a_study_in_use_is_refused(tmp_path, capsys):

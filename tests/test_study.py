@@ -356,3 +356,16 @@ def test_plan_orders_by_seed_or_by_config_and_refuses_others(tmp_path):
   with pytest.raises(study.StudyError, match="--order=random is not accepted: use one of "
                                              "seed, config"):
     study.plan(str(tmp_path), checked, order="random")
+
+
+def test_select_keeps_the_named_runs_in_the_given_order_or_refuses_a_name(tmp_path):
+  runs = study.plan(str(tmp_path), flags(seeds=["0", "1"], configs=["lsq", "lsq_br"]))
+  assert study.select(runs, []) == runs
+  picked = study.select(runs, ["lsq_br_s1", "lsq_s0"])
+  assert [r.name for r in picked] == ["lsq_br_s1", "lsq_s0"]
+  assert picked[0] == runs[3] and picked[0].warmup.name == "warmup_s1"
+  with pytest.raises(study.StudyError, match="--runs=lsq_br_s2 is not accepted: it is not a "
+                                             "run of this study; use names from lsq_s0, "):
+    study.select(runs, ["lsq_s0", "lsq_br_s2"])
+  with pytest.raises(study.StudyError, match="--runs=lsq_s0 is not accepted: it is given twice"):
+    study.select(runs, ["lsq_s0", "lsq_s0"])
