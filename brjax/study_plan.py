@@ -1,11 +1,13 @@
 """A study's plan in words (``scripts/experiments.py --dry_run``): each shared warmup and
 run, its state, its estimated time and the command that will run; no JAX, nothing written.
 
-Times are estimates from a float run's epoch times (the study's ``--pretrained`` if its
-metrics.jsonl has them, else the shipped baseline's), per training image, times the cost
-of a quantized step over a float step (:data:`STEP_COST`). They hold for the machine that
-float run was trained on; the evaluation of each epoch is counted at the float run's
-share (exact for the whole training set, low for a subset).
+Times are estimates per training image (:class:`Pace`): once the study has logged epochs
+of its own, from those (the median LSQ-only epoch and the median BR epoch, on the machine
+that ran them); before, from a float run's epoch times (the study's ``--pretrained`` if its
+metrics.jsonl has them, else the shipped baseline's) times the cost of a quantized step
+over a float step (:data:`STEP_COST`), for the machine that float run was trained on. The
+evaluation of each epoch is counted at the measured run's share (exact for the same
+training set size, low for a subset).
 """
 
 from __future__ import annotations
@@ -55,13 +57,78 @@ def epoch_time(pretrained: str | None, root: str = study.REPO) -> EpochTime | No
   return None
 
 
-def run_seconds(config: Config, first: int, last: int, per: EpochTime) -> float:
+@dataclasses.dataclass(frozen=True)
+class Pace:
+  """Seconds per training image of an LSQ-only epoch and of an epoch with BR (evaluation
+  included), the whole training set's image count, and where they come from (words)."""
+  lsq: float
+  br: float
+  images: int
+  source: str
+
+
+def float_pace(per: EpochTime) -> Pace:
+  """The pace of quantized epochs estimated from a float run's: times :data:`STEP_COST`."""
+  return Pace(STEP_COST["lsq"] * per.seconds_per_image, STEP_COST["br"] * per.seconds_per_image,
+              per.images, f"times estimated from {per.source} ({per.epoch_seconds:.0f} s per "
+              f"float epoch of {per.images} images; a step costs {STEP_COST['lsq']}x float "
+              f"with LSQ alone, {STEP_COST['br']}x with BR)")
+
+
+def _has_br(config: Config) -> bool:
+  return bool(config.lambda_w or config.lambda_a)
+
+
+def study_pace(runs: list[study.Run]) -> Pace | None:
+  """The pace measured by the study's own logged epochs, or None if none is logged.
+
+  Reads the metrics.jsonl of each run and shared warmup in ``runs``: a warmup epoch, or an
+  epoch of a run without BR, is an LSQ-only epoch; a BR-phase epoch of a run with a lambda
+  is a BR epoch (a branch's copy of its warmup's epochs is read once, from the warmup).
+  Each pace is the median over its epochs, so that an epoch that compiled or shared the
+  machine does not set it; a kind not logged yet is the other's times the ratio of
+  :data:`STEP_COST`.
+  """
+  seconds = {"lsq": [], "br": []}
+  images = []
+  sources = [(w.workdir, w.train_config, 0) for w in study.warmups(runs)]
+  sources += [(r.workdir, r.train_config, r.train_config.warmup_epochs if r.warmup else 0)
+              for r in runs]
+  for workdir, config, copied in sources:
+    try:
+      records = history.read_history(workdir, missing_ok=True)
+    except (OSError, ValueError):
+      continue
+    for record in records:
+      if record["epoch"] <= copied or not record.get("epoch_time_s") or not record.get("step"):
+        continue
+      count = record["step"] // record["epoch"] * config.batch_size
+      kind = "br" if record["epoch"] > config.warmup_epochs and _has_br(config) else "lsq"
+      seconds[kind].append(record["epoch_time_s"] / count)
+      images.append(count)
+  if not images:
+    return None
+  median = {k: statistics.median(v) for k, v in seconds.items() if v}
+  ratio = STEP_COST["br"] / STEP_COST["lsq"]
+  lsq = median.get("lsq", median.get("br", 0.0) / ratio)
+  br = median.get("br", lsq * ratio)
+  count = max(images)
+  words = [f"{median[k] * count:.0f} s per {k.upper()} epoch, median of {len(v)}"
+           for k, v in seconds.items() if v]
+  if len(median) == 1:
+    words.append(f"{'BR' if 'lsq' in median else 'LSQ'} by STEP_COST's ratio, "
+                 f"{STEP_COST['br']}/{STEP_COST['lsq']}")
+  return Pace(lsq, br, count, f"times from this study's logged epochs of {count} images "
+              f"({'; '.join(words)})")
+
+
+def run_seconds(config: Config, first: int, last: int, pace: Pace) -> float:
   """Estimated seconds of epochs ``first..last`` (1-based, inclusive) of ``config``."""
-  images = config.train_examples or per.images
-  br_cost = STEP_COST["br"] if config.lambda_w or config.lambda_a else STEP_COST["lsq"]
-  epochs = range(first, last + 1)
-  cost = sum(STEP_COST["lsq"] if e <= config.warmup_epochs else br_cost for e in epochs)
-  return cost * images * per.seconds_per_image
+  images = config.train_examples or pace.images
+  br_pace = pace.br if _has_br(config) else pace.lsq
+  per_image = sum(pace.lsq if e <= config.warmup_epochs else br_pace
+                  for e in range(first, last + 1))
+  return per_image * images
 
 
 def duration(seconds: float) -> str:
@@ -90,8 +157,9 @@ def dry_run(study_dir: str, flags: dict, share_warmup: bool = True,
   runs = study.select(every, only)
   study.check_study_file(study_dir, flags)
   per = epoch_time(flags["pretrained"])
-  estimate = (lambda config, first, last: None) if per is None else (
-      lambda config, first, last: run_seconds(config, first, last, per))
+  pace = study_pace(every) or (None if per is None else float_pace(per))
+  estimate = (lambda config, first, last: None) if pace is None else (
+      lambda config, first, last: run_seconds(config, first, last, pace))
   lines, total, started = [], 0.0, set()
   for run in runs:
     warmup, state = run.warmup, run.state()
@@ -119,18 +187,16 @@ def dry_run(study_dir: str, flags: dict, share_warmup: bool = True,
     note = (f", from {warmup.name} at epoch {config.warmup_epochs}"
             if warmup is not None and state == "new" else "")
     lines.append(_line(run.name, state, left, command, note))
-  return [_head(runs, len(every), flags, per, share_warmup), *lines, _foot(runs, total, per)]
+  return [_head(runs, len(every), flags, pace, share_warmup), *lines,
+          _foot(runs, total, pace)]
 
 
-def _head(runs: list[study.Run], planned: int, flags: dict, per: EpochTime | None,
+def _head(runs: list[study.Run], planned: int, flags: dict, pace: Pace | None,
           share_warmup: bool) -> str:
   shared = study.warmups(runs)
   warmup = (f" + {len(shared)} shared warmups of {flags['warmup_epochs']} epochs" if shared
             else " (no shared warmup)" if not share_warmup else "")
-  times = ("no time estimate: no float run with epoch times" if per is None else
-           f"times estimated from {per.source} ({per.epoch_seconds:.0f} s per float epoch of "
-           f"{per.images} images; a step costs {STEP_COST['lsq']}x float with LSQ alone, "
-           f"{STEP_COST['br']}x with BR)")
+  times = "no time estimate: no float run with epoch times" if pace is None else pace.source
   taken = f"{len(runs)} of its {planned} runs (--runs)" if len(runs) < planned else (
       f"{planned} runs")
   return (f"# plan: {len(flags['configs'])} configs x {len(flags['seeds'])} seeds = "
@@ -138,9 +204,9 @@ def _head(runs: list[study.Run], planned: int, flags: dict, per: EpochTime | Non
           f"({flags['warmup_epochs']} warmup); {times}")
 
 
-def _foot(runs: list[study.Run], total: float, per: EpochTime | None) -> str:
-  if per is None:
+def _foot(runs: list[study.Run], total: float, pace: Pace | None) -> str:
+  if pace is None:
     return "# total: no estimate"
-  alone = sum(run_seconds(r.train_config, 1, r.train_config.epochs, per) for r in runs)
+  alone = sum(run_seconds(r.train_config, 1, r.train_config.epochs, pace) for r in runs)
   return (f"# total left: {duration(total)} on that machine, one run at a time (every run "
           f"from scratch, no shared warmup: {duration(alone)})")

@@ -44,7 +44,8 @@ def test_epoch_time_per_image_from_a_float_run_else_the_shipped_baseline(tmp_pat
 
 
 def test_run_seconds_by_phase_and_images():
-  per = study_plan.EpochTime(0.01, 10.0, 1000, "x")
+  per = study_plan.float_pace(study_plan.EpochTime(0.01, 10.0, 1000, "x"))
+  assert (per.lsq, per.br, per.images) == pytest.approx((0.0095, 0.0112, 1000))
   br = Config(warmup_epochs=2, epochs=5)
   assert study_plan.run_seconds(br, 1, 5, per) == pytest.approx((2 * 0.95 + 3 * 1.12) * 10)
   assert study_plan.run_seconds(br, 3, 5, per) == pytest.approx(3 * 1.12 * 10)
@@ -91,3 +92,40 @@ def test_dry_run_states_skip_resume_and_no_warmup_when_none_is_needed(tmp_path):
   lines = study_plan.dry_run(str(tmp_path / "other"), flags(), share_warmup=False)
   assert "(no shared warmup)" in lines[0]
   assert lines[1].startswith("lsq_s0 (new, ~") and "--branch_from" not in lines[1]
+
+
+def logged(workdir: pathlib.Path, times: dict[int, float], steps: int) -> None:
+  """A run's metrics.jsonl with ``{epoch: epoch_time_s}``, ``steps`` steps per epoch."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "metrics.jsonl").write_text("".join(
+      json.dumps({"epoch": e, "step": steps * e, "epoch_time_s": t}) + "\n"
+      for e, t in times.items()))
+
+
+def test_once_the_study_logged_epochs_its_times_come_from_them(tmp_path):
+  float_run(tmp_path / "float", [100.0], steps=10, batch=10)
+  checked = flags(pretrained=str(tmp_path / "float"), epochs=4, warmup_epochs=2)
+  study_dir = tmp_path / "study"
+  lsq, lsq_br = study.plan(str(study_dir), checked)
+  # The shared warmup: 2 LSQ epochs of 10 steps of 32 images (the first one compiled).
+  logged(pathlib.Path(lsq.warmup.workdir), {1: 900.0, 2: 320.0}, steps=10)
+  # lsq_s0 copied the warmup's epochs (not counted twice) and logged one LSQ epoch.
+  logged(pathlib.Path(lsq.workdir), {1: 900.0, 2: 320.0, 3: 330.0}, steps=10)
+  pace = study_plan.study_pace([lsq, lsq_br])
+  # LSQ: median of 900, 320, 330 s per 320 images; BR not logged: LSQ x 1.12 / 0.95.
+  assert pace.images == 320 and pace.lsq == pytest.approx(330.0 / 320)
+  assert pace.br == pytest.approx(pace.lsq * 1.12 / 0.95)
+  assert pace.source == ("times from this study's logged epochs of 320 images (330 s per LSQ "
+                         "epoch, median of 3; BR by STEP_COST's ratio, 1.12/0.95)")
+  logged(pathlib.Path(lsq_br.workdir), {1: 1.0, 2: 1.0, 3: 640.0, 4: 600.0}, steps=10)
+  pace = study_plan.study_pace([lsq, lsq_br])
+  assert pace.br == pytest.approx(620.0 / 320) and pace.lsq == pytest.approx(330.0 / 320)
+  lines = study_plan.dry_run(str(study_dir), checked)
+  assert lines[0].endswith("times from this study's logged epochs of 320 images (330 s per "
+                           "LSQ epoch, median of 3; 620 s per BR epoch, median of 2)")
+  # No checkpoint, so all is still to run: 2 LSQ epochs of 330 s each for the warmup and
+  # for lsq_s0's BR phase, 2 BR epochs of 620 s for lsq_br_s0's.
+  assert [line.split(": ", 1)[0] for line in lines[1:4]] == [
+      "warmup_s0 (new, ~11m)", "lsq_s0 (new, ~11m, from warmup_s0 at epoch 2)",
+      "lsq_br_s0 (new, ~21m, from warmup_s0 at epoch 2)"]
+  assert study_plan.study_pace(study.plan(str(tmp_path / "new"), checked)) is None
