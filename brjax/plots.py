@@ -196,15 +196,16 @@ STUDY_CURVES_SIZE = (10.0, 3.8)  # a study's curves.png
 
 
 def study_curves_figure(results: list[dict]):
-  """A study's per-epoch accuracy: per config, the mean over its seeds as a line and the
-  seeds' range (min to max) as a band; test accuracy left, train accuracy right; the end of
-  the warmup as a dotted line.
+  """A study's per-epoch accuracy: per config, the mean over its seeds that finished as a
+  line and their range (min to max) as a band, each run that diverged as a thin dashed line
+  ending in an x at its last saved epoch; test accuracy left, train accuracy right; the
+  end of the warmup as a dotted line.
 
   Args:
-    results: run results of ``brjax.study`` (``config``, ``seed``, ``warmup_epochs`` and
-      ``curve``: per epoch ``{"epoch", "test_acc", "train_acc", ...}``), in the order the
-      legend shows the configs. Results without a curve (written before results kept one)
-      are left out.
+    results: run results of ``brjax.study`` (``config``, ``seed``, ``warmup_epochs``,
+      ``outcome`` and ``curve``: per epoch ``{"epoch", "test_acc", "train_acc", ...}``), in
+      the order the legend shows the configs. Results without a curve (written before
+      results kept one) are left out.
 
   Returns:
     The figure, or None if no result has a curve.
@@ -220,23 +221,33 @@ def study_curves_figure(results: list[dict]):
   palette = colormaps["tab10"]
   last = 1
   for i, (name, rows) in enumerate(configs.items()):
+    done = [r for r in rows if r.get("outcome", "finished") == "finished"]
+    diverged = [r for r in rows if r not in done]
+    label = f"{name} (n={len(done)}" + (f", {len(diverged)} diverged)" if diverged else ")")
+    color = palette(i % 10)
     for ax, key in zip(axes, ("test_acc", "train_acc")):
+      labels = iter([label])  # the config's first line on each axis carries its label
       by_epoch: dict[int, list[float]] = {}
-      for row in rows:
+      for row in done:
         for point in row["curve"]:
           if isinstance(point.get(key), (int, float)):
             by_epoch.setdefault(point["epoch"], []).append(point[key])
       epochs = sorted(by_epoch)
-      if not epochs:
-        continue
-      last = max(last, epochs[-1])
-      values = [np.asarray(by_epoch[e]) for e in epochs]
-      color = palette(i % 10)
-      ax.plot(epochs, [v.mean() for v in values], color=color, lw=1.4,
-              label=f"{name} (n={len(rows)})")
-      if len(rows) > 1:
-        ax.fill_between(epochs, [v.min() for v in values], [v.max() for v in values],
-                        color=color, alpha=0.18, lw=0)
+      if epochs:
+        last = max(last, epochs[-1])
+        values = [np.asarray(by_epoch[e]) for e in epochs]
+        ax.plot(epochs, [v.mean() for v in values], color=color, lw=1.4,
+                label=next(labels, None))
+        if len(done) > 1:
+          ax.fill_between(epochs, [v.min() for v in values], [v.max() for v in values],
+                          color=color, alpha=0.18, lw=0)
+      for row in diverged:
+        points = [(p["epoch"], p[key]) for p in row["curve"]
+                  if isinstance(p.get(key), (int, float))]
+        if points:
+          x, y = zip(*points)
+          ax.plot(x, y, color=color, lw=0.8, ls="--", label=next(labels, None))
+          ax.plot(x[-1], y[-1], color=color, marker="x", ms=6, ls="none")
   warmups = {r.get("warmup_epochs") for rows in configs.values() for r in rows} - {None, 0}
   for ax, title in zip(axes, ("test accuracy (%)", "train accuracy (%)")):
     for warmup in warmups:

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import signal
 import threading
+
+EXIT_DIVERGED = 3
+"""scripts/train.py's exit status when the run diverged (:class:`Diverged`): an outcome of
+the run's flags, not a failure of the program (1) or a refused flag (2)."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -91,15 +96,28 @@ class RunClock:
 
 class Diverged(ArithmeticError):
   """An epoch left the model broken (a non-finite loss, a step size at or below zero): the
-  run stops before saving that epoch."""
+  run stops before saving that epoch. ``str(e)`` is ``epoch <N> diverged: <what>; ...``
+  (:func:`parse_diverged` reads it back from a log line)."""
 
   def __init__(self, epoch: int, what: str, saved_epoch: int | None):
     kept = (f"the checkpoint of epoch {saved_epoch} is kept" if saved_epoch else
             "no checkpoint was saved")
+    self.epoch, self.what = epoch, what
     super().__init__(
         f"epoch {epoch} diverged: {what}; the epoch was not saved, {kept}: lower --lr or "
         "--lambda_w/--lambda_a, or freeze the step sizes (--freeze_alpha_w/--freeze_alpha_a) "
         "or scale W-BR's gradient to them (--br_alpha_grad_w=lsq)")
+
+
+_DIVERGED_RE = re.compile(r"^(?:error: )?epoch (?P<epoch>\d+) diverged: (?P<what>.*?); the "
+                          r"epoch was not saved")
+
+
+def parse_diverged(line: str) -> tuple[int, str] | None:
+  """``(epoch, what)`` of a :class:`Diverged` message (as scripts/train.py prints it, with
+  or without its ``error: ``), or None for any other line."""
+  match = _DIVERGED_RE.match(line.strip())
+  return (int(match["epoch"]), match["what"]) if match else None
 
 
 def check_finite(epoch: int, m: dict, saved_epoch: int | None) -> None:

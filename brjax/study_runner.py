@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 
 from brjax import history
+from brjax import run_control
 from brjax import study
 from brjax import study_summary
 from brjax.config import BR_PHASE_FIELDS
@@ -133,22 +134,39 @@ CURVE_KEYS = ("epoch", "phase", "train_acc", "test_acc", "test_loss", "br_w", "b
 
 
 def build_result(run: study.Run, wall_time_s: float, resumed_from: int | None, device: dict,
-                 git: dict) -> dict:
-  """The result of a finished run, from its metrics.jsonl (its last epoch, and per epoch
-  the :data:`CURVE_KEYS` in ``"curve"``, warmup epochs included).
+                 git: dict, diverged: tuple[int, str] | None = None) -> dict:
+  """The result of a run that ended, from its metrics.jsonl (per epoch the
+  :data:`CURVE_KEYS` in ``"curve"``, warmup epochs included).
+
+  ``"outcome"`` is ``"finished"`` (the accuracies are its last epoch's) or, with
+  ``diverged`` (``(epoch, what)`` of scripts/train.py's message), ``"diverged"``: the run
+  stopped at that epoch, which was not saved; ``"diverged"`` holds the epoch and what went
+  wrong, the accuracies are None and the curve ends at the epoch before.
 
   Raises:
-    RuntimeError: the history does not end at the run's last epoch.
+    RuntimeError: the history does not end at the run's last epoch (finished) or at the
+      epoch before the diverged one.
     OSError, ValueError: no readable history.
   """
-  records = history.read_history(run.workdir)
+  records = history.read_history(run.workdir, missing_ok=diverged is not None)
   config = run.train_config
-  if not records or records[-1]["epoch"] != config.epochs:
-    ended = records[-1]["epoch"] if records else "no epoch"
-    raise RuntimeError(f"run {run.name} exited without error but its metrics.jsonl ends at "
-                       f"{ended}, not epoch {config.epochs}")
-  last = records[-1]
-  best_epoch = max(records, key=lambda m: m["test_acc"])["epoch"]
+  end = config.epochs if diverged is None else diverged[0] - 1
+  ended = records[-1]["epoch"] if records else 0
+  if ended != end:
+    what = "exited without error" if diverged is None else f"diverged at epoch {diverged[0]}"
+    raise RuntimeError(f"run {run.name} {what} but its metrics.jsonl ends at "
+                       f"{ended or 'no epoch'}, not epoch {end}")
+  if diverged is None:
+    last = records[-1]
+    outcome = {"outcome": "finished", "diverged": None,
+               "final_test_acc": last["test_acc"], "best_test_acc": last["best_test_acc"],
+               "best_epoch": max(records, key=lambda m: m["test_acc"])["epoch"],
+               "final_train_acc": last["train_acc"], "final_test_loss": last["test_loss"],
+               "br_w": last["br_w"], "br_a": last["br_a"]}
+  else:
+    outcome = {"outcome": "diverged", "diverged": {"epoch": diverged[0], "what": diverged[1]},
+               **dict.fromkeys(("final_test_acc", "best_test_acc", "best_epoch",
+                                "final_train_acc", "final_test_loss", "br_w", "br_a"))}
   return {
       "config": run.config, "seed": run.seed, "description": study.CONFIGS[run.config][0],
       "lambda_w": config.lambda_w, "lambda_a": config.lambda_a,
@@ -157,10 +175,7 @@ def build_result(run: study.Run, wall_time_s: float, resumed_from: int | None, d
       "bits_w": config.bits_w, "bits_a": config.bits_a,
       "command": run.command(), "workdir": run.workdir,
       "warmup_source": warmup_source(run),
-      "epochs": config.epochs, "warmup_epochs": config.warmup_epochs,
-      "final_test_acc": last["test_acc"], "best_test_acc": last["best_test_acc"],
-      "best_epoch": best_epoch, "final_train_acc": last["train_acc"],
-      "final_test_loss": last["test_loss"], "br_w": last["br_w"], "br_a": last["br_a"],
+      "epochs": config.epochs, "warmup_epochs": config.warmup_epochs, **outcome,
       "wall_time_s": wall_time_s,
       "train_time_s": sum(m["epoch_time_s"] for m in records),
       "resumed_from_epoch": resumed_from,
@@ -212,7 +227,9 @@ def _lock(study_dir: str):
 def run_study(study_dir: str, flags: dict, command: str, share_warmup: bool = True,
               order: str = "seed", only: Sequence[str] = ()) -> int:
   """Runs every unfinished run of the study in order, writing its result; returns the exit
-  code (0, 1 if a run failed, 2 if scripts/train.py refused its flags or checkpoints).
+  code (0, 1 if a run failed, 2 if scripts/train.py refused its flags or checkpoints). A
+  run that diverged did not fail: its result says so (``build_result``) and the study goes
+  on.
 
   Prints each run's state, command and output as it goes, and the summary table at the end.
 
@@ -299,17 +316,23 @@ def _run_one(run: study.Run, head: str, probes: dict) -> int | None:
   os.makedirs(run.workdir, exist_ok=True)
   log_path = os.path.join(run.workdir, "train.log")
   code, wall, last = execute(argv, log_path, study.REPO)
-  if code != 0:
+  # A diverged run is an outcome of its config, kept as its result: the study goes on.
+  diverged = run_control.parse_diverged(last) if code == run_control.EXIT_DIVERGED else None
+  if code != 0 and diverged is None:
     print(f"error: run {run.name} failed (exit {code}): {last[:300]} (log: {log_path}); "
           "fix the cause and run the study again to continue", file=sys.stderr)
     return 2 if code == 2 else 1
   try:
-    result = build_result(run, wall, resumed_from, probes["device"], probes["git"])
+    result = build_result(run, wall, resumed_from, probes["device"], probes["git"], diverged)
   except (OSError, ValueError, KeyError, RuntimeError) as e:
     print(f"error: run {run.name} left no usable metrics ({type(e).__name__}: {e}) "
           f"(log: {log_path})", file=sys.stderr)
     return 1
   study_summary.write_json(run.result_path, result)
-  print(f"{head}: done in {wall:.0f}s: final test acc {result['final_test_acc']:.2f}%, "
-        f"best {result['best_test_acc']:.2f}% -> {run.result_path}", flush=True)
+  if diverged is not None:
+    print(f"{head}: diverged at epoch {diverged[0]} after {wall:.0f}s ({diverged[1]}); kept "
+          f"as its result -> {run.result_path} (delete it to run it again)", flush=True)
+  else:
+    print(f"{head}: done in {wall:.0f}s: final test acc {result['final_test_acc']:.2f}%, "
+          f"best {result['best_test_acc']:.2f}% -> {run.result_path}", flush=True)
   return 0

@@ -3,6 +3,10 @@
 Pure functions of the run results that ``brjax.study`` writes (one dict per run, with at
 least ``config``, ``seed``, ``command``, ``final_test_acc``, ``best_test_acc`` and
 ``final_train_acc``), plus the atomic file writes that put them on disk. No JAX.
+
+A run whose ``outcome`` is ``"diverged"`` has no accuracies: its config's statistics are
+over the runs that finished (``n``), and its seed and epoch are listed apart
+(``"diverged"``), never averaged in as a number.
 """
 
 from __future__ import annotations
@@ -29,8 +33,17 @@ def write_text(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
-def mean_std(values: list[float]) -> dict:
-  """Mean and sample standard deviation (n - 1; None for one value) of ``values``."""
+def finished(result: dict) -> bool:
+  """Whether a run result ran all its epochs (results written before ``outcome`` existed
+  all did)."""
+  return result.get("outcome", "finished") == "finished"
+
+
+def mean_std(values: list[float]) -> dict | None:
+  """Mean and sample standard deviation (n - 1; None for one value) of ``values``; None
+  for no value."""
+  if not values:
+    return None
   return {"mean": statistics.fmean(values),
           "std": statistics.stdev(values) if len(values) > 1 else None,
           "values": list(values)}
@@ -91,9 +104,10 @@ def paired_difference(rows: list[dict], reference: list[dict], key: str) -> dict
 
 def summarize(results: list[dict], study: dict | None, baseline: dict | None) -> dict:
   """summary.json: per config (in the order of ``results``) the mean and sample std over
-  seeds of the final and best test accuracy and the final train accuracy, and against
-  :data:`PAIRED_WITH` the paired per-seed differences of the final and best test accuracy
-  (``"paired"``: None for that config itself, or without a common seed).
+  the seeds that finished (``n``; None for none) of the final and best test accuracy and
+  the final train accuracy, against :data:`PAIRED_WITH` the paired per-seed differences of
+  the final and best test accuracy (``"paired"``: None for that config itself, or without
+  a common finished seed), and the runs that diverged (``"diverged"``: seed and epoch).
 
   Args:
     results: run results, grouped by config in the order the summary shows them.
@@ -113,19 +127,22 @@ def summarize(results: list[dict], study: dict | None, baseline: dict | None) ->
     if len(templates) > 1:
       raise ValueError(f"the results of config {name} were run with different commands "
                        f"(seeds {[r['seed'] for r in rows]}): keep one study per --study_dir")
+    done = [r for r in rows if finished(r)]
     out["configs"][name] = {
         "description": rows[0].get("description", name),
-        "n": len(rows), "seeds": [r["seed"] for r in rows],
-        "final_test_acc": mean_std([r["final_test_acc"] for r in rows]),
-        "best_test_acc": mean_std([r["best_test_acc"] for r in rows]),
-        "final_train_acc": mean_std([r["final_train_acc"] for r in rows]),
+        "n": len(done), "seeds": [r["seed"] for r in done],
+        "final_test_acc": mean_std([r["final_test_acc"] for r in done]),
+        "best_test_acc": mean_std([r["best_test_acc"] for r in done]),
+        "final_train_acc": mean_std([r["final_train_acc"] for r in done]),
+        "diverged": [{"seed": r["seed"], **r["diverged"]} for r in rows if not finished(r)],
         "command_template": templates[0],
     }
-  reference = configs.get(PAIRED_WITH)
+  reference = [r for r in configs.get(PAIRED_WITH, []) if finished(r)]
   for name, rows in configs.items():
     paired = None
-    if reference is not None and name != PAIRED_WITH:
-      paired = {key: paired_difference(rows, reference, key)
+    if reference and name != PAIRED_WITH:
+      done = [r for r in rows if finished(r)]
+      paired = {key: paired_difference(done, reference, key)
                 for key in ("final_test_acc", "best_test_acc")}
       if paired["final_test_acc"] is None:
         paired = None
@@ -133,7 +150,9 @@ def summarize(results: list[dict], study: dict | None, baseline: dict | None) ->
   return out
 
 
-def _pm(stats: dict) -> str:
+def _pm(stats: dict | None) -> str:
+  if stats is None:
+    return "n/a"
   std = "n/a" if stats["std"] is None else f"{stats['std']:.2f}"
   return f"{stats['mean']:.2f} ± {std}"
 
@@ -168,27 +187,40 @@ def _setup_lines(study: dict | None) -> list[str]:
   return [f"# LSQ vs LSQ+BR: ResNet-20 W{study['bits']}A{study['bits']}", "", setup, ""]
 
 
+def _diverged(c: dict) -> str:
+  return ", ".join(f"s{d['seed']} at epoch {d['epoch']}" for d in c.get("diverged") or []) or "-"
+
+
 def summary_markdown(summary: dict) -> str:
-  """The summary as a Markdown table, then the command template of each config."""
+  """The summary as a Markdown table, then the command template of each config. A
+  ``diverged`` column (seed and epoch of each run that diverged) is there when a run
+  diverged."""
   lines = _setup_lines(summary["study"])
+  any_diverged = any(c.get("diverged") for c in summary["configs"].values())
+  extra = (" diverged |", " --- |") if any_diverged else ("", "")
   lines += ["| config | training | n | final test acc (%) | best test acc (%) | "
-            f"final train acc (%) | final test acc - {PAIRED_WITH}, same seed (pp) |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+            f"final train acc (%) | final test acc - {PAIRED_WITH}, same seed (pp) |{extra[0]}",
+            f"| --- | --- | ---: | ---: | ---: | ---: | ---: |{extra[1]}"]
   baseline = summary["baseline"]
   if baseline is not None:
     lines.append(f"| float baseline | float, {baseline['epochs'] or '?'} epochs | 1 | "
                  f"{_acc(baseline['final_test_acc'])} | {_acc(baseline['best_test_acc'])} | "
-                 "n/a | - |")
+                 f"n/a | - |{' - |' if any_diverged else ''}")
   for name, c in summary["configs"].items():
     lines.append(f"| {name} | {c['description']} | {c['n']} | {_pm(c['final_test_acc'])} | "
-                 f"{_pm(c['best_test_acc'])} | {_pm(c['final_train_acc'])} | {_paired(c)} |")
-  lines += ["", "Mean ± sample standard deviation over the n seeds (n/a for one seed); "
-            "test accuracy is always quantized. The last column is the mean ± std over the "
-            f"seeds both configs ran of (this config's final test accuracy - {PAIRED_WITH}'s) "
-            "in percentage points: the runs of one seed share their data order (and, "
-            "branched, their warmup), so the pairing removes the spread between seeds.", "",
-            "Commands (from the repository root; "
-            "one run per seed):", ""]
+                 f"{_pm(c['best_test_acc'])} | {_pm(c['final_train_acc'])} | {_paired(c)} |"
+                 + (f" {_diverged(c)} |" if any_diverged else ""))
+  lines += ["", "Mean ± sample standard deviation over the n seeds that finished (n/a for "
+            "one seed, or none); test accuracy is always quantized. The last column is the "
+            "mean ± std over the seeds both configs ran of (this config's final test accuracy "
+            f"- {PAIRED_WITH}'s) in percentage points: the runs of one seed share their data "
+            "order (and, branched, their warmup), so the pairing removes the spread between "
+            "seeds."]
+  if any_diverged:
+    lines[-1] += (" A run that diverged (a step size at or below zero, or a non-finite "
+                  "loss: scripts/train.py stops it before saving that epoch) is not in n "
+                  "and has no accuracy; the diverged column names its seed and epoch.")
+  lines += ["", "Commands (from the repository root; one run per seed):", ""]
   lines += [f"- `{name}`: `{c['command_template']}`" for name, c in summary["configs"].items()]
   if baseline is not None and baseline.get("error"):
     lines += ["", f"Float baseline {baseline['workdir']}: {baseline['error']}."]

@@ -3,8 +3,8 @@
     python scripts/train.py --bits=2 --lambda_a=1.0 --data_dir=../shared/datasets/cifar10-jpeg.tar.gz
 
 Flags are validated before any work; a bad value stops with a one-line error (exit 2). A
-run whose training loss becomes NaN or infinite stops with a one-line error (exit 1),
-without saving that epoch.
+run that diverges (its training loss NaN or infinite, or a step size at or below zero)
+stops with a one-line error (exit 3), without saving that epoch.
 Ctrl-C stops between two steps, keeps the checkpoints of the finished epochs, prints the
 command that continues the run, and exits 130.
 """
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
 
 
 def train(config: Config, workdir: str) -> int:
-  """Trains; returns the exit status (2 after a one-line error, 1 if the run diverged)."""
+  """Trains; returns the exit status (2 after a one-line error, 3 if the run diverged)."""
   # pylint: disable=g-import-not-at-top
   from brjax import checkpoint, run_control, train as train_lib
   try:
@@ -74,7 +74,7 @@ def train(config: Config, workdir: str) -> int:
     return 2
   except run_control.Diverged as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1
+    return run_control.EXIT_DIVERGED
   return 0
 
 

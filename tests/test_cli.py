@@ -158,3 +158,17 @@ def test_help_lists_every_flag_and_exits_zero(capsys):
                "--[no]br_alpha_grad_a", "--data_dir", "--pretrained", "--[no]resume",
                "--[no]tensorboard"):
     assert flag + ":" in out, flag
+
+
+def test_a_diverged_run_exits_3_with_its_one_line(monkeypatch, capsys, tmp_path):
+  from brjax import run_control, train as train_lib  # pylint: disable=g-import-not-at-top
+  def diverge(*args, **kwargs):
+    raise run_control.Diverged(2, "its mean training loss is nan", 1)
+  monkeypatch.setattr(train_lib, "train_and_evaluate", diverge)
+  cli.FLAGS.unparse_flags()
+  cli.FLAGS(["train.py", f"--workdir={tmp_path}"])
+  code = cli.train(cli.config_from_flags(cli.FLAGS), str(tmp_path))
+  err = capsys.readouterr().err
+  assert code == run_control.EXIT_DIVERGED == 3
+  assert err.startswith("error: epoch 2 diverged: its mean training loss is nan; the epoch "
+                        "was not saved, the checkpoint of epoch 1 is kept") and err.count("\n") == 1

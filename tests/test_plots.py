@@ -152,3 +152,24 @@ def test_study_curves_show_the_seed_mean_and_its_range(tmp_path):
   path = plots.save(fig, str(tmp_path / "curves.png"))
   assert Image.open(path).size == tuple(int(x * plots.DPI) for x in plots.STUDY_CURVES_SIZE)
   assert plots.study_curves_figure([{"config": "lsq", "seed": 0}]) is None
+
+
+def test_a_diverged_run_is_drawn_apart_and_never_in_the_mean():
+  diverged = {**_study_result("lsq_br", 1, [50.0, 30.0]), "outcome": "diverged"}
+  results = [_study_result("lsq", 0, [50.0, 60.0, 70.0]),
+             {**_study_result("lsq_br", 0, [50.0, 58.0, 72.0]), "outcome": "finished"},
+             diverged,
+             {**_study_result("w_br", 0, [50.0]), "outcome": "diverged"}]
+  fig = plots.study_curves_figure(results)
+  for ax in fig.axes[:2]:
+    labels = [line.get_label() for line in ax.lines if not line.get_label().startswith("_")]
+    assert labels == ["lsq (n=1)", "lsq_br (n=1, 1 diverged)", "w_br (n=0, 1 diverged)"]
+  test_ax = fig.axes[0]
+  by_label = {line.get_label(): line for line in test_ax.lines}
+  assert list(by_label["lsq_br (n=1, 1 diverged)"].get_ydata()) == [50.0, 58.0, 72.0]
+  dashed = [line for line in test_ax.lines if line.get_linestyle() == "--"]
+  assert [list(line.get_ydata()) for line in dashed] == [[50.0, 30.0], [50.0]]
+  ends = [line for line in test_ax.lines if line.get_marker() == "x"]
+  assert [(list(e.get_xdata()), list(e.get_ydata())) for e in ends] == [([2], [30.0]),
+                                                                        ([1], [50.0])]
+  assert not test_ax.collections  # no config has two finished seeds: no band

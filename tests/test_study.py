@@ -194,6 +194,53 @@ def test_build_result_from_the_runs_history(tmp_path):
     study_runner.build_result(run, 1.0, None, device, {})
 
 
+def test_a_diverged_run_is_a_result_without_accuracies(tmp_path):
+  run = study.plan(str(tmp_path), flags(seeds=["0"]))[1]
+  write_metrics(pathlib.Path(run.workdir), 1)  # epoch 2 diverged: epoch 1 is the last saved
+  result = study_runner.build_result(run, 9.0, None, {}, {}, (2, "step sizes went to zero"))
+  assert result["outcome"] == "diverged" and set(study.RESULT_KEYS) <= set(result)
+  assert result["diverged"] == {"epoch": 2, "what": "step sizes went to zero"}
+  assert result["final_test_acc"] is result["best_test_acc"] is result["final_train_acc"] is None
+  assert [p["epoch"] for p in result["curve"]] == [1] and result["train_time_s"] == 3.0
+  with pytest.raises(RuntimeError, match="diverged at epoch 3 but its metrics.jsonl ends at 1, "
+                                         "not epoch 2"):
+    study_runner.build_result(run, 9.0, None, {}, {}, (3, "its mean training loss is nan"))
+  # Diverged in its first epoch: nothing was logged, and the curve is empty.
+  (pathlib.Path(run.workdir) / "metrics.jsonl").unlink()
+  assert study_runner.build_result(run, 1.0, None, {}, {}, (1, "nan"))["curve"] == []
+  write_metrics(pathlib.Path(run.workdir), 2)
+  assert study_runner.build_result(run, 1.0, None, {}, {})["outcome"] == "finished"
+
+
+def test_the_summary_keeps_diverged_runs_out_of_the_statistics_and_names_them(tmp_path):
+  diverged = {"outcome": "diverged", "diverged": {"epoch": 6, "what": "step sizes"}}
+  fake_result(tmp_path, "lsq", 0, 74.0)
+  fake_result(tmp_path, "lsq", 1, 76.0, outcome="finished", diverged=None)
+  fake_result(tmp_path, "lsq_br", 0, None, **diverged)
+  fake_result(tmp_path, "lsq_br", 1, 77.0, outcome="finished", diverged=None)
+  fake_result(tmp_path, "w_br", 0, None, **diverged)
+  summary = study_summary.summarize(study.collect_results(str(tmp_path)), None, None)
+  lsq_br, w_br = summary["configs"]["lsq_br"], summary["configs"]["w_br"]
+  assert lsq_br["n"] == 1 and lsq_br["seeds"] == [1]
+  assert lsq_br["final_test_acc"]["values"] == [77.0]
+  assert lsq_br["diverged"] == [{"seed": 0, "epoch": 6, "what": "step sizes"}]
+  assert lsq_br["paired"]["final_test_acc"]["values"] == [1.0]  # seed 1 only
+  assert w_br["n"] == 0 and w_br["final_test_acc"] is None and w_br["paired"] is None
+  assert summary["configs"]["lsq"]["diverged"] == []
+  markdown = study_summary.summary_markdown(summary)
+  assert "| diverged |" in markdown and "is not in n and has no accuracy" in markdown
+  assert "| lsq_br | LSQ + W-BR + A-BR | 1 | 77.00 ± n/a | 77.00 ± n/a | 77.00 ± n/a | " \
+         "+1.00 (n=1) | s0 at epoch 6 |" in markdown
+  assert "| w_br | LSQ + W-BR | 0 | n/a | n/a | n/a | - | s0 at epoch 6 |" in markdown
+  assert "| lsq | LSQ | 2 | 75.00 ± 1.41 | 75.00 ± 1.41 | 75.00 ± 1.41 | - | - |" in markdown
+  # Without a diverged run the table has no such column.
+  for name in ("lsq_br_s0.json", "w_br_s0.json"):
+    (tmp_path / name).unlink()
+  markdown = study_summary.summary_markdown(
+      study_summary.summarize(study.collect_results(str(tmp_path)), None, None))
+  assert "diverged" not in markdown
+
+
 def test_result_records_the_warmup_it_branched_from(tmp_path):
   run = study.plan(str(tmp_path), flags(seeds=["0"]))[1]
   write_metrics(pathlib.Path(run.workdir), 2)
@@ -369,3 +416,45 @@ def test_select_keeps_the_named_runs_in_the_given_order_or_refuses_a_name(tmp_pa
     study.select(runs, ["lsq_s0", "lsq_br_s2"])
   with pytest.raises(study.StudyError, match="--runs=lsq_s0 is not accepted: it is given twice"):
     study.select(runs, ["lsq_s0", "lsq_s0"])
+
+
+def test_the_runner_keeps_a_diverged_run_as_its_result_and_goes_on(tmp_path, monkeypatch,
+                                                                    capsys):
+  """scripts/train.py's exit 3 with its diverged line: the run's result says so and the
+  next run starts; any other failure still stops the study."""
+  checked = flags(seeds=["0"])
+  lsq, lsq_br = study.plan(str(tmp_path), checked)
+  pathlib.Path(lsq.warmup.workdir, "checkpoints", "latest", "1").mkdir(parents=True)
+  ran = []
+
+  def fake_execute(argv, log_path, cwd):
+    workdir = next(a.split("=", 1)[1] for a in argv if a.startswith("--workdir="))
+    ran.append(os.path.basename(workdir))
+    if workdir == lsq.workdir:
+      write_metrics(pathlib.Path(workdir), 1)
+      return 3, 5.0, ("error: epoch 2 diverged: step sizes went to zero or below (a=-1): "
+                      "their layers output zeros; the epoch was not saved, the checkpoint of "
+                      "epoch 1 is kept: lower --lr")
+    write_metrics(pathlib.Path(workdir), 2)
+    return 0, 6.0, "done"
+
+  monkeypatch.setattr(study_runner, "execute", fake_execute)
+  monkeypatch.setattr(study_runner, "probe_device", lambda cwd: {"platform": "cpu"})
+  assert study_runner.run_study(str(tmp_path), checked, "python scripts/experiments.py") == 0
+  assert ran == ["lsq_s0", "lsq_br_s0"]
+  out = capsys.readouterr().out
+  assert "[1/2] lsq_s0: diverged at epoch 2 after 5s (step sizes went to zero or below (a=-1): " \
+         "their layers output zeros); kept as its result" in out
+  result = json.loads(pathlib.Path(lsq.result_path).read_text())
+  assert result["outcome"] == "diverged" and result["diverged"]["epoch"] == 2
+  assert "| lsq | LSQ | 0 | n/a | n/a | n/a | - | s0 at epoch 2 |" in out
+  # Run again: the diverged run is done (skipped), like a finished one.
+  assert study_runner.run_study(str(tmp_path), checked, "python scripts/experiments.py") == 0
+  assert ran == ["lsq_s0", "lsq_br_s0"]
+  # Exit 3 without the diverged line, or exit 1: a failure, which stops the study.
+  for code, line in ((3, "Traceback: something else"), (1, "error: epoch 2 diverged: x; the "
+                                                           "epoch was not saved")):
+    pathlib.Path(lsq.result_path).unlink(missing_ok=True)
+    monkeypatch.setattr(study_runner, "execute", lambda argv, log, cwd, c=code, l=line: (c, 1.0, l))
+    assert study_runner.run_study(str(tmp_path), checked, "python scripts/experiments.py") == 1
+    assert f"error: run lsq_s0 failed (exit {code})" in capsys.readouterr().err

@@ -420,6 +420,19 @@ def test_a_diverged_epoch_stops_the_run_with_the_remedies():
     run_control.check_step_sizes(2, {"conv/alpha": -1.68, "relu/alpha": 0.0, "ok": 1.0}, 1)
 
 
+def test_a_diverged_message_is_read_back_from_the_line_train_py_prints():
+  from brjax import run_control  # pylint: disable=g-import-not-at-top
+  with pytest.raises(run_control.Diverged) as caught:
+    run_control.check_step_sizes(6, {"a/alpha": -0.5851, "b/alpha": 0.2}, 5)
+  what = "step sizes went to zero or below (a/alpha=-0.5851): their layers output zeros"
+  assert (caught.value.epoch, caught.value.what) == (6, what)
+  assert run_control.parse_diverged(f"error: {caught.value}\n") == (6, what)
+  assert run_control.parse_diverged(str(caught.value)) == (6, what)
+  for other in ("error: --lr=0 is not accepted", "Epoch 6/20: 99%", "",
+                "error: epoch 6 diverged"):
+    assert run_control.parse_diverged(other) is None
+
+
 def test_paper_models_are_built_by_their_rules_at_the_data_size():
   config = Config(model="resnet50", bits_w=4, bits_a=4)
   small = train.create_model(config, 10, 32)
