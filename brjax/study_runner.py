@@ -113,13 +113,15 @@ def probe_device(cwd: str) -> dict:
 
 def git_commit(repo: str) -> dict:
   """``{"commit", "dirty"}`` of the git checkout at ``repo`` (read-only git; None when
-  unknown): the commit, and whether tracked files differ from it."""
+  unknown): the commit, and whether tracked files outside ``checkpoints/`` differ from it
+  (the code and docs that ran; a study rewrites its own tracked summary there as it goes)."""
   env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")  # never touch the index
   try:
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                           cwd=repo, env=env, timeout=30, check=False)
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], capture_output=True,
-                           cwd=repo, env=env, timeout=30, check=False)
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".",
+                            ":(exclude)checkpoints"], capture_output=True, cwd=repo, env=env,
+                           timeout=30, check=False)
   except (OSError, subprocess.TimeoutExpired):
     return {"commit": None, "dirty": None}
   commit = head.stdout.strip() if head.returncode == 0 else None

@@ -114,8 +114,13 @@ def test_results_table_is_the_studys_summary(name, configs, min_seeds):
   for config_name, config in summary["configs"].items():
     runs = [json.loads((study / f"{config_name}_s{s}.json").read_text())
             for s in config["seeds"]]
-    assert config["n"] == len(runs) >= min_seeds
-    assert config["final_test_acc"]["values"] == [r["final_test_acc"] for r in runs]
+    diverged = config.get("diverged", [])
+    assert config["n"] == len(runs) and len(runs) + len(diverged) >= min_seeds
+    if runs:
+      assert config["final_test_acc"]["values"] == [r["final_test_acc"] for r in runs]
+    for d in diverged:  # a diverged run is in the table by its seed and epoch, from its JSON
+      result = json.loads((study / f"{config_name}_s{d['seed']}.json").read_text())
+      assert result["outcome"] == "diverged" and result["diverged"]["epoch"] == d["epoch"]
     assert f"`{config['command_template']}`" in results or name != "study_resnet20_W2A2"
 
 

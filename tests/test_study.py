@@ -458,3 +458,24 @@ def test_the_runner_keeps_a_diverged_run_as_its_result_and_goes_on(tmp_path, mon
     monkeypatch.setattr(study_runner, "execute", lambda argv, log, cwd, c=code, l=line: (c, 1.0, l))
     assert study_runner.run_study(str(tmp_path), checked, "python scripts/experiments.py") == 1
     assert f"error: run lsq_s0 failed (exit {code})" in capsys.readouterr().err
+
+
+def test_git_commit_is_dirty_for_code_changes_not_for_a_studys_own_files(tmp_path):
+  def git(*args):
+    subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+  git("init", "-q")
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "checkpoints" / "summary.md").write_text("a\n")
+  (tmp_path / "code.py").write_text("x = 1\n")
+  git("add", ".")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+  clean = study_runner.git_commit(str(tmp_path))
+  assert len(clean["commit"]) == 40 and clean["dirty"] is False
+  (tmp_path / "checkpoints" / "summary.md").write_text("b\n")  # the study's own summary
+  assert study_runner.git_commit(str(tmp_path))["dirty"] is False
+  (tmp_path / "code.py").write_text("x = 2\n")
+  assert study_runner.git_commit(str(tmp_path))["dirty"] is True
+  assert study_runner.git_commit(str(tmp_path / "checkpoints"))["commit"] == clean["commit"]
+  outside = tmp_path.parent / f"{tmp_path.name}_not_a_repo"
+  outside.mkdir()
+  assert study_runner.git_commit(str(outside)) == {"commit": None, "dirty": None}
