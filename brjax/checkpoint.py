@@ -91,6 +91,29 @@ def peek_latest(workdir: str) -> tuple[int | None, dict]:
     manager.close()
 
 
+def restore_epoch(workdir: str, epoch: int | None, target: Any) -> tuple[Any, dict]:
+  """``(state, meta)`` of a workdir's latest-kind checkpoint of ``epoch`` (None: the newest),
+  read into the structure of ``target``; read-only (see :func:`peek_latest`).
+
+  Raises:
+    CheckpointError: no such checkpoint (naming the epochs there are), or an unreadable one.
+  """
+  directory = os.path.join(workdir, "checkpoints", "latest")
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"--workdir={workdir} has no checkpoints/latest: use the --workdir "
+                          "of a training run that saved an epoch")
+  manager = _manager(directory, None, read_only=True)
+  try:
+    kept = sorted(manager.all_steps())
+    chosen = kept[-1] if epoch is None and kept else epoch
+    if chosen not in kept:
+      raise CheckpointError(f"--epoch={epoch} is not accepted: {directory} keeps the "
+                            f"checkpoints of epochs {kept or 'none'}")
+    return _restore(manager, chosen, target, None)
+  finally:
+    manager.close()
+
+
 class RunCheckpoints:
   """The latest (two kept) and best (one kept) checkpoints of one workdir."""
 

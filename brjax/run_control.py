@@ -106,7 +106,9 @@ class Diverged(ArithmeticError):
     super().__init__(
         f"epoch {epoch} diverged: {what}; the epoch was not saved, {kept}: lower --lr or "
         "--lambda_w/--lambda_a, or freeze the step sizes (--freeze_alpha_w/--freeze_alpha_a) "
-        "or scale W-BR's gradient to them (--br_alpha_grad_w=lsq)")
+        "or scale W-BR's gradient to them (--br_alpha_grad_w=lsq), or leave values above "
+        "the top level out of A-BR (--abr_clipped=exclude); scripts/trace_step_sizes.py "
+        "shows which loss term pushes each step size")
 
 
 _DIVERGED_RE = re.compile(r"^(?:error: )?epoch (?P<epoch>\d+) diverged: (?P<what>.*?); the "

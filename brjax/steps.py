@@ -110,6 +110,30 @@ def select_abr_sites(config: Config, every: Sequence[str]) -> list[str] | None:
   return chosen
 
 
+def loss_terms(state: TrainState, params: Any, batch: dict,
+               br: BRSettings) -> tuple[dict[str, jax.Array], jax.Array, Any]:
+  """The training loss's terms at ``params``: ``({"ce", "br_w", "br_a"}, logits, new
+  batch_stats)``, each term a scalar mean (a zero lambda's term is a constant 0, not
+  computed); the loss is ``ce + br.lambda_w * br_w + br.lambda_a * br_a``.
+
+  ``batch`` and ``br`` as :func:`train_step`'s; BatchNorm in train mode (batch statistics).
+  """
+  # Quantization sites are recorded only when BR reads them: otherwise no BR work at all.
+  with_br = br.lambda_w > 0 or br.lambda_a > 0
+  mutable = ["batch_stats"] + ([sites.COLLECTION] if with_br else [])
+  logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+                                   batch["image"], train=True, mutable=mutable)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+  zero = jnp.zeros((), ce.dtype)
+  recorded = updates.get(sites.COLLECTION, {})
+  br_w = (regularizer.weight_br(recorded, alpha_grad=br.alpha_grad_w) if br.lambda_w > 0
+          else zero)
+  br_a = (regularizer.activation_br(recorded, alpha_grad=br.alpha_grad_a,
+                                    layers=br.abr_layers, clipped=br.abr_clipped)
+          if br.lambda_a > 0 else zero)
+  return {"ce": ce, "br_w": br_w, "br_a": br_a}, logits, updates["batch_stats"]
+
+
 def train_step(state: TrainState, batch: dict, br: BRSettings) -> tuple[TrainState, dict]:
   """One optimizer step on ``CE + br.lambda_w * BR_W + br.lambda_a * BR_A``.
 
@@ -122,23 +146,10 @@ def train_step(state: TrainState, batch: dict, br: BRSettings) -> tuple[TrainSta
     The new state and per-step sums: ``loss``, ``ce``, ``br_w``, ``br_a`` (each times B, so
     that epoch sums divided by ``count`` are means), ``correct`` and ``count``.
   """
-  # Quantization sites are recorded only when BR reads them: otherwise no BR work at all.
-  with_br = br.lambda_w > 0 or br.lambda_a > 0
-  mutable = ["batch_stats"] + ([sites.COLLECTION] if with_br else [])
-
   def loss_fn(params):
-    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                     batch["image"], train=True, mutable=mutable)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-    zero = jnp.zeros((), ce.dtype)
-    recorded = updates.get(sites.COLLECTION, {})
-    br_w = (regularizer.weight_br(recorded, alpha_grad=br.alpha_grad_w) if br.lambda_w > 0
-            else zero)
-    br_a = (regularizer.activation_br(recorded, alpha_grad=br.alpha_grad_a,
-                                      layers=br.abr_layers, clipped=br.abr_clipped)
-            if br.lambda_a > 0 else zero)
-    loss = ce + br.lambda_w * br_w + br.lambda_a * br_a
-    return loss, (logits, updates["batch_stats"], ce, br_w, br_a)
+    terms, logits, batch_stats = loss_terms(state, params, batch, br)
+    loss = terms["ce"] + br.lambda_w * terms["br_w"] + br.lambda_a * terms["br_a"]
+    return loss, (logits, batch_stats, terms["ce"], terms["br_w"], terms["br_a"])
 
   (loss, (logits, batch_stats, ce, br_w, br_a)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
