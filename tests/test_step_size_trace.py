@@ -103,8 +103,8 @@ def test_the_script_traces_the_runs_next_epoch_and_writes_json(tiny_run, tmp_pat
   out = tmp_path / "trace.jsonl"
   code, stdout, err = run_main("trace_step_sizes", [
       f"--workdir={workdir}", "--epoch=1", "--steps=3", "--every=2",
-      "--layers=BasicBlock_0/QuantReLU_1/alpha", "--abr_clipped=exclude",
-      f"--json_out={out}"], capsys)
+      "--layers=BasicBlock_0/QuantReLU_1/alpha", "--lambda_w=0", "--lambda_a=0",
+      f"--json_out={out}"], capsys)  # without BR terms: the lightest step to compile
   assert code == 0, err
   lines = stdout.splitlines()
   assert lines[0].split() == ["step", "step", "size", "value", "gradient", "of:", "ce", "br_w",
@@ -112,11 +112,13 @@ def test_the_script_traces_the_runs_next_epoch_and_writes_json(tiny_run, tmp_pat
   assert [line.split()[:2] for line in lines[1:3]] == [
       ["0", "BasicBlock_0/QuantReLU_1/alpha"], ["2", "BasicBlock_0/QuantReLU_1/alpha"]]
   assert lines[3] == (f"# from {workdir} at epoch 1: 3 steps of epoch 2 (BR); overrides of "
-                      "the run's BR flags: abr_clipped=exclude")
+                      "the run's BR flags: lambda_w=0.0, lambda_a=0.0")
   assert lines[4].startswith("BasicBlock_0/QuantReLU_1/alpha: ") and "in 3 steps" in lines[4]
   samples = [json.loads(line) for line in out.read_text().splitlines()]
   assert [s["step"] for s in samples] == [0, 2]
-  assert set(samples[0]["grads"]["BasicBlock_0/QuantReLU_1/alpha"]) == {"ce", "br_w", "br_a"}
+  grads = samples[0]["grads"]["BasicBlock_0/QuantReLU_1/alpha"]
+  assert set(grads) == {"ce", "br_w", "br_a"} and grads["br_a"] == grads["br_w"] == 0.0
+  assert grads["ce"] != 0.0
   # The checkpoint of the run's last epoch has no next epoch to trace; refused before any
   # work, as is an epoch past the run.
   for args in ([], ["--epoch=7"]):
