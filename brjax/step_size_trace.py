@@ -112,6 +112,15 @@ def run_config(meta: dict, overrides: dict[str, Any]) -> tuple[Config, Config]:
   return config, dataclasses.replace(config, **overrides)
 
 
+def check_overrides_act(phase: str, overrides: dict[str, Any]) -> None:
+  """Raises ValueError when BR-phase overrides are given for a phase where they do nothing
+  (a warmup epoch): the trace would show BR terms of 0 that were never computed."""
+  if overrides and phase != BR:
+    raise ValueError(f"--{sorted(overrides)[0]} is not accepted here: the traced epoch is a "
+                     f"{phase} epoch, where BR flags do nothing; use --epoch at or after the "
+                     "end of the warmup")
+
+
 def _means(tree: Any, paths: list[str]) -> dict[str, float]:
   flat = flax.traverse_util.flatten_dict(tree, sep="/")
   return {p: float(np.mean(np.asarray(flat[p], np.float64))) for p in paths}
@@ -161,6 +170,7 @@ def trace(workdir: str, *, epoch: int | None = None, steps: int = 100, every: in
                                     steps_per_epoch)
   state, _ = checkpoint.restore_epoch(workdir, start, target)
   phase = phase_of(traced, start + 1)
+  check_overrides_act(phase, overrides or {})
   abr_sites = None
   if phase == BR and traced.lambda_a > 0:
     variables = {"params": state.params, "batch_stats": state.batch_stats}

@@ -36,6 +36,14 @@ def test_run_config_takes_br_phase_overrides_only():
     step_size_trace.run_config({}, {})
 
 
+def test_br_overrides_are_refused_for_a_warmup_epoch():
+  step_size_trace.check_overrides_act("BR", {"lambda_a": 1.0})
+  step_size_trace.check_overrides_act("WARMUP", {})
+  with pytest.raises(ValueError, match="--lambda_a is not accepted here: the traced epoch is a "
+                                       "WARMUP epoch, where BR flags do nothing"):
+    step_size_trace.check_overrides_act("WARMUP", {"lambda_a": 1.0})
+
+
 def test_step_size_paths_select_by_regex_or_refuse():
   params = {"conv": {"kernel": 1, "alpha": 2}, "relu": {"alpha": 3}, "dense": {"bias": 4}}
   assert step_size_trace.step_size_paths(params, None) == ["conv/alpha", "relu/alpha"]
