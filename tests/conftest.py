@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import importlib.util
 import logging
 import pathlib
+import pickle
 import re
+import shutil
 
 import jax
 import pytest
@@ -100,11 +104,37 @@ def run_and_record(config, workdir: str, **kwargs) -> RunRecord:
   return RunRecord(workdir, metrics, lines, compiles)
 
 
+@contextlib.contextmanager
+def _exclusive(path: pathlib.Path):
+  """An exclusive lock on ``path`` (created if missing), held for the ``with`` block."""
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
-def tiny_record(cifar_tar, tmp_path_factory) -> RunRecord:
-  """One tiny W2A2 run with checkpoints, shared by tests. Read-only: copy to change it."""
-  return run_and_record(tiny_config(cifar_tar), str(tmp_path_factory.mktemp("tiny_run")),
-                        tensorboard=True, histogram_every=1)
+def tiny_record(cifar_tar, tmp_path_factory, request) -> RunRecord:
+  """One tiny W2A2 run with checkpoints, shared by tests. Read-only: copy to change it.
+
+  Trained once per test session: under pytest-xdist the first worker that asks trains it
+  in the session's shared temporary folder and writes its record beside it; the others
+  wait on a lock and read it (training it on each worker cost ~45 s per worker).
+  """
+  config = tiny_config(cifar_tar)
+  kwargs = dict(tensorboard=True, histogram_every=1)
+  if not hasattr(request.config, "workerinput"):  # one process: nothing to share
+    return run_and_record(config, str(tmp_path_factory.mktemp("tiny_run")), **kwargs)
+  shared = tmp_path_factory.getbasetemp().parent  # the same for every worker of the session
+  saved = shared / "tiny_run.pickle"  # pickle: the metrics have tuple keys
+  with _exclusive(shared / "tiny_run.lock"):
+    if not saved.exists():
+      shutil.rmtree(shared / "tiny_run", ignore_errors=True)  # what a failed try left
+      record = run_and_record(config, str(shared / "tiny_run"), **kwargs)
+      saved.write_bytes(pickle.dumps(record))
+  return pickle.loads(saved.read_bytes())
 
 
 @pytest.fixture(scope="session")

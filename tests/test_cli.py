@@ -113,7 +113,7 @@ def _start(argv):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_resume_gives_the_uninterrupted_metrics(cifar_tar, tiny_run,
-                                                                        tmp_path):
+                                                                        tmp_path, capsys):
   workdir = tmp_path / "run"
   argv = _tiny_flags(cifar_tar, workdir)
   proc = _start(argv)
@@ -131,10 +131,10 @@ def test_ctrl_c_stops_cleanly_and_resume_gives_the_uninterrupted_metrics(cifar_t
   assert not list(workdir.rglob("*orbax-checkpoint-tmp*"))
   assert sorted(os.listdir(workdir / "checkpoints" / "latest")) == ["1"]
 
-  # Without --resume the run refuses to overwrite the interrupted one.
-  refused = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-  assert refused.returncode == 2
-  assert "already holds checkpoints (epoch 1 of 2): pass --resume" in refused.stderr
+  # Without --resume the run refuses to overwrite the interrupted one (found before any
+  # work: in this process).
+  assert cli.main(["train.py", *argv[2:]]) == 2
+  assert "already holds checkpoints (epoch 1 of 2): pass --resume" in capsys.readouterr().err
 
   resumed = subprocess.run([sys.executable, *shlex.split(command)[1:]], capture_output=True,
                            text=True, timeout=600)

@@ -307,16 +307,16 @@ def test_pretrained_float_weights_and_lsq_alpha_init(tmp_path):
 
 @pytest.mark.slow
 def test_w2a2_resnet20_learns_on_a_cifar_subset(cifar_tar, tmp_path):
-  """A real learning test: W2A2 from scratch, 3 warmup + 1 BR epochs on 4,000 images.
+  """A real learning test: W2A2 from scratch, 2 warmup + 1 BR epochs on 4,000 images.
 
-  Measured here (2-core CPU): best test accuracy 26.3% after the warmup epochs and 19-21%
-  after BR epochs, on 1,000 test images (chance: 10%, one standard error: ~1.3 points).
+  Measured here (2-core CPU): test accuracy 22.1% and 24.7% after the warmup epochs, 24.2%
+  after the BR epoch, on 1,000 test images (chance: 10%, one standard error: ~1.3 points).
   """
-  config = tiny_config(cifar_tar, epochs=4, warmup_epochs=3, train_examples=4000,
+  config = tiny_config(cifar_tar, epochs=3, warmup_epochs=2, train_examples=4000,
                        test_examples=1000, batch_size=100, lr=0.1)
   metrics = train.train_and_evaluate(config, str(tmp_path), log=lambda _: None)
   assert metrics["best_test_acc"] >= 18.0, metrics
-  assert metrics["test_acc"] >= 14.0, metrics
+  assert metrics["test_acc"] >= 16.0, metrics  # the BR epoch keeps what the warmup learned
   assert metrics["ce"] < 2.3  # cross-entropy below log(10): it has learned something
 
 
