@@ -198,14 +198,14 @@ STUDY_CURVES_SIZE = (10.0, 3.8)  # a study's curves.png
 def study_curves_figure(results: list[dict]):
   """A study's per-epoch accuracy: per config, the mean over its seeds that finished as a
   line and their range (min to max) as a band, each run that diverged as a thin dashed line
-  ending in an x at its last saved epoch; test accuracy left, train accuracy right; the
-  end of the warmup as a dotted line.
+  ending in an x at its last saved epoch, with the epoch it diverged in written beside it;
+  test accuracy left, train accuracy right; the end of the warmup as a dotted line.
 
   Args:
     results: run results of ``brjax.study`` (``config``, ``seed``, ``warmup_epochs``,
-      ``outcome`` and ``curve``: per epoch ``{"epoch", "test_acc", "train_acc", ...}``), in
-      the order the legend shows the configs. Results without a curve (written before
-      results kept one) are left out.
+      ``outcome``, ``diverged`` and ``curve``: per epoch ``{"epoch", "test_acc",
+      "train_acc", ...}``), in the order the legend shows the configs. Results without a
+      curve (written before results kept one) are left out.
 
   Returns:
     The figure, or None if no result has a curve.
@@ -220,6 +220,7 @@ def study_curves_figure(results: list[dict]):
   axes = fig.subplots(1, 2)
   palette = colormaps["tab10"]
   last = 1
+  noted = {"test_acc": set(), "train_acc": set()}
   for i, (name, rows) in enumerate(configs.items()):
     done = [r for r in rows if r.get("outcome", "finished") == "finished"]
     diverged = [r for r in rows if r not in done]
@@ -248,6 +249,11 @@ def study_curves_figure(results: list[dict]):
           x, y = zip(*points)
           ax.plot(x, y, color=color, lw=0.8, ls="--", label=next(labels, None))
           ax.plot(x[-1], y[-1], color=color, marker="x", ms=6, ls="none")
+          epoch = (row.get("diverged") or {}).get("epoch")
+          if epoch is not None and (x[-1], y[-1], epoch) not in noted[key]:
+            noted[key].add((x[-1], y[-1], epoch))  # seeds that diverged alike: one note
+            ax.annotate(f"diverged in epoch {epoch}", (x[-1], y[-1]), xytext=(4, -9),
+                        textcoords="offset points", fontsize=6, color=color)
   warmups = {r.get("warmup_epochs") for rows in configs.values() for r in rows} - {None, 0}
   for ax, title in zip(axes, ("test accuracy (%)", "train accuracy (%)")):
     for warmup in warmups:

@@ -155,7 +155,8 @@ def test_study_curves_show_the_seed_mean_and_its_range(tmp_path):
 
 
 def test_a_diverged_run_is_drawn_apart_and_never_in_the_mean():
-  diverged = {**_study_result("lsq_br", 1, [50.0, 30.0]), "outcome": "diverged"}
+  diverged = {**_study_result("lsq_br", 1, [50.0, 30.0]), "outcome": "diverged",
+              "diverged": {"epoch": 3, "what": "step sizes went to zero or below"}}
   results = [_study_result("lsq", 0, [50.0, 60.0, 70.0]),
              {**_study_result("lsq_br", 0, [50.0, 58.0, 72.0]), "outcome": "finished"},
              diverged,
@@ -173,3 +174,5 @@ def test_a_diverged_run_is_drawn_apart_and_never_in_the_mean():
   assert [(list(e.get_xdata()), list(e.get_ydata())) for e in ends] == [([2], [30.0]),
                                                                         ([1], [50.0])]
   assert not test_ax.collections  # no config has two finished seeds: no band
+  # The x is the last saved epoch; the epoch it diverged in is written beside it.
+  assert [(t.get_text(), t.xy) for t in test_ax.texts] == [("diverged in epoch 3", (2, 30.0))]
