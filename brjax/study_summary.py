@@ -153,8 +153,8 @@ def summarize(results: list[dict], study: dict | None, baseline: dict | None) ->
 def _pm(stats: dict | None) -> str:
   if stats is None:
     return "n/a"
-  std = "n/a" if stats["std"] is None else f"{stats['std']:.2f}"
-  return f"{stats['mean']:.2f} ± {std}"
+  std = "" if stats["std"] is None else f" ± {stats['std']:.2f}"  # one seed: no spread
+  return f"{stats['mean']:.2f}{std}"
 
 
 def _paired(c: dict) -> str:
@@ -210,8 +210,8 @@ def summary_markdown(summary: dict) -> str:
     lines.append(f"| {name} | {c['description']} | {c['n']} | {_pm(c['final_test_acc'])} | "
                  f"{_pm(c['best_test_acc'])} | {_pm(c['final_train_acc'])} | {_paired(c)} |"
                  + (f" {_diverged(c)} |" if any_diverged else ""))
-  lines += ["", "Mean ± sample standard deviation over the n seeds that finished (n/a for "
-            "one seed, or none); test accuracy is always quantized. The last column is the "
+  lines += ["", "Mean ± sample standard deviation over the n seeds that finished (the value "
+            "alone for one seed, n/a for none); test accuracy is always quantized. The last column is the "
             "mean ± std over the seeds both configs ran of (this config's final test accuracy "
             f"- {PAIRED_WITH}'s) in percentage points: the runs of one seed share their data "
             "order (and, branched, their warmup), so the pairing removes the spread between "

@@ -283,7 +283,7 @@ def test_summarize_only_mean_and_sample_std(tmp_path, capsys):
           for line in markdown.splitlines() if line.startswith("| ") and "---" not in line}
   assert rows["lsq"][1:4] == ["3", "83.00 ± 3.61", "84.17 ± 3.88"]
   assert rows["lsq_br"][1:3] == ["2", "85.50 ± 0.71"]
-  assert rows["w_br"][1:3] == ["1", "84.00 ± n/a"]
+  assert rows["w_br"][1:3] == ["1", "84.00"]
   assert rows["float baseline"][2:4] == ["91.00", "91.50"]
 
 

@@ -229,7 +229,7 @@ def test_the_summary_keeps_diverged_runs_out_of_the_statistics_and_names_them(tm
   assert summary["configs"]["lsq"]["diverged"] == []
   markdown = study_summary.summary_markdown(summary)
   assert "| diverged |" in markdown and "is not in n and has no accuracy" in markdown
-  assert "| lsq_br | LSQ + W-BR + A-BR | 1 | 77.00 ± n/a | 77.00 ± n/a | 77.00 ± n/a | " \
+  assert "| lsq_br | LSQ + W-BR + A-BR | 1 | 77.00 | 77.00 | 77.00 | " \
          "+1.00 (n=1) | s0 at epoch 6 |" in markdown
   assert "| w_br | LSQ + W-BR | 0 | n/a | n/a | n/a | - | s0 at epoch 6 |" in markdown
   assert "| lsq | LSQ | 2 | 75.00 ± 1.41 | 75.00 ± 1.41 | 75.00 ± 1.41 | - | - |" in markdown
