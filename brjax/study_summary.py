@@ -150,11 +150,15 @@ def summarize(results: list[dict], study: dict | None, baseline: dict | None) ->
   return out
 
 
+def _mean_std(stats: dict, sign: str = "") -> str:
+  """``stats`` (a ``mean_std``-like dict) as "mean ± std", or the mean alone for one seed;
+  ``sign="+"`` prints the mean's sign (for differences)."""
+  std = "" if stats["std"] is None else f" ± {stats['std']:.2f}"
+  return f"{stats['mean']:{sign}.2f}{std}"
+
+
 def _pm(stats: dict | None) -> str:
-  if stats is None:
-    return "n/a"
-  std = "" if stats["std"] is None else f" ± {stats['std']:.2f}"  # one seed: no spread
-  return f"{stats['mean']:.2f}{std}"
+  return "n/a" if stats is None else _mean_std(stats)
 
 
 def _paired(c: dict) -> str:
@@ -162,8 +166,7 @@ def _paired(c: dict) -> str:
   if paired is None:
     return "-"
   d = paired["final_test_acc"]
-  std = "" if d["std"] is None else f" ± {d['std']:.2f}"
-  return f"{d['mean']:+.2f}{std} (n={len(d['seeds'])})"
+  return f"{_mean_std(d, sign='+')} (n={len(d['seeds'])})"
 
 
 def _acc(value) -> str:
