@@ -9,7 +9,10 @@ gradient reaches a step size through its own levels only when the alpha control 
 downstream: a step size scales its layer's quantized output, which is the input of the
 next layers, whose pre-quantization activations A-BR regularizes. :func:`trace` measures
 the three gradients separately (one forward pass, three backward passes: ``jax.jacrev``)
-on the very batches the run trains on, while it trains exactly as the run would.
+on the very batches the run trains on, while it trains exactly as the run would. A fourth
+push is not a loss term: the recipe's coupled weight decay, which adds
+``weight_decay * alpha`` to a step size's gradient when ``decay_alphas`` (the reference
+recipe) and is traced beside them (``decay``).
 
 With Adam a small gradient of constant sign moves a step size by about the learning rate
 per step whatever its size, so the sign of each term over many steps matters more than
@@ -41,6 +44,17 @@ from brjax.steps import (BR, TrainState, activation_sites, br_settings, loss_ter
 
 TERMS = ("ce", "br_w", "br_a")
 """The loss terms whose gradients are traced: CE, ``lambda_w * BR_W``, ``lambda_a * BR_A``."""
+PUSHES = TERMS + ("decay",)
+"""Everything a step size's optimizer input is the sum of: the loss terms and the weight
+decay (``brjax.optim``: ``g + weight_decay * alpha``, with ``decay_alphas``)."""
+
+
+def decay_gradients(config: Config, values: dict[str, float]) -> dict[str, float]:
+  """``{path: weight_decay * alpha}`` for step sizes of mean value ``values[path]`` when
+  ``config.decay_alphas`` (0 otherwise): the coupled weight decay that ``brjax.optim``
+  adds to their gradient before the optimizer, as PyTorch's ``weight_decay`` does."""
+  rate = config.weight_decay if config.decay_alphas else 0.0
+  return {path: rate * value for path, value in values.items()}
 
 
 def term_gradients(state: TrainState, batch: dict, br) -> dict[str, Any]:
@@ -58,8 +72,8 @@ def term_gradients(state: TrainState, batch: dict, br) -> dict[str, Any]:
 @dataclasses.dataclass(frozen=True)
 class Sample:
   """The traced step sizes before training step ``step`` (0: the checkpoint's state):
-  ``values[path]`` and ``grads[path][term]``, each the mean over the step size's channels
-  (a per-tensor step size is one number)."""
+  ``values[path]`` and ``grads[path][push]`` for each of ``PUSHES``, each the mean over
+  the step size's channels (a per-tensor step size is one number)."""
   step: int
   values: dict[str, float]
   grads: dict[str, dict[str, float]]
@@ -193,9 +207,10 @@ def trace(workdir: str, *, epoch: int | None = None, steps: int = 100, every: in
   for i, batch in zip(range(steps), batches):
     if i % every == 0:
       grads = jax.device_get(grads_fn(state, batch))
+      values = _means(jax.device_get(state.params), paths)
       by_term = {t: _means(grads[t], paths) for t in TERMS}
-      sample = Sample(i, _means(jax.device_get(state.params), paths),
-                      {p: {t: by_term[t][p] for t in TERMS} for p in paths})
+      by_term["decay"] = decay_gradients(traced, values)
+      sample = Sample(i, values, {p: {t: by_term[t][p] for t in PUSHES} for p in paths})
       samples.append(sample)
       log(sample)
     state, _ = step_fn(state, batch)
@@ -204,20 +219,21 @@ def trace(workdir: str, *, epoch: int | None = None, steps: int = 100, every: in
 
 
 def format_sample(sample: Sample) -> list[str]:
-  """One line per step size: ``step  path  value  CE  BR_W  BR_A``."""
+  """One line per step size: ``step  path  value  CE  BR_W  BR_A  decay``."""
   return [f"{sample.step:>5}  {path}  {value:+.4f}  " + "  ".join(
-      f"{sample.grads[path][t]:+.2e}" for t in TERMS) for path, value in sample.values.items()]
+      f"{sample.grads[path][t]:+.2e}" for t in PUSHES) for path, value in sample.values.items()]
 
 
 def format_summary(result: Trace) -> list[str]:
-  """Per step size: its value at the start and the end, the mean of each term's gradient
-  over the samples, and at how many samples each term was positive (lowers the step size)."""
+  """Per step size: its value at the start and the end, the mean of each push's gradient
+  (``PUSHES``) over the samples, and at how many samples each was positive (lowers the step
+  size)."""
   lines = []
   n = len(result.samples)
   for path, end in result.end_values.items():
     start = result.samples[0].values[path]
     parts = []
-    for term in TERMS:
+    for term in PUSHES:
       grads = [s.grads[path][term] for s in result.samples]
       positive = sum(g > 0 for g in grads)
       parts.append(f"{term} {np.mean(grads):+.1e} (> 0 at {positive}/{n})")

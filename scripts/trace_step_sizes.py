@@ -7,7 +7,8 @@ Restores the run's checkpoint of ``--epoch`` (default: its latest kept), trains 
 steps of the next epoch exactly as the run would (its batches, phase, optimizer, frozen
 step sizes), and every ``--every`` steps prints, for each step size ``--layers`` selects,
 its value and the gradient that each loss term sends it: CE, ``lambda_w * BR_W``,
-``lambda_a * BR_A`` (``brjax.step_size_trace``). A positive gradient lowers the step size.
+``lambda_a * BR_A``, and the recipe's weight decay (``weight_decay * alpha`` when it decays
+the step sizes; ``brjax.step_size_trace``). A positive gradient lowers the step size.
 It ends with one line per step size: its start and end value, each term's mean gradient
 and at how many samples it was positive. BR-phase flags (``--lambda_a``, ``--abr_clipped``,
 ``--freeze_alpha_a``, ...) trace the same steps under another BR than the run's. Writes
@@ -72,7 +73,7 @@ def main(argv: list[str]) -> int:
                        "file path")
     overrides = {name: FLAGS[name].value for name in OVERRIDES if FLAGS[name].value is not None}
     logging.set_verbosity(logging.ERROR)  # orbax warns about read-only checkpoint managers
-    print(f"{'step':>5}  step size  value  gradient of: " + "  ".join(step_size_trace.TERMS),
+    print(f"{'step':>5}  step size  value  gradient of: " + "  ".join(step_size_trace.PUSHES),
           flush=True)
     out = open(FLAGS.json_out, "w") if FLAGS.json_out else None  # pylint: disable=consider-using-with
 

@@ -64,6 +64,22 @@ def test_script_bad_flags_are_one_line_errors(args, message, capsys):
   assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
+def test_decay_gradients_are_the_optimizers_coupled_weight_decay():
+  """``weight_decay * alpha`` exactly when the recipe decays the step sizes: what
+  brjax.optim's chain adds to a step size's gradient before the optimizer."""
+  values = {"relu/alpha": 0.1, "conv/alpha": 0.02}
+  decayed = Config(weight_decay=1e-4, decay_alphas=True)
+  got = step_size_trace.decay_gradients(decayed, values)
+  assert got == pytest.approx({"relu/alpha": 1e-5, "conv/alpha": 2e-6})
+  assert step_size_trace.decay_gradients(Config(weight_decay=1e-4, decay_alphas=False),
+                                         values) == {"relu/alpha": 0.0, "conv/alpha": 0.0}
+  # The optimizer's own update with a zero gradient is the decay's: same number.
+  params = {"relu": {"alpha": jnp.float32(0.1)}}
+  tx = optax.chain(optax.add_decayed_weights(decayed.weight_decay), optax.sgd(1.0))
+  update, _ = tx.update({"relu": {"alpha": jnp.float32(0.0)}}, tx.init(params), params)
+  assert float(-update["relu"]["alpha"]) == pytest.approx(got["relu/alpha"])
+
+
 class SmallModel(nn.Module):
   """Two quantized convolutions and ReLUs, then a quantized head: two A-BR sites."""
 
@@ -116,7 +132,7 @@ def test_the_script_traces_the_runs_next_epoch_and_writes_json(tiny_run, tmp_pat
   assert code == 0, err
   lines = stdout.splitlines()
   assert lines[0].split() == ["step", "step", "size", "value", "gradient", "of:", "ce", "br_w",
-                              "br_a"]
+                              "br_a", "decay"]
   assert [line.split()[:2] for line in lines[1:3]] == [
       ["0", "BasicBlock_0/QuantReLU_1/alpha"], ["2", "BasicBlock_0/QuantReLU_1/alpha"]]
   assert lines[3] == (f"# from {workdir} at epoch 1: 3 steps of epoch 2 (BR); overrides of "
@@ -125,8 +141,10 @@ def test_the_script_traces_the_runs_next_epoch_and_writes_json(tiny_run, tmp_pat
   samples = [json.loads(line) for line in out.read_text().splitlines()]
   assert [s["step"] for s in samples] == [0, 2]
   grads = samples[0]["grads"]["BasicBlock_0/QuantReLU_1/alpha"]
-  assert set(grads) == {"ce", "br_w", "br_a"} and grads["br_a"] == grads["br_w"] == 0.0
+  assert set(grads) == {"ce", "br_w", "br_a", "decay"} and grads["br_a"] == grads["br_w"] == 0.0
   assert grads["ce"] != 0.0
+  # The tiny run's recipe (brjax's) keeps weight decay off the step sizes.
+  assert grads["decay"] == 0.0 and "decay +0.0e+00 (> 0 at 0/2)" in lines[4]
   # The checkpoint of the run's last epoch has no next epoch to trace; refused before any
   # work, as is an epoch past the run.
   for args in ([], ["--epoch=7"]):
