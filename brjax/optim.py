@@ -108,6 +108,13 @@ def frozen_labels(config: Config) -> frozenset[str]:
                    if frozen)
 
 
+def decay_rate(config: Config, label: str) -> float:
+  """The coupled weight decay on parameters of ``label``: ``config.weight_decay`` for the
+  weights, and for the step sizes only with ``config.decay_alphas`` (the reference recipe),
+  0 otherwise. ``create_optimizer`` adds ``rate * param`` to each gradient."""
+  return config.weight_decay if label == WEIGHTS or config.decay_alphas else 0.0
+
+
 def create_optimizer(config: Config, steps_per_epoch: int,
                      frozen: Iterable[str] = ()) -> optax.GradientTransformation:
   """The recipe's optimizer (SGD with momentum, or Adam) with its schedule and weight decay.
@@ -134,8 +141,7 @@ def create_optimizer(config: Config, steps_per_epoch: int,
     opt = optax.sgd(schedule, momentum=config.momentum)
 
   def transform(label):
-    decayed = label == WEIGHTS or config.decay_alphas
-    decay = optax.add_decayed_weights(config.weight_decay if decayed else 0.0)
+    decay = optax.add_decayed_weights(decay_rate(config, label))
     last = optax.set_to_zero() if label in frozen else optax.identity()
     return optax.chain(decay, opt, last)
 

@@ -49,12 +49,14 @@ PUSHES = TERMS + ("decay",)
 decay (``brjax.optim``: ``g + weight_decay * alpha``, with ``decay_alphas``)."""
 
 
-def decay_gradients(config: Config, values: dict[str, float]) -> dict[str, float]:
-  """``{path: weight_decay * alpha}`` for step sizes of mean value ``values[path]`` when
-  ``config.decay_alphas`` (0 otherwise): the coupled weight decay that ``brjax.optim``
-  adds to their gradient before the optimizer, as PyTorch's ``weight_decay`` does."""
-  rate = config.weight_decay if config.decay_alphas else 0.0
-  return {path: rate * value for path, value in values.items()}
+def decay_gradients(config: Config, values: dict[str, float],
+                    labels: dict[str, str]) -> dict[str, float]:
+  """``{path: optim.decay_rate(config, labels[path]) * values[path]}``: the coupled weight
+  decay that ``brjax.optim`` adds to the gradient of a parameter of mean value
+  ``values[path]`` and optimizer label ``labels[path]`` before the optimizer, as PyTorch's
+  ``weight_decay`` does (for step sizes: ``weight_decay * alpha`` under ``decay_alphas``)."""
+  return {path: optim.decay_rate(config, labels[path]) * value
+          for path, value in values.items()}
 
 
 def term_gradients(state: TrainState, batch: dict, br) -> dict[str, Any]:
@@ -196,6 +198,7 @@ def trace(workdir: str, *, epoch: int | None = None, steps: int = 100, every: in
     state = state.replace(tx=optim.create_optimizer(traced, steps_per_epoch,
                                                     optim.frozen_labels(traced)))
   paths = step_size_paths(state.params, layers)
+  labels = flax.traverse_util.flatten_dict(optim.param_labels(state.params), sep="/")
   topology = Topology.create(devices)
   state = jax.device_put(state, topology.replicated)
   step_fn = jit_train_step(topology, br)
@@ -209,7 +212,7 @@ def trace(workdir: str, *, epoch: int | None = None, steps: int = 100, every: in
       grads = jax.device_get(grads_fn(state, batch))
       values = _means(jax.device_get(state.params), paths)
       by_term = {t: _means(grads[t], paths) for t in TERMS}
-      by_term["decay"] = decay_gradients(traced, values)
+      by_term["decay"] = decay_gradients(traced, values, labels)
       sample = Sample(i, values, {p: {t: by_term[t][p] for t in PUSHES} for p in paths})
       samples.append(sample)
       log(sample)

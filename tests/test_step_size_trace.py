@@ -11,10 +11,12 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import chex
 import optax
 import pytest
 
 from brjax import checkpoint
+from brjax import optim
 from brjax import quant
 from brjax import step_size_trace
 from brjax.config import Config
@@ -65,19 +67,38 @@ def test_script_bad_flags_are_one_line_errors(args, message, capsys):
 
 
 def test_decay_gradients_are_the_optimizers_coupled_weight_decay():
-  """``weight_decay * alpha`` exactly when the recipe decays the step sizes: what
-  brjax.optim's chain adds to a step size's gradient before the optimizer."""
-  values = {"relu/alpha": 0.1, "conv/alpha": 0.02}
+  """``optim.decay_rate * value`` per label: ``weight_decay * alpha`` exactly when the
+  recipe decays the step sizes, what brjax.optim's chain adds before the optimizer."""
+  values = {"relu/alpha": 0.1, "conv/alpha": 0.02, "conv/kernel": 0.5}
+  labels = {"relu/alpha": optim.ALPHA_A, "conv/alpha": optim.ALPHA_W,
+            "conv/kernel": optim.WEIGHTS}
   decayed = Config(weight_decay=1e-4, decay_alphas=True)
-  got = step_size_trace.decay_gradients(decayed, values)
-  assert got == pytest.approx({"relu/alpha": 1e-5, "conv/alpha": 2e-6})
-  assert step_size_trace.decay_gradients(Config(weight_decay=1e-4, decay_alphas=False),
-                                         values) == {"relu/alpha": 0.0, "conv/alpha": 0.0}
-  # The optimizer's own update with a zero gradient is the decay's: same number.
-  params = {"relu": {"alpha": jnp.float32(0.1)}}
-  tx = optax.chain(optax.add_decayed_weights(decayed.weight_decay), optax.sgd(1.0))
-  update, _ = tx.update({"relu": {"alpha": jnp.float32(0.0)}}, tx.init(params), params)
-  assert float(-update["relu"]["alpha"]) == pytest.approx(got["relu/alpha"])
+  got = step_size_trace.decay_gradients(decayed, values, labels)
+  assert got == pytest.approx({"relu/alpha": 1e-5, "conv/alpha": 2e-6, "conv/kernel": 5e-5})
+  kept = step_size_trace.decay_gradients(Config(weight_decay=1e-4, decay_alphas=False),
+                                         values, labels)
+  assert kept == pytest.approx({"relu/alpha": 0.0, "conv/alpha": 0.0, "conv/kernel": 5e-5})
+
+
+@pytest.mark.parametrize("decay_alphas", [True, False])
+def test_decay_rate_is_what_the_optimizer_adds(decay_alphas):
+  """The recipe's optimizer, on a zero gradient with lr 1 and no momentum, moves each
+  parameter by ``-optim.decay_rate(config, label) * param``: the trace reads the same rule."""
+  config = Config(optimizer="sgd", momentum=0.0, lr=1.0, schedule="step", epochs=10, warmup_epochs=1,
+                  weight_decay=1e-4, decay_alphas=decay_alphas)
+  params = {"conv": {"kernel": jnp.full((2,), 0.5), "alpha": jnp.float32(0.02)},
+            "relu": {"alpha": jnp.float32(0.1)}}
+  tx = optim.create_optimizer(config, steps_per_epoch=1)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  update, _ = tx.update(zeros, tx.init(params), params)
+  alpha_rate = 1e-4 if decay_alphas else 0.0
+  want = {"conv": {"kernel": -1e-4 * params["conv"]["kernel"],
+                   "alpha": -alpha_rate * params["conv"]["alpha"]},
+          "relu": {"alpha": -alpha_rate * params["relu"]["alpha"]}}
+  chex.assert_trees_all_close(update, want, rtol=1e-6)
+  rates = jax.tree.map(lambda label: optim.decay_rate(config, label),
+                       optim.param_labels(params))
+  assert rates == {"conv": {"kernel": 1e-4, "alpha": alpha_rate}, "relu": {"alpha": alpha_rate}}
 
 
 class SmallModel(nn.Module):
