@@ -135,10 +135,24 @@ def git_commit(repo: str) -> dict:
 CURVE_KEYS = ("epoch", "phase", "train_acc", "test_acc", "test_loss", "br_w", "br_a")
 
 
+def step_size_curve(records: list[dict]) -> list[dict]:
+  """Per epoch of ``records`` (metrics.jsonl lines), ``{"epoch", "weights": {layer: alpha},
+  "activations": {layer: alpha}}``: each quantizer's step size (the mean over its channels,
+  as ``brjax.metrics`` reports it) after that epoch. An epoch without quantization metrics
+  (a float run) has ``None`` for both."""
+  def alphas(m, kind):
+    quant = m.get("quant")
+    return None if quant is None else {layer: q["alpha"] for layer, q in quant[kind].items()}
+
+  return [{"epoch": m["epoch"], "weights": alphas(m, "weights"),
+           "activations": alphas(m, "activations")} for m in records]
+
+
 def build_result(run: study.Run, wall_time_s: float, resumed_from: int | None, device: dict,
                  git: dict, diverged: tuple[int, str] | None = None) -> dict:
   """The result of a run that ended, from its metrics.jsonl (per epoch the
-  :data:`CURVE_KEYS` in ``"curve"``, warmup epochs included).
+  :data:`CURVE_KEYS` in ``"curve"`` and the step sizes in ``"step_sizes"``
+  (:func:`step_size_curve`), warmup epochs included).
 
   ``"outcome"`` is ``"finished"`` (the accuracies are its last epoch's) or, with
   ``diverged`` (``(epoch, what)`` of scripts/train.py's message), ``"diverged"``: the run
@@ -185,6 +199,7 @@ def build_result(run: study.Run, wall_time_s: float, resumed_from: int | None, d
       "jax_version": device.get("jax_version"), "jaxlib_version": device.get("jaxlib_version"),
       "python_version": sys.version.split()[0], "git": git, "finished": now(),
       "curve": [{k: m.get(k) for k in CURVE_KEYS} for m in records],
+      "step_sizes": step_size_curve(records),
   }
 
 

@@ -166,6 +166,9 @@ def write_metrics(workdir: pathlib.Path, epochs: int) -> list[dict]:
               "best_test_acc": 20.0, "train_acc": 5.0 * e, "test_loss": 2.0,
               "br_w": None if e == 1 else 0.5, "br_a": None if e == 1 else 1.5,
               "epoch_time_s": 3.0} for e in range(1, epochs + 1)]
+  for r in records[1:]:  # a quantized run's per-layer metrics (a float warmup has none)
+    r["quant"] = {"weights": {"conv": {"alpha": 0.1 * r["epoch"], "mse": 1.0}},
+                  "activations": {"relu": {"alpha": 0.2 * r["epoch"], "mse": 2.0}}}
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   return records
@@ -189,6 +192,9 @@ def test_build_result_from_the_runs_history(tmp_path):
        "br_w": None, "br_a": None},
       {"epoch": 2, "phase": "BR", "train_acc": 10.0, "test_acc": 20.0, "test_loss": 2.0,
        "br_w": 0.5, "br_a": 1.5}]
+  assert result["step_sizes"] == [  # each quantizer's step size after each epoch
+      {"epoch": 1, "weights": None, "activations": None},
+      {"epoch": 2, "weights": {"conv": 0.2}, "activations": {"relu": 0.4}}]
   write_metrics(pathlib.Path(run.workdir), 1)
   with pytest.raises(RuntimeError, match="ends at 1, not epoch 2"):
     study_runner.build_result(run, 1.0, None, device, {})
