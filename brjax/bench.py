@@ -370,6 +370,23 @@ def check_targets(report: Report, quick: bool) -> tuple[list[str], bool]:
   return lines, all_ok
 
 
+@contextlib.contextmanager
+def _compilation_cache(path: str):
+  """Caches every compilation of the block in ``path`` (JAX's persistent cache), then
+  restores the caller's cache settings (before ``path`` goes). A process whose cache is
+  already in use (JAX opens it once) keeps writing to that one instead."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  previous = {name: getattr(jax.config, name) for name in names}
+  for name, value in zip(names, (path, 0.0, 0)):
+    jax.config.update(name, value)
+  try:
+    yield
+  finally:
+    for name, value in previous.items():
+      jax.config.update(name, value)
+
+
 def run_benchmark(quick: bool, model_name: str, batch_size: int, rounds: int,
                   data_dir: str | None = None, json_out: str | None = None,
                   plain_models: bool = False, scale: bool = False,
@@ -400,10 +417,8 @@ def run_benchmark(quick: bool, model_name: str, batch_size: int, rounds: int,
     # compilation below: the two-phase run compiles everything first (so its counts are
     # real compilations); the timed WARMUP and BR steps are the same programs and are then
     # read back from it instead of being compiled a second time.
-    with tempfile.TemporaryDirectory() as tmp, compiles.listening():
-      jax.config.update("jax_compilation_cache_dir", os.path.join(tmp, "jax_cache"))
-      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-      jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    with (tempfile.TemporaryDirectory() as tmp, compiles.listening(),
+          _compilation_cache(os.path.join(tmp, "jax_cache"))):
       if data_dir is None:
         data_dir = os.path.join(tmp, "images")
         write_image_folder(data_dir, train_per_class=-(-batch_size // 10), test_per_class=2)
@@ -428,7 +443,6 @@ def run_benchmark(quick: bool, model_name: str, batch_size: int, rounds: int,
         time_plain_models(report, rounds=3 if quick else 5, log=log)
       if scale:
         measure_scale(report, config, rounds, quick, log)
-      jax.config.update("jax_compilation_cache_dir", None)  # before its folder goes
   finally:
     report.close()
   return report

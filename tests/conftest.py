@@ -11,8 +11,10 @@ import importlib.util
 import logging
 import pathlib
 import pickle
+import os
 import re
 import shutil
+import tempfile
 
 import jax
 import pytest
@@ -24,6 +26,43 @@ CIFAR_TAR = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 # Tests that use one of these fixtures wait for a real training run (or a benchmark run):
 # they are marked slow, so `pytest -m "not slow"` leaves them out (see README, Test).
 SLOW_FIXTURES = frozenset({"tiny_record", "tiny_run", "quick_run", "study"})
+
+
+_OWN_CACHE = pytest.StashKey[str]()  # a cache folder this session made (and removes)
+
+
+def pytest_configure(config):
+  """One persistent XLA compilation cache for the tests (test speed only).
+
+  Many tests train the same tiny model in a new process or through new jitted closures:
+  they compile the same programs, which the cache then reads back instead of compiling
+  again. The controller picks the folder and exports it, so that pytest-xdist workers and
+  the tests' subprocesses (which inherit the environment) share it: the caller's
+  ``JAX_COMPILATION_CACHE_DIR`` if set, else pytest's cache folder
+  (``.pytest_cache/d/jax_compilation_cache``, kept between sessions, so a second run of
+  the fast tier compiles little), else (``-p no:cacheprovider``) a temporary folder. A size
+  limit evicts the least recently used entries and turns on JAX's file lock around each
+  read and write (``filelock``): without it, one process can read an entry that another
+  is still writing, and warn.
+  """
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    if getattr(config, "cache", None) is not None:
+      path = str(config.cache.mkdir("jax_compilation_cache"))
+    else:
+      path = config.stash[_OWN_CACHE] = tempfile.mkdtemp(prefix="brjax-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+  for name, kind in (("jax_compilation_cache_dir", str),
+                     ("jax_persistent_cache_min_compile_time_secs", float),
+                     ("jax_compilation_cache_max_size", int)):
+    jax.config.update(name, kind(os.environ[name.upper()]))  # jax was imported before
+
+
+def pytest_unconfigure(config):
+  path = config.stash.get(_OWN_CACHE, None)
+  if path is not None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
@@ -115,26 +154,43 @@ def _exclusive(path: pathlib.Path):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def once_per_session(request, tmp_path_factory, name: str, make):
+  """``make(folder)``, computed once per test session and shared by every worker.
+
+  A module- or session-scoped fixture is computed once per pytest-xdist worker that needs
+  it; for a fixture that trains or benchmarks for a minute that is a minute per worker.
+  Here the first worker that asks computes it in the session's shared temporary folder
+  (``<basetemp>/../<name>``) and pickles the value beside it; the others wait on a lock
+  and read it. The folder is shared: fixtures built on it hand it out read-only (tests copy
+  it to change it). In one process, the folder is a fresh temporary one.
+
+  Args:
+    request, tmp_path_factory: the calling fixture's.
+    name: the folder's and the value's name, unique in the session.
+    make: ``folder -> value``, the value picklable.
+  """
+  if not hasattr(request.config, "workerinput"):  # one process: nothing to share
+    return make(tmp_path_factory.mktemp(name))
+  shared = tmp_path_factory.getbasetemp().parent  # the same for every worker of the session
+  saved = shared / f"{name}.pickle"
+  with _exclusive(shared / f"{name}.lock"):
+    if not saved.exists():
+      shutil.rmtree(shared / name, ignore_errors=True)  # what a failed try left
+      (shared / name).mkdir()
+      saved.write_bytes(pickle.dumps(make(shared / name)))
+  return pickle.loads(saved.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def tiny_record(cifar_tar, tmp_path_factory, request) -> RunRecord:
   """One tiny W2A2 run with checkpoints, shared by tests. Read-only: copy to change it.
 
-  Trained once per test session: under pytest-xdist the first worker that asks trains it
-  in the session's shared temporary folder and writes its record beside it; the others
-  wait on a lock and read it (training it on each worker cost ~45 s per worker).
+  Trained once per test session (``once_per_session``: training it on each worker cost
+  ~45 s per worker).
   """
   config = tiny_config(cifar_tar)
-  kwargs = dict(tensorboard=True, histogram_every=1)
-  if not hasattr(request.config, "workerinput"):  # one process: nothing to share
-    return run_and_record(config, str(tmp_path_factory.mktemp("tiny_run")), **kwargs)
-  shared = tmp_path_factory.getbasetemp().parent  # the same for every worker of the session
-  saved = shared / "tiny_run.pickle"  # pickle: the metrics have tuple keys
-  with _exclusive(shared / "tiny_run.lock"):
-    if not saved.exists():
-      shutil.rmtree(shared / "tiny_run", ignore_errors=True)  # what a failed try left
-      record = run_and_record(config, str(shared / "tiny_run"), **kwargs)
-      saved.write_bytes(pickle.dumps(record))
-  return pickle.loads(saved.read_bytes())
+  return once_per_session(request, tmp_path_factory, "tiny_run", lambda folder: run_and_record(
+      config, str(folder), tensorboard=True, histogram_every=1))
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from conftest import once_per_session
 from conftest import run_main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -37,16 +38,18 @@ TARGETS = ("step_ratio_br", "br_ratio_8bit_2bit", "input_ratio", "compiles_train
 PLAIN_TARGETS = ("plain_vit_brjax_over_float", "plain_mobilenet_v2_brjax_over_float")
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-  """``(stdout, stderr, JSON lines of --json_out)`` of one --quick run."""
-  json_out = tmp_path_factory.mktemp("benchmark") / "bench.jsonl"
-  result = subprocess.run(
-      [sys.executable, "scripts/benchmark.py", "--quick", f"--json_out={json_out}"],
-      cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-  written = [json.loads(line) for line in json_out.read_text().splitlines()]
-  return result.stdout, result.stderr, written
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory, request):
+  """``(stdout, stderr, JSON lines of --json_out)`` of one --quick run, once per session."""
+  def make(folder):
+    json_out = folder / "bench.jsonl"
+    result = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--quick", f"--json_out={json_out}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    written = [json.loads(line) for line in json_out.read_text().splitlines()]
+    return result.stdout, result.stderr, written
+  return once_per_session(request, tmp_path_factory, "benchmark", make)
 
 
 @pytest.mark.slow

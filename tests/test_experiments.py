@@ -3,9 +3,9 @@
 The fast tests call ``main()`` in this process (flags, dry run, summary math, the lock); the
 slow ones run one tiny study (W2A2, seed 0, lsq and lsq_br, 1 warmup + 1 BR epoch on 128
 images) through the command line, then run it again (skipped), with other flags (refused)
-and with one result deleted (resumed). The study's runs share a persistent XLA compilation
-cache (``JAX_COMPILATION_CACHE_DIR``, test speed only: lsq and lsq_br compile the same
-init, warmup step and eval), which keeps the file near a minute on two busy cores.
+and with one result deleted (resumed). The study's runs use the test session's persistent
+XLA compilation cache (``JAX_COMPILATION_CACHE_DIR``, see conftest.py), every compilation
+in it: lsq and lsq_br compile the same init, warmup step and eval.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import sys
 import pytest
 
 from brjax import study as study_lib
+from conftest import once_per_session
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "experiments.py"
@@ -297,22 +298,29 @@ def test_summarize_only_refuses_a_malformed_result(tmp_path, capsys):
 # ------------------------------------------------------------------ slow: a real study
 
 
-def run_study(study_dir, cifar_tar, cache_dir, *extra) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+def run_study(study_dir, cifar_tar, *extra) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return subprocess.run([sys.executable, str(SCRIPT), f"--study_dir={study_dir}",
                          f"--data_dir={cifar_tar}", *TINY, *extra], capture_output=True,
                         text=True, timeout=600, env=env, check=False)
 
 
-@pytest.fixture(scope="module")
-def study(cifar_tar, tmp_path_factory):
-  """``(study_dir, completed process, compilation cache)`` of the tiny study."""
-  root = tmp_path_factory.mktemp("experiments")
-  cache = root / "jax_cache"
-  proc = run_study(root / "study", cifar_tar, cache)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return root / "study", proc, cache
+@pytest.fixture(scope="session")
+def study(cifar_tar, tmp_path_factory, request):
+  """``(study_dir, completed process)`` of the tiny study, run once per test session
+  (``conftest.once_per_session``). Read-only: copy it to run the study again."""
+  def make(root):
+    proc = run_study(root / "study", cifar_tar)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root / "study", proc
+  return once_per_session(request, tmp_path_factory, "experiments", make)
+
+
+@pytest.fixture
+def study_copy(study, tmp_path) -> pathlib.Path:
+  """A copy of the tiny study's folder, to run the study on again or change."""
+  shutil.copytree(study[0], tmp_path / "study")
+  return tmp_path / "study"
 
 
 def _mtimes(study_dir: pathlib.Path) -> dict[str, int]:
@@ -322,7 +330,7 @@ def _mtimes(study_dir: pathlib.Path) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_study_writes_one_result_per_run_and_a_summary(study, cifar_tar):
-  study_dir, proc, _ = study
+  study_dir, proc = study
   assert (study_dir / "curves.png").read_bytes().startswith(b"\x89PNG")
   assert sorted(p.name for p in study_dir.glob("*.json")) == [
       "lsq_br_s0.json", "lsq_s0.json", "study.json", "summary.json"]
@@ -382,8 +390,8 @@ def test_study_writes_one_result_per_run_and_a_summary(study, cifar_tar):
 def test_a_run_with_its_own_warmup_gives_the_shared_warmups_results(study, cifar_tar,
                                                                      tmp_path):
   """--noshare_warmup: lsq_br_s0 trains its own warmup, and writes the same history."""
-  shared_dir, _, cache = study
-  proc = run_study(tmp_path / "own", cifar_tar, cache, "--configs=lsq_br", "--noshare_warmup")
+  shared_dir, _ = study
+  proc = run_study(tmp_path / "own", cifar_tar, "--configs=lsq_br", "--noshare_warmup")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "warmup_s0" not in proc.stdout and "Epoch 1/2 [WARMUP]" in proc.stdout
   result = json.loads((tmp_path / "own" / "lsq_br_s0.json").read_text())
@@ -398,14 +406,12 @@ def test_a_run_with_its_own_warmup_gives_the_shared_warmups_results(study, cifar
 
 
 @pytest.mark.slow
-def test_a_lost_run_branches_again_from_the_kept_warmup(study, cifar_tar, tmp_path):
-  original, _, cache = study
-  study_dir = tmp_path / "study"
-  shutil.copytree(original, study_dir)
+def test_a_lost_run_branches_again_from_the_kept_warmup(study_copy, cifar_tar):
+  study_dir = study_copy
   expected = json.loads((study_dir / "lsq_s0.json").read_text())
   (study_dir / "lsq_s0.json").unlink()
   shutil.rmtree(study_dir / "lsq_s0")
-  proc = run_study(study_dir, cifar_tar, cache)
+  proc = run_study(study_dir, cifar_tar)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "[1/2] lsq_s0: branch from warmup_s0" in proc.stdout
   assert "warmup warmup_s0" not in proc.stdout and "Epoch 1/2 [" not in proc.stdout
@@ -415,8 +421,8 @@ def test_a_lost_run_branches_again_from_the_kept_warmup(study, cifar_tar, tmp_pa
 
 
 @pytest.mark.slow
-def test_second_invocation_skips_finished_runs(study, cifar_tar, capsys):
-  study_dir, _, _ = study
+def test_second_invocation_skips_finished_runs(study_copy, cifar_tar, capsys):
+  study_dir = study_copy
   before = _mtimes(study_dir)
   # In this process: nothing is left to run, so no training process starts.
   code = experiments.main(["experiments.py", f"--study_dir={study_dir}",
@@ -435,9 +441,9 @@ def test_second_invocation_skips_finished_runs(study, cifar_tar, capsys):
     (["--seeds=0,1"], "--seeds=0 there, --seeds=0,1 here"),
     (["--lr=0.1"], "--lr=0.01 there, --lr=0.1 here"),
 ])
-def test_other_flags_on_the_same_study_are_refused(study, cifar_tar, changed, message,
+def test_other_flags_on_the_same_study_are_refused(study_copy, cifar_tar, changed, message,
                                                   capsys):
-  study_dir, _, _ = study
+  study_dir = study_copy
   before = _mtimes(study_dir)
   # In this process: refused before any run starts (as the real CLI, only faster).
   code = experiments.main(["experiments.py", f"--study_dir={study_dir}",
@@ -448,11 +454,9 @@ def test_other_flags_on_the_same_study_are_refused(study, cifar_tar, changed, me
 
 
 @pytest.mark.slow
-def test_run_without_result_resumes_from_its_checkpoint(study, cifar_tar, tmp_path, capsys):
+def test_run_without_result_resumes_from_its_checkpoint(study, study_copy, cifar_tar, capsys):
   """A study stopped after lsq_br_s0's epoch 1 (its result and epoch-2 checkpoint gone)."""
-  original, _, cache = study
-  study_dir = tmp_path / "study"
-  shutil.copytree(original, study_dir)
+  original, study_dir = study[0], study_copy
   expected = json.loads((study_dir / "lsq_br_s0.json").read_text())
   (study_dir / "lsq_br_s0.json").unlink()
   for kind in ("latest", "best"):
@@ -461,7 +465,7 @@ def test_run_without_result_resumes_from_its_checkpoint(study, cifar_tar, tmp_pa
   assert runs["lsq_s0"][0] == "skip"
   assert runs["lsq_br_s0"][0] == "resume" and runs["lsq_br_s0"][1].endswith(" --resume")
 
-  proc = run_study(study_dir, cifar_tar, cache)
+  proc = run_study(study_dir, cifar_tar)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "[1/2] lsq_s0: skip" in proc.stdout
   assert "[2/2] lsq_br_s0: resume from epoch 1" in proc.stdout

@@ -21,6 +21,8 @@ import chex
 import numpy as np
 import pytest
 
+from conftest import once_per_session
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # A small quantized CIFAR ResNet with every layer type of ResNet-20 (quantized stem, basic
@@ -99,10 +101,10 @@ def _load(path) -> dict:
     return dict(f)
 
 
-@pytest.fixture(scope="module")
-def steps_on_one_and_two_devices(tmp_path_factory):
-  """The state after two steps on 1 device and on 2 devices, from one subprocess."""
-  tmp = tmp_path_factory.mktemp("multidevice")
+@pytest.fixture(scope="session")
+def steps_on_one_and_two_devices(tmp_path_factory, request):
+  """The state after two steps on 1 device and on 2 devices, from one subprocess, once per
+  test session."""
   code = STEPS + textwrap.dedent("""
       assert len(jax.devices()) == 2, jax.devices()
       ds = tiny_dataset()
@@ -110,8 +112,10 @@ def steps_on_one_and_two_devices(tmp_path_factory):
       save(sys.argv[1], two_steps(jax.devices()[:1], ds, state))
       save(sys.argv[2], two_steps(jax.devices()[:2], ds, state))
   """)
-  _wait(_python(code, str(tmp / "one.npz"), str(tmp / "two.npz"), env=_env()))
-  return _load(tmp / "one.npz"), _load(tmp / "two.npz")
+  def make(tmp):
+    _wait(_python(code, str(tmp / "one.npz"), str(tmp / "two.npz"), env=_env()))
+    return _load(tmp / "one.npz"), _load(tmp / "two.npz")
+  return once_per_session(request, tmp_path_factory, "multidevice_steps", make)
 
 
 @pytest.mark.slow
