@@ -1,4 +1,5 @@
-"""Shared fixtures: the offline CIFAR-10 archive and one small trained run."""
+"""Shared test setup: the offline CIFAR-10 archive, one small trained run, fixtures computed
+once per session (`once_per_session`), and the session's XLA compilation cache."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import fcntl
 import functools
 import importlib.util
 import logging
+import os
 import pathlib
 import pickle
-import os
 import re
 import shutil
 import tempfile
