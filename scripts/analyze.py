@@ -4,14 +4,14 @@
 
 Reads ``<workdir>/metrics.jsonl`` and the run's latest checkpoint (``--checkpoint=best``: its
 best), runs the model on the first ``--examples`` test images of the run's data, and writes
-into ``--out`` (default ``<workdir>/analysis/``) what ``brjax.analysis.analyze`` writes:
+into ``--out`` (default ``<workdir>/analysis/``) what ``brjax.studies.analysis.analyze`` writes:
 
 * ``weights_hist.png``: one histogram per quantized kernel, its levels as vertical lines;
 * ``activations_hist.png``: the same for the pre-quantization activations;
 * ``br_curves.png``: BR_W, BR_A and test accuracy over epochs;
 * ``alpha_curves.png``: every layer's step size over epochs (only if ``metrics.jsonl`` has
-  the per-epoch ``"quant"`` entries of ``brjax.metrics``);
-* ``metrics.md``: per-layer alpha, mse, near_frac and occupancy (``brjax.metrics``).
+  the per-epoch ``"quant"`` entries of ``brjax.quant.metrics``);
+* ``metrics.md``: per-layer alpha, mse, near_frac and occupancy (``brjax.quant.metrics``).
 
 With ``--compare`` both runs are drawn in every plot (labelled by kind and workdir name,
 e.g. ``LSQ (lsq_s0)`` vs ``LSQ+BR (lsq_br_s0)``) and ``metrics.md`` holds one table per run.
@@ -28,8 +28,8 @@ from absl import logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 # pylint: disable=g-import-not-at-top
-from brjax import analysis
-from brjax import cli
+from brjax.studies import analysis
+from brjax.training import cli
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "The --workdir of a training run (required).",

@@ -3,7 +3,7 @@
     python scripts/benchmark.py [--quick] [--model=resnet20] [--batch_size=128] [--json_out=FILE]
         [--[no]plain_models] [--[no]scale]
 
-Runs ``brjax.bench.run_benchmark`` (its docstring lists every measurement): step times of
+Runs ``brjax.bench.training.run_benchmark`` (its docstring lists every measurement): step times of
 float, QAT W2A2 and QAT W2A2 + BR, interleaved; BR alone at 2/4/8 bits; compile times and
 counts of a two-phase run; the input pipeline; FLOP/s; and, with ``--plain_models`` (on by
 default, off with ``--quick``), unmodified Flax models quantized by ``brjax.quantize_model``
@@ -26,7 +26,7 @@ import sys
 from absl import flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from brjax import cli  # pylint: disable=g-import-not-at-top
+from brjax.training import cli  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_bool("quick", False, "A short run CI can afford: fewer rounds, smaller "
@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
   rounds = FLAGS.rounds or (3 if FLAGS.quick else 10)
   plain_models = not FLAGS.quick if FLAGS.plain_models is None else FLAGS.plain_models
   scale = not FLAGS.quick if FLAGS.scale is None else FLAGS.scale
-  from brjax import bench  # pylint: disable=g-import-not-at-top  (JAX: after the flags)
+  from brjax.bench import training as bench  # pylint: disable=g-import-not-at-top  (JAX: after the flags)
   report = bench.run_benchmark(FLAGS.quick, FLAGS.model, batch_size, rounds, FLAGS.data_dir,
                                FLAGS.json_out, plain_models, scale, log=progress)
   print(bench.results_text(report))

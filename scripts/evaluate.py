@@ -18,7 +18,7 @@ import sys
 from absl import flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from brjax import cli  # pylint: disable=g-import-not-at-top
+from brjax.training import cli  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "The --workdir of a training run (required).",
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
     return 2
 
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from brjax import evaluation  # pylint: disable=g-import-not-at-top
+  from brjax.training import evaluation  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.ERROR)  # orbax's read-only-manager warnings
   try:
     result = evaluation.evaluate_run(FLAGS.workdir, prefer=FLAGS.checkpoint,

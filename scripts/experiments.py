@@ -5,9 +5,9 @@
         --data_dir=../shared/datasets/cifar10-jpeg.tar.gz
 
 The study trains ResNet-20 at W<bits>A<bits> (``--bits``, default 2) under each of
-``--configs`` (``brjax.study.CONFIGS``; default lsq, lsq_br, w_br) for each of ``--seeds``,
+``--configs`` (``brjax.studies.study.CONFIGS``; default lsq, lsq_br, w_br) for each of ``--seeds``,
 with the same warmup and BR epochs for all. ``--preset=evidence`` is issue 14's study
-(``brjax.study.PRESETS``; flags given explicitly override it); ``--dry_run`` prints its
+(``brjax.studies.study.PRESETS``; flags given explicitly override it); ``--dry_run`` prints its
 plan with estimated times; ``--order=config`` takes every seed of a config before the next
 config (default ``seed``: every config of a seed before the next seed); ``--runs=lsq_br_s0,
 lsq_br_s1`` takes only the named runs, in that order (one comparison first, or one
@@ -15,8 +15,8 @@ machine's share of the study).
 
 Each run is one ``scripts/train.py`` process whose command is recorded in its result; the
 runs of a seed share one warmup (``--noshare_warmup``: each trains its own; the metrics are
-the same); the folder layout, resume and locking are ``brjax.study``'s and
-``brjax.study_runner``'s. Run the same command again to continue a stopped study: finished
+the same); the folder layout, resume and locking are ``brjax.studies.study``'s and
+``brjax.studies.runner``'s. Run the same command again to continue a stopped study: finished
 runs are skipped, an interrupted one resumes from its last checkpoint.
 
 Bad flags stop before any work with a one-line error (exit 2); a failed run stops the
@@ -34,10 +34,10 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
-from brjax import cli
-from brjax import study
-from brjax import study_plan
-from brjax import study_runner
+from brjax.training import cli
+from brjax.studies import study
+from brjax.studies import plan as study_plan
+from brjax.studies import runner as study_runner
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("study_dir", None, "Folder of the study: runs, results, summary "

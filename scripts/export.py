@@ -5,11 +5,11 @@
 Reads the run's best (else latest) checkpoint and prints the file size against the float
 model's. ``--format``:
 
-* ``integer`` (default; ``brjax/integer_export.py``): every layer's weight codes packed at
-  2, 4 or 8 bits and BatchNorm folded, for ``brjax.integer_inference.integer_forward``;
+* ``integer`` (default; ``brjax/export/integer.py``): every layer's weight codes packed at
+  2, 4 or 8 bits and BatchNorm folded, for ``brjax.export.integer_inference.integer_forward``;
   ResNet-20/18 runs with quantized weights and activations only.
-* ``quantized`` (``brjax/export.py``): the weight codes packed at their bit width and the
-  float rest of the variables, which ``brjax.export.load_variables`` gives back to the same
+* ``quantized`` (``brjax/export/packed.py``): the weight codes packed at their bit width and the
+  float rest of the variables, which ``brjax.export.packed.load_variables`` gives back to the same
   model; any run with quantized weights (every model, weight-only runs).
 
 A float run is refused. Errors stop with a one-line message (exit 2).
@@ -24,7 +24,7 @@ import sys
 from absl import flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from brjax import cli  # pylint: disable=g-import-not-at-top
+from brjax.training import cli  # pylint: disable=g-import-not-at-top
 
 FORMATS = ("integer", "quantized")
 
@@ -46,8 +46,8 @@ def _size(num_bytes: float) -> str:
 
 
 def _integer(workdir: str, out: str) -> list[str]:
-  from brjax import integer_export  # pylint: disable=g-import-not-at-top
-  from brjax import packing  # pylint: disable=g-import-not-at-top
+  from brjax.export import integer as integer_export  # pylint: disable=g-import-not-at-top
+  from brjax.export import packing  # pylint: disable=g-import-not-at-top
   try:
     exported = integer_export.export_run(workdir, data_dir=FLAGS.data_dir)
   except integer_export.NotIntegerExportable as e:
@@ -67,8 +67,8 @@ def _integer(workdir: str, out: str) -> list[str]:
 
 
 def _quantized(workdir: str, out: str) -> list[str]:
-  from brjax import export  # pylint: disable=g-import-not-at-top
-  from brjax import packing  # pylint: disable=g-import-not-at-top
+  from brjax.export import packed as export  # pylint: disable=g-import-not-at-top
+  from brjax.export import packing  # pylint: disable=g-import-not-at-top
   exported = export.export_run(workdir)
   size = export.save(out, exported)
   h = exported.header

@@ -13,7 +13,7 @@ import sys
 from absl import flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from brjax import cli  # pylint: disable=g-import-not-at-top
+from brjax.training import cli  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("out", None, "Folder to write (train/<class>/, val/<class>/).",
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
       raise ValueError("--out is required: the folder to write")
     if FLAGS.eval_folder not in ("val", "test"):
       raise ValueError(f"--eval_folder={FLAGS.eval_folder} is not accepted: use val or test")
-    from brjax import synthetic_images  # pylint: disable=g-import-not-at-top
+    from brjax.data import synthetic_images  # pylint: disable=g-import-not-at-top
     root = synthetic_images.write_image_folder(
         FLAGS.out, classes=FLAGS.classes, train_per_class=FLAGS.train_per_class,
         eval_per_class=FLAGS.eval_per_class, sizes=(FLAGS.min_size, FLAGS.max_size),

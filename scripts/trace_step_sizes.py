@@ -8,7 +8,7 @@ steps of the next epoch exactly as the run would (its batches, phase, optimizer,
 step sizes), and every ``--every`` steps prints, for each step size ``--layers`` selects,
 its value and the gradient that each loss term sends it: CE, ``lambda_w * BR_W``,
 ``lambda_a * BR_A``, and the recipe's weight decay (``weight_decay * alpha`` when it decays
-the step sizes; ``brjax.step_size_trace``). A positive gradient lowers the step size.
+the step sizes; ``brjax.studies.step_size_trace``). A positive gradient lowers the step size.
 It ends with one line per step size: its start and end value, each term's mean gradient
 and at how many samples it was positive. BR-phase flags (``--lambda_a``, ``--abr_clipped``,
 ``--freeze_alpha_a``, ...) trace the same steps under another BR than the run's. Writes
@@ -28,9 +28,9 @@ from absl import logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 # pylint: disable=g-import-not-at-top
-from brjax import checkpoint
-from brjax import cli
-from brjax import step_size_trace
+from brjax.training import checkpoint
+from brjax.training import cli
+from brjax.studies import step_size_trace
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "The --workdir of a training run (required).",

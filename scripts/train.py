@@ -19,9 +19,9 @@ import sys
 from absl import flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from brjax import cli  # pylint: disable=g-import-not-at-top
-from brjax import train_flags  # pylint: disable=g-import-not-at-top
-from brjax.config import Config  # pylint: disable=g-import-not-at-top
+from brjax.training import cli  # pylint: disable=g-import-not-at-top
+from brjax.training import flags as train_flags  # pylint: disable=g-import-not-at-top
+from brjax.training.config import Config  # pylint: disable=g-import-not-at-top
 
 FLAGS = train_flags.define(flags.FlagValues())
 config_from_flags = train_flags.config_from_flags
@@ -62,7 +62,9 @@ def main(argv: list[str]) -> int:
 def train(config: Config, workdir: str) -> int:
   """Trains; returns the exit status (2 after a one-line error, 3 if the run diverged)."""
   # pylint: disable=g-import-not-at-top
-  from brjax import checkpoint, run_control, train as train_lib
+  from brjax.training import checkpoint
+  from brjax.training import run_control
+  from brjax.training import train as train_lib
   try:
     train_lib.train_and_evaluate(config, workdir, resume=FLAGS.resume,
                                  tensorboard=FLAGS.tensorboard,
@@ -92,7 +94,7 @@ def interrupted_message(argv: list[str], workdir: str, saved_epoch: int | None) 
 
 def _saved_epoch(workdir: str) -> int | None:
   try:
-    from brjax import checkpoint  # pylint: disable=g-import-not-at-top
+    from brjax.training import checkpoint  # pylint: disable=g-import-not-at-top
     return checkpoint.peek_latest(workdir)[0]
   except Exception:  # pylint: disable=broad-except
     return None

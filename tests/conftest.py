@@ -100,7 +100,7 @@ def run_main(name: str, args: list[str], capsys) -> tuple[int, str, str]:
 
 def tiny_config(data_dir: str, **overrides):
   """A W2A2 ResNet-20 run small enough for tests: 2 epochs (1 warmup + 1 BR)."""
-  from brjax.config import Config  # pylint: disable=g-import-not-at-top
+  from brjax.training.config import Config  # pylint: disable=g-import-not-at-top
   settings = dict(model="resnet20", bits_w=2, bits_a=2, epochs=2, warmup_epochs=1,
                   train_examples=256, test_examples=128, batch_size=64, lr=0.05,
                   data_dir=data_dir)
@@ -119,7 +119,7 @@ class RunRecord:
 
 def run_and_record(config, workdir: str, **kwargs) -> RunRecord:
   """Runs ``train.train_and_evaluate`` and counts the XLA compilations of each function."""
-  from brjax import train  # pylint: disable=g-import-not-at-top
+  from brjax.training import train  # pylint: disable=g-import-not-at-top
   compiles = collections.Counter()
 
   class Handler(logging.Handler):

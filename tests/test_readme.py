@@ -137,7 +137,8 @@ def _shortened(line: str) -> str:
 def test_the_evidence_plan_is_what_the_dry_run_prints(cifar_tar, tmp_path):
   """docs/evidence_plan.txt and README's plan: the --preset=evidence --order=config dry run
   of a new study."""
-  from brjax import study, study_plan  # pylint: disable=g-import-not-at-top
+  from brjax.studies import study
+  from brjax.studies import plan as study_plan  # pylint: disable=g-import-not-at-top
   flags = {name: None for name in study.STUDY_FLAGS}
   flags = study.check_study(study.apply_preset("evidence", {**flags, "data_dir": cifar_tar},
                                                {"data_dir"}))

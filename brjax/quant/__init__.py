@@ -1,0 +1,43 @@
+"""The quantization core: LSQ fake-quantization and what is built on it.
+
+* :mod:`brjax.quant.lsq`: ``lsq_quantize`` (LSQ, Esser et al., ICLR 2020, with a
+  straight-through ``jax.custom_vjp``) and the Flax layers ``QuantConv``, ``QuantDense``,
+  ``QuantReLU`` that users compose into their models; ``init_alphas``.
+* :mod:`brjax.quant.bits`: bit widths and integer ranges (plain Python).
+* :mod:`brjax.quant.rules`, :mod:`brjax.quant.quantize`, :mod:`brjax.quant.nnx`:
+  ``quantize_model`` of an unmodified Linen or NNX model, by rules on module paths.
+* :mod:`brjax.quant.sites`: what each quantizer records (no hooks).
+* :mod:`brjax.quant.regularizer`: Bin Regularization (Han et al., ICCV 2021).
+* :mod:`brjax.quant.metrics`: how well tensors sit on their grids.
+
+The names below are imported on first use, so that ``brjax.quant.bits`` needs no JAX.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from brjax import _lazy
+
+_EXPORTS = {
+    **dict.fromkeys(("FLOAT_BITS", "MAX_BITS", "MIN_BITS", "QuantConv", "QuantDense", "QuantReLU",
+                     "STATE", "STEP_SIZE_NAMES", "check_layer_bits", "grad_scale", "init_alpha",
+                     "init_alphas", "input_range", "is_alpha_path", "is_weight_alpha_path",
+                     "lsq_quantize", "qrange", "quantize_input", "quantize_kernel", "safe_alpha",),
+                     "lsq"),
+    **dict.fromkeys(("quantize_model",), "quantize"),
+    **dict.fromkeys(("activation_br", "bin_regularization", "br_losses", "weight_br",),
+                     "regularizer"),
+    **dict.fromkeys(("QuantRule",), "rules"),
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # what static tools see: the eager imports the lazy ones stand for
+  from brjax.quant.lsq import (FLOAT_BITS, MAX_BITS, MIN_BITS, QuantConv, QuantDense, QuantReLU,
+                               STATE, STEP_SIZE_NAMES, check_layer_bits, grad_scale, init_alpha,
+                               init_alphas, input_range, is_alpha_path, is_weight_alpha_path,
+                               lsq_quantize, qrange, quantize_input, quantize_kernel, safe_alpha)
+  from brjax.quant.quantize import (quantize_model)
+  from brjax.quant.regularizer import (activation_br, bin_regularization, br_losses, weight_br)
+  from brjax.quant.rules import (QuantRule)

@@ -1,0 +1,260 @@
+"""``quantize_model``: LSQ quantization of an unmodified Flax model, by rules on module paths.
+
+For a Linen module, :func:`quantize_model` returns the same model (same class name, same
+fields, same ``init``/``apply`` arguments) whose ``init`` and ``apply`` run under a Flax
+method interceptor (``nn.intercept_methods``). Every call of an ``nn.Conv``,
+``nn.ConvTranspose``, ``nn.Dense``, ``nn.DenseGeneral`` or ``nn.Einsum`` whose module path
+matches a :class:`~brjax.quant.rules.QuantRule` is quantized on the layer's own scope:
+
+* its input (``act_bits``): ``quant.quantize_input``, step size ``input_alpha``;
+* its kernel (``weight_bits``): ``quant.quantize_kernel`` as the layer reads it with
+  ``self.param("kernel", ...)``, step size ``alpha`` beside the kernel.
+
+Parameter paths are unchanged; the step sizes are added beside the kernels. Each quantizer
+records a site (see ``brjax.quant.sites``) for Bin Regularization and metrics when ``"quant"`` is
+mutable. For NNX models, see ``brjax.quant.nnx``.
+
+Failures are loud, with the module paths named: a rule that matches no quantizable layer,
+a model in which nothing was quantized, step sizes in ``variables`` that no call used (the
+rules changed since the variables were made), and sites that a lifted transform dropped
+(``nn.scan``/``nn.vmap`` without ``"quant"`` in their ``variable_axes``: A-BR and W-BR
+would silently miss those layers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+from flax import traverse_util
+from flax.core.scope import in_filter
+import flax.linen as nn
+import jax
+
+from brjax.quant import lsq as quant
+from brjax.quant import sites
+from brjax.quant.rules import QuantRule, check_rules, first_match
+
+QUANTIZABLE = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral, nn.Einsum)
+"""The Linen layer types ``quantize_model`` quantizes (subclasses included)."""
+
+_BRJAX_LAYERS = (quant.QuantConv, quant.QuantDense, quant.QuantReLU)
+
+
+def quantize_model(model: Any, rules: QuantRule | Sequence[QuantRule], *sample_inputs,
+                   **sample_kwargs) -> Any:
+  """Quantizes an unmodified Flax model (Linen or NNX) by ``rules``.
+
+  Args:
+    model: a ``flax.linen.Module`` (unbound), or an ``flax.nnx.Module``.
+    rules: one or more :class:`~brjax.quant.rules.QuantRule`; the first rule matching a layer's
+      module path decides how it is quantized.
+    *sample_inputs: NNX only: inputs of one call (a real batch: step sizes are
+      initialized from it the LSQ way).
+    **sample_kwargs: NNX only: keyword arguments of that call (e.g. ``train=True``).
+
+  Returns:
+    Linen: a module whose ``init``/``apply`` take the same arguments as ``model``'s.
+    NNX: an ``nnx.Module`` (see ``brjax.quant.nnx.quantize_nnx``).
+
+  Raises:
+    ValueError / TypeError: bad rules; and, at ``init``/``apply``, the loud failures
+      listed in the module docstring.
+  """
+  rules = check_rules(rules)
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  if isinstance(model, nnx.Module):
+    from brjax.quant import nnx as brjax_nnx  # pylint: disable=g-import-not-at-top
+    return brjax_nnx.quantize_nnx(model, rules, *sample_inputs, **sample_kwargs)
+  if not isinstance(model, nn.Module):
+    raise TypeError(f"quantize_model takes a flax.linen or flax.nnx Module, not a "
+                    f"{type(model).__name__}")
+  if sample_inputs or sample_kwargs:
+    raise TypeError("a Linen model takes no sample inputs: its step sizes are initialized "
+                    "by model.init(rng, batch)")
+  if model.scope is not None:
+    raise ValueError("quantize_model takes an unbound Linen module (not one inside "
+                     "apply/bind): quantize the outermost model")
+  if getattr(type(model), "_brjax_rules", None) is not None:
+    raise ValueError(f"{type(model).__name__} is already quantized by quantize_model")
+  cls = _quantized_class(type(model), rules)
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+            if f.init and f.name not in ("parent", "name")}
+  return cls(**fields, name=model.name)
+
+
+@functools.lru_cache(maxsize=None)
+def _quantized_class(cls: type, rules: tuple[QuantRule, ...]) -> type:
+  """A subclass of ``cls`` with the same name whose ``init``/``apply`` intercept."""
+
+  def init_with_output(self, rngs, *args, **kwargs):
+    with _Interception(rules) as log:
+      out = cls.init_with_output(self, rngs, *args, **kwargs)
+    log.check(variables=None, returned=out[1], recording=False)  # init records no site
+    return out
+
+  def apply(self, variables, *args, **kwargs):
+    with _Interception(rules) as log:
+      out = cls.apply(self, variables, *args, **kwargs)
+    mutable = kwargs.get("mutable", False)
+    log.check(variables=variables, returned=out[1] if mutable is not False else {},
+              recording=in_filter(mutable, sites.COLLECTION))
+    return out
+
+  return type(cls.__name__, (cls,), {
+      "__qualname__": cls.__qualname__, "__module__": cls.__module__,
+      "__doc__": cls.__doc__, "_brjax_rules": rules,
+      "init_with_output": init_with_output, "apply": apply})
+
+
+class _Interception:
+  """One ``init``/``apply`` under the interceptor, and what its calls did (at trace time)."""
+
+  def __init__(self, rules: tuple[QuantRule, ...]):
+    self.rules = rules
+    self.matched = {i: set() for i in range(len(rules))}
+    self.unsupported = {i: set() for i in range(len(rules))}
+    self.step_sizes = set()   # "/"-joined parameter paths of the step sizes used
+    self.sites = set()        # (module path, kind) of every quantizer that ran
+    self._context = None
+
+  def __enter__(self) -> "_Interception":
+    self._context = nn.intercept_methods(self._intercept)
+    self._context.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    return self._context.__exit__(*exc)
+
+  def _intercept(self, next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    path = "/".join(module.path)
+    if isinstance(module, _BRJAX_LAYERS):  # quantized by its own fields, not by the rules
+      if module.bits != quant.FLOAT_BITS:
+        self.step_sizes.add(_join(path, "alpha"))
+      return next_fun(*args, **kwargs)
+    hit = first_match(self.rules, path)
+    if hit is None:
+      return next_fun(*args, **kwargs)
+    index, rule = hit
+    if not isinstance(module, QUANTIZABLE):
+      self.unsupported[index].add(f"{path} ({type(module).__name__})")
+      return next_fun(*args, **kwargs)
+    self.matched[index].add(path)
+    if rule.act_bits is not None:
+      args, kwargs = _quantize_first_input(module, rule, path, args, kwargs)
+      self.step_sizes.add(_join(path, "input_alpha"))
+      self.sites.add((path, sites.INPUT))
+    if rule.weight_bits is None:
+      return next_fun(*args, **kwargs)
+    self.step_sizes.add(_join(path, "alpha"))
+    self.sites.add((path, sites.WEIGHT))
+    with _kernel_quantized(module, rule, args, kwargs):
+      return next_fun(*args, **kwargs)
+
+  def check(self, variables: Any, returned: Any, recording: bool) -> None:
+    """The loud failures: rules that matched nothing, nothing quantized, unused step sizes,
+    and (when the caller asked for the ``"quant"`` collection) sites that did not come
+    back."""
+    for i, rule in enumerate(self.rules):
+      if rule.quantizes and not self.matched[i]:
+        seen = sorted(self.unsupported[i])
+        found = (f"; it matched only {', '.join(seen[:5])}{' ...' if len(seen) > 5 else ''}, "
+                 f"which brjax does not quantize" if seen else "")
+        raise ValueError(
+            f"rules[{i}] (module_path={rule.module_path!r}) matched no quantizable layer"
+            f"{found} (quantizable: {', '.join(t.__name__ for t in QUANTIZABLE)})")
+    if not self.step_sizes:
+      raise ValueError("quantize_model: nothing was quantized (every matching rule keeps "
+                       "its layers float)")
+    if variables is not None:
+      self._check_step_sizes(variables)
+    if recording:
+      self._check_recorded(returned)
+
+  def _check_step_sizes(self, variables: Any) -> None:
+    params = variables.get("params", {}) if hasattr(variables, "get") else {}
+    flat = traverse_util.flatten_dict(params) if params else {}
+    unused = sorted("/".join(p) for p in flat
+                    if quant.is_alpha_path(p) and "/".join(p) not in self.step_sizes)
+    if unused:
+      raise ValueError(
+          f"variables hold step sizes that no quantized call used: {', '.join(unused[:5])}"
+          f"{' ...' if len(unused) > 5 else ''} (were they made with other rules?)")
+
+  def _check_recorded(self, returned: Any) -> None:
+    collection = returned.get(sites.COLLECTION, {}) if hasattr(returned, "get") else {}
+    came_back = {(path, kind) for path, kind, _ in sites.iterate(collection)}
+    lost = sorted(f"{path} ({kind})" for path, kind in self.sites - came_back)
+    if lost:
+      raise ValueError(
+          f"quantization sites of {', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''} "
+          f"did not come back from apply: they run inside a lifted transform (nn.scan, "
+          f"nn.vmap, ...) that does not carry the {sites.COLLECTION!r} collection; add it "
+          f"to the transform's variable_axes (e.g. variable_axes={{'params': 0, "
+          f"'{sites.COLLECTION}': 0}}), or BR would miss those layers")
+
+
+def _join(path: str, name: str) -> str:
+  return f"{path}/{name}" if path else name
+
+
+def _quantize_first_input(module: nn.Module, rule: QuantRule, path: str,
+                          args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+  """``(args, kwargs)`` with the layer's input (``inputs``, the first argument) quantized."""
+  if args:
+    x, rest = args[0], args[1:]
+  elif "inputs" in kwargs:
+    x, rest = kwargs["inputs"], ()
+  else:
+    raise ValueError(f"{path}: act_bits needs the layer's input as its first argument")
+  if not jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
+    raise ValueError(f"{path}: act_bits={rule.act_bits} quantizes float inputs, but the "
+                     f"input is {x.dtype}")
+  q = quant.quantize_input(module, x, rule.act_bits, rule.act_signed,
+                           batch_grad_scale=rule.act_batch_grad_scale)
+  if args:
+    return (q, *rest), kwargs
+  return rest, {**kwargs, "inputs": q}
+
+
+@contextlib.contextmanager
+def _kernel_quantized(module: nn.Module, rule: QuantRule, args: tuple, kwargs: dict):
+  """While the layer runs, its ``self.param("kernel", ...)`` returns the quantized kernel.
+
+  Shadows ``param`` on this (bound, per-call) instance only; every other behaviour of the
+  Flax layer is its own.
+  """
+  read = type(module).param
+
+  def param(name, init_fn, *init_args, **init_kwargs):
+    value = read(module, name, init_fn, *init_args, **init_kwargs)
+    if name != "kernel":
+      return value
+    axes = _channel_axes(module, value.ndim, args, kwargs) if rule.per_channel else ()
+    return quant.quantize_kernel(module, value, rule.weight_bits, channel_axes=axes)
+
+  object.__setattr__(module, "param", param)
+  try:
+    yield
+  finally:
+    object.__delattr__(module, "param")
+
+
+def _channel_axes(module: nn.Module, ndim: int, args: tuple, kwargs: dict) -> tuple[int, ...]:
+  """The kernel axes of the layer's output features (one step size per index)."""
+  if isinstance(module, nn.Einsum):
+    spec = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
+    spec = spec.replace(" ", "")
+    operands, out = spec.split("->")
+    kernel = operands.split(",")[1]
+    return tuple(i for i, c in enumerate(kernel) if c in out)
+  if isinstance(module, nn.DenseGeneral):
+    features = module.features
+    n = len(features) if isinstance(features, (tuple, list)) else 1
+    return tuple(range(ndim - n, ndim))
+  return (ndim - 1,)

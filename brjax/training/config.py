@@ -1,0 +1,205 @@
+"""The training configuration: a frozen dataclass, validated once when it is built.
+
+Field names are the command-line flag names of ``scripts/train.py``, so every error names
+the flag as the user typed it: ``--bits_w=3 is not accepted: ...``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+
+from brjax.training import recipes
+from brjax.quant.bits import FLOAT_BITS
+
+CIFAR_MODELS = ("resnet18", "resnet20", "resnet18_reference", "resnet20_option_a")
+PAPER_MODELS = ("resnet18_imagenet", "resnet50", "mobilenet_v2")  # brjax.models.paper
+MODELS = CIFAR_MODELS + PAPER_MODELS
+PRETRAINED_SUFFIXES = (".pth", ".pt")
+DTYPES = ("float32", "bfloat16")  # computation dtypes; parameters stay float32
+INPUT_MODES = ("auto", "memory", "streaming")  # brjax.data.streaming.INPUT_MODES
+ALPHA_GRADS_W = ("full", "lsq", "none")  # brjax.quant.regularizer.ALPHA_GRADS_W, without JAX
+ABR_CLIPPED = ("include", "exclude")  # brjax.quant.regularizer.CLIPPED, without JAX
+BR_PHASE_FIELDS = frozenset({
+    "lambda_w", "lambda_a", "freeze_alpha_w", "freeze_alpha_a", "br_alpha_grad_a",
+    "br_alpha_grad_w", "abr_layers", "abr_exclude_first", "abr_exclude_last", "abr_clipped"})
+"""The fields that act only in the BR phase: two runs that differ only in them train the
+same warmup, bit for bit (``--branch_from`` and the study's shared warmups rely on it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything a training run depends on. Building one validates it (ValueError).
+
+  The fields of ``brjax.training.recipes.Recipe`` (``lr``, ``momentum``, ``weight_decay``,
+  ``optimizer``, ``schedule``, ...) default to None, which means "the value of
+  ``recipe``": building the Config fills them in, so after construction every field holds
+  the value the run uses, and a value given explicitly overrides the recipe's. (So
+  ``dataclasses.replace(config, recipe=...)`` keeps the old recipe's resolved values: build
+  a new Config to change recipes.)
+  """
+  # Model and quantization.
+  model: str = "resnet20"
+  width: int | None = None
+  bits_w: int = 2
+  bits_a: int = 2
+  clip: float | None = None
+  per_channel: bool = False
+  dtype: str = "float32"
+  remat: bool = False
+  # Bin Regularization and step-size control.
+  lambda_w: float = 1.0
+  lambda_a: float = 1.0
+  warmup_epochs: int = 30
+  freeze_alpha_w: bool = False
+  freeze_alpha_a: bool = False
+  br_alpha_grad_a: bool = False
+  br_alpha_grad_w: str = "full"
+  abr_layers: str | None = None
+  abr_exclude_first: bool = False
+  abr_exclude_last: bool = False
+  abr_clipped: str = "include"
+  # Optimization: a recipe (brjax.training.recipes), each part overridable.
+  recipe: str = "brjax"
+  epochs: int = 100
+  batch_size: int = 128
+  lr: float | None = None
+  momentum: float | None = None
+  weight_decay: float | None = None
+  optimizer: str | None = None
+  schedule: str | None = None
+  decay_alphas: bool | None = None
+  act_grad_scale: str | None = None
+  alpha_init: str | None = None
+  normalization: str | None = None
+  adam_eps: float | None = None
+  seed: int = 42
+  # Data.
+  dataset: str = "cifar10"
+  data_dir: str | None = None
+  train_examples: int = 0
+  test_examples: int = 0
+  input: str = "auto"
+  image_size: int = 224
+  data_workers: int | None = None
+  # Initialization.
+  pretrained: str | None = None
+
+  def __post_init__(self):
+    if self.abr_layers is not None:
+      try:
+        re.compile(self.abr_layers)
+      except (re.error, TypeError) as e:
+        raise ValueError(f"--abr_layers={self.abr_layers} is not accepted: use a regular "
+                         f"expression on module paths ({e})") from None
+    _check(self.recipe in recipes.RECIPES, "recipe", self.recipe,
+           f"use one of {', '.join(recipes.RECIPES)}")
+    recipe = recipes.RECIPES[self.recipe]
+    for name in recipes.FIELDS:  # None: the recipe's value
+      if getattr(self, name) is None:
+        object.__setattr__(self, name, getattr(recipe, name))
+    for name, accepted in (("optimizer", recipes.OPTIMIZERS), ("schedule", recipes.SCHEDULES),
+                           ("act_grad_scale", recipes.ACT_GRAD_SCALES),
+                           ("alpha_init", recipes.ALPHA_INITS),
+                           ("normalization", recipes.NORMALIZATIONS)):
+      _check(getattr(self, name) in accepted, name, getattr(self, name),
+             f"use one of {', '.join(accepted)}")
+    _check(self.br_alpha_grad_w in ALPHA_GRADS_W, "br_alpha_grad_w", self.br_alpha_grad_w,
+           f"use one of {', '.join(ALPHA_GRADS_W)}")
+    _check(self.abr_clipped in ABR_CLIPPED, "abr_clipped", self.abr_clipped,
+           f"use one of {', '.join(ABR_CLIPPED)}")
+    _check(isinstance(self.decay_alphas, bool), "decay_alphas", self.decay_alphas,
+           "use true or false")
+    _check(_is_finite(self.adam_eps) and self.adam_eps > 0, "adam_eps", self.adam_eps,
+           "use a number > 0")
+    _check(self.model in MODELS, "model", self.model, f"use one of {', '.join(MODELS)}")
+    if self.width is not None:
+      _check(_is_int(self.width) and self.width >= 1 and self.model == "resnet18_reference",
+             "width", self.width, "use an integer >= 1 with --model=resnet18_reference "
+             "(64 = the reference), or leave it unset")
+    _check(self.remat in (False, True) and (not self.remat or self.model in PAPER_MODELS),
+           "remat", self.remat, f"use it with one of {', '.join(PAPER_MODELS)}")
+    _check(self.dtype in DTYPES, "dtype", self.dtype, f"use one of {', '.join(DTYPES)}")
+    for name in ("bits_w", "bits_a"):
+      bits = getattr(self, name)
+      _check(_is_int(bits) and (1 <= bits <= 8 or bits == FLOAT_BITS), name, bits,
+             f"use an integer in 1..8, or {FLOAT_BITS} for float")
+    if self.clip is not None:
+      _check(_is_finite(self.clip) and self.clip > 0 and self.model in CIFAR_MODELS, "clip",
+             self.clip, "use a positive number with a CIFAR ResNet (the papers' models keep "
+             "their own ReLU/ReLU6), or leave it unset for a plain ReLU")
+    for name in ("lambda_w", "lambda_a", "weight_decay"):
+      value = getattr(self, name)
+      _check(_is_finite(value) and value >= 0, name, value, "use a finite number >= 0")
+    _check(_is_finite(self.lr) and self.lr > 0, "lr", self.lr, "use a number > 0")
+    _check(_is_finite(self.momentum) and 0 <= self.momentum < 1, "momentum", self.momentum,
+           "use a number in [0, 1)")
+    _check(_is_int(self.epochs) and self.epochs >= 1, "epochs", self.epochs,
+           "use an integer >= 1")
+    # A float run has no warmup phase: only the sign of --warmup_epochs is checked there.
+    _check(_is_int(self.warmup_epochs) and self.warmup_epochs >= 0
+           and (self.warmup_epochs <= self.epochs or not self.quantized),
+           "warmup_epochs", self.warmup_epochs,
+           f"use an integer in 0..{self.epochs} (--epochs={self.epochs})")
+    _check(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", self.batch_size,
+           "use an integer >= 1")
+    for name in ("train_examples", "test_examples"):
+      value = getattr(self, name)
+      _check(_is_int(value) and value >= 0, name, value, "use an integer >= 0 (0 = all)")
+    _check(_is_int(self.seed), "seed", self.seed, "use an integer")
+    _check(self.input in INPUT_MODES, "input", self.input, f"use one of {', '.join(INPUT_MODES)}")
+    _check(_is_int(self.image_size) and self.image_size >= 8, "image_size", self.image_size,
+           "use an integer >= 8 (the side streamed images are cropped to)")
+    _check(self.data_workers is None or (_is_int(self.data_workers) and self.data_workers >= 0),
+           "data_workers", self.data_workers, "use an integer >= 0 (0 = decode in the "
+           "training process), or leave it unset (half the CPUs, at most 8)")
+    if self.data_dir is not None:
+      _check(os.path.exists(self.data_dir), "data_dir", self.data_dir,
+             "use an existing folder with train/<class>/ and test/<class>/ (or val/<class>/), "
+             "a .tar.gz of one, or a folder holding a prepared tfds dataset")
+    if self.pretrained is not None:
+      if self.pretrained.endswith(PRETRAINED_SUFFIXES):
+        _check(os.path.isfile(self.pretrained) and self.model == "resnet18_reference",
+               "pretrained", self.pretrained, "use an existing PyTorch state_dict of the "
+               "reference package's ResNet-18, with --model=resnet18_reference")
+      else:
+        _check(os.path.isdir(os.path.join(self.pretrained, "checkpoints")), "pretrained",
+               self.pretrained, "use the --workdir of a float run (a folder holding its "
+               "checkpoints/ folder), or a reference .pth file")
+
+  @property
+  def quantized(self) -> bool:
+    """Whether anything is quantized (otherwise the run is plain float training)."""
+    return self.bits_w != FLOAT_BITS or self.bits_a != FLOAT_BITS
+
+  @property
+  def name(self) -> str:
+    """A short run name, e.g. ``resnet20_W2A2_lw1_la1_s42``."""
+    bits = "float" if not self.quantized else f"W{_bits_tag(self.bits_w)}A{_bits_tag(self.bits_a)}"
+    br = f"_lw{self.lambda_w:g}_la{self.lambda_a:g}" if self.quantized else ""
+    recipe = "" if self.recipe == "brjax" else f"_{self.recipe}"
+    return f"{self.model}_{bits}{br}{recipe}_s{self.seed}"
+
+  @property
+  def recipe_parts(self) -> recipes.Recipe:
+    """The recipe this run uses, explicit flags included."""
+    return recipes.Recipe(**{name: getattr(self, name) for name in recipes.FIELDS})
+
+
+def _bits_tag(bits: int) -> str:
+  return "32" if bits == FLOAT_BITS else str(bits)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(ok: bool, name: str, value, accepted: str) -> None:
+  if not ok:
+    raise ValueError(f"--{name}={value} is not accepted: {accepted}")

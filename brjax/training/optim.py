@@ -1,0 +1,148 @@
+"""Optimizer, learning-rate schedule, and step-size labels for freezing.
+
+The optimizer and schedule are the run's recipe (``brjax.training.recipes``, resolved into the
+Config): SGD with momentum or Adam, with coupled weight decay (``g + wd * w``, as PyTorch's
+``weight_decay``) on the weights and, if ``decay_alphas``, on the step sizes too.
+
+Every parameter gets one of three labels: ``alpha_w`` (a weight step size: an ``alpha``
+beside a ``kernel``), ``alpha_a`` (any other ``alpha``: an activation step size), or
+``weights`` (everything else). ``optax.multi_transform`` gives each label the optimizer;
+a frozen label's updates are then zeroed by ``optax.set_to_zero`` (after the weight decay
+and the optimizer: a frozen step size moves by exactly 0). Unfrozen labels end in
+``optax.identity`` instead, so the optimizer state has the same structure in both training
+phases and carries across the switch (and through checkpoints) unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import math
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+from brjax.training.config import Config
+from brjax.quant.lsq import STEP_SIZE_NAMES
+
+WEIGHTS, ALPHA_W, ALPHA_A = "weights", "alpha_w", "alpha_a"
+LABELS = (WEIGHTS, ALPHA_W, ALPHA_A)
+
+
+def param_labels(params: Any) -> Any:
+  """A tree like ``params`` whose leaves are ``"weights"``, ``"alpha_w"`` or ``"alpha_a"``.
+
+  ``params`` is any pytree of parameters: a Linen ``params`` dict or FrozenDict, or an NNX
+  ``nnx.State`` (of ``nnx.Variable``s, as ``nnx.Optimizer`` passes to ``tx.init``, or of
+  arrays, as it passes to ``tx.update``); an ``nnx.Variable`` is one parameter. A weight
+  step size is an ``alpha`` beside a ``kernel``; any other step size (``alpha``,
+  ``input_alpha``) is an activation step size.
+  """
+  is_param = lambda x: isinstance(x, nnx.Variable)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_param)
+  paths = [tuple(_key_name(k) for k in path) for path, _ in leaves]
+  names = set(paths)
+
+  def label(path):
+    if not path or path[-1] not in STEP_SIZE_NAMES:
+      return WEIGHTS
+    return ALPHA_W if path[-1] == "alpha" and path[:-1] + ("kernel",) in names else ALPHA_A
+
+  return jax.tree_util.tree_unflatten(treedef, [label(p) for p in paths])
+
+
+def _key_name(key: Any) -> Any:
+  """The name or index of one pytree key (``DictKey``, ``GetAttrKey``, ``SequenceKey``)."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return str(key)
+
+
+def learning_rate_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
+  """The learning rate of each optimizer step (0-based), by ``config.schedule``.
+
+  With ``lr = config.lr``, ``E = config.epochs``, ``e = step // steps_per_epoch`` the
+  0-based epoch and ``W`` the warmup epochs (0 for a float run):
+
+  * ``cosine``: per step, ``lr * (1 + cos(pi * step / (E * steps_per_epoch))) / 2``;
+  * ``constant_cosine`` (the reference's QAT): per epoch, ``lr`` for ``e < W``, then
+    ``lr * (1 + cos(pi * k / T)) / 2`` with ``k = e - W``, ``T = E - W`` (PyTorch's
+    ``CosineAnnealingLR(T_max=T)`` stepped after each BR epoch);
+  * ``step`` (the reference's baseline): per epoch, ``lr * 0.1^j`` with ``j`` the number of
+    milestones ``int(0.5 E), int(0.75 E)`` that are ``<= e`` (``MultiStepLR``).
+
+  ``schedule(state.step)`` at the start of an epoch is the rate the whole epoch uses for
+  the per-epoch schedules.
+  """
+  lr, epochs = config.lr, config.epochs
+  if config.schedule == "cosine":
+    return optax.cosine_decay_schedule(lr, epochs * steps_per_epoch)
+  if config.schedule == "constant_cosine":
+    warmup = config.warmup_epochs if config.quantized else 0
+    total = max(epochs - warmup, 1)
+
+    def constant_cosine(step):
+      k = jnp.maximum(step // steps_per_epoch - warmup, 0)
+      return lr * (1.0 + jnp.cos(math.pi * k / total)) / 2.0
+
+    return constant_cosine
+  if config.schedule == "step":
+    milestones = (int(epochs * 0.5), int(epochs * 0.75))
+
+    def step_decay(step):
+      epoch = jnp.asarray(step) // steps_per_epoch
+      return lr * 0.1**sum((epoch >= m).astype(jnp.int32) for m in milestones)
+
+    return step_decay
+  raise ValueError(f"--schedule={config.schedule} is not accepted: use one of cosine, "
+                   "constant_cosine, step")
+
+
+def frozen_labels(config: Config) -> frozenset[str]:
+  """The labels that ``--freeze_alpha*`` freezes in the BR phase."""
+  return frozenset(label for label, frozen in
+                   ((ALPHA_W, config.freeze_alpha_w), (ALPHA_A, config.freeze_alpha_a))
+                   if frozen)
+
+
+def decay_rate(config: Config, label: str) -> float:
+  """The coupled weight decay on parameters of ``label``: ``config.weight_decay`` for the
+  weights, and for the step sizes only with ``config.decay_alphas`` (the reference recipe),
+  0 otherwise. ``create_optimizer`` adds ``rate * param`` to each gradient."""
+  return config.weight_decay if label == WEIGHTS or config.decay_alphas else 0.0
+
+
+def create_optimizer(config: Config, steps_per_epoch: int,
+                     frozen: Iterable[str] = ()) -> optax.GradientTransformation:
+  """The recipe's optimizer (SGD with momentum, or Adam) with its schedule and weight decay.
+
+  ``chain(add_decayed_weights, sgd | adam, identity | set_to_zero)`` per label. Weight
+  decay reaches the step sizes only with ``config.decay_alphas`` (the reference recipe):
+  otherwise it would pull every quantization grid towards zero. Adam is PyTorch's
+  (``b1=0.9, b2=0.999``, ``eps`` added to ``sqrt(v_hat)``).
+
+  Args:
+    config: the run's configuration (optimizer, lr, momentum, weight_decay, decay_alphas,
+      adam_eps, schedule, epochs).
+    steps_per_epoch: optimizer steps in one epoch.
+    frozen: labels whose updates are zeroed (``optax.set_to_zero``).
+  """
+  frozen = frozenset(frozen)
+  unknown = frozen - set(LABELS)
+  if unknown:
+    raise ValueError(f"unknown labels {sorted(unknown)}: use {LABELS}")
+  schedule = learning_rate_schedule(config, steps_per_epoch)
+  if config.optimizer == "adam":
+    opt = optax.adam(schedule, b1=0.9, b2=0.999, eps=config.adam_eps)
+  else:
+    opt = optax.sgd(schedule, momentum=config.momentum)
+
+  def transform(label):
+    decay = optax.add_decayed_weights(decay_rate(config, label))
+    last = optax.set_to_zero() if label in frozen else optax.identity()
+    return optax.chain(decay, opt, last)
+
+  return optax.multi_transform({label: transform(label) for label in LABELS}, param_labels)

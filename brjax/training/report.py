@@ -1,0 +1,108 @@
+"""What a training run says on the terminal: the banner, the phase switch, the epoch lines.
+
+Pure formatting of a config, a dataset and an epoch's metrics; ``train_and_evaluate``
+logs these lines.
+"""
+
+from __future__ import annotations
+
+from brjax.training import checkpoint
+from brjax.data import datasets
+from brjax.data import streaming
+from brjax.training import recipes
+from brjax.training import run_control
+from brjax.training.config import Config
+from brjax.training.parallel import Topology
+from brjax.training.steps import BR
+
+RULE = "=" * 80
+
+
+_WBR_ALPHA = {"full": "full (paper-faithful)", "lsq": "scaled by LSQ's g = 1/sqrt(N*Qp)",
+              "none": "none"}
+_ABR_CLIPPED = {"include": "counted in the top bin (the paper's)",
+                "exclude": "left out of every bin"}
+
+def banner(config: Config, topology: Topology, ds: datasets.Dataset,
+           abr_line: str | None = None) -> str:
+  """The run's opening lines: model, stages, BR and alpha settings, start, recipe, data,
+  devices. ``abr_line``: which activation sites A-BR regularizes (None: not shown)."""
+  devices = topology.mesh.devices.ravel()
+  lines = [RULE]
+  if not config.quantized:
+    lines.append(f"Float training: {config.model}, epochs 1-{config.epochs}")
+  else:
+    lines.append(f"2-stage QAT+BR training: {config.model}, W{config.bits_w}A{config.bits_a}")
+    lines.append(f"Stage 1 (Warmup): epochs 1-{config.warmup_epochs} (LSQ only)"
+                 if config.warmup_epochs else "Stage 1 (Warmup): none")
+    lines.append(f"Stage 2 (BR): epochs {config.warmup_epochs + 1}-{config.epochs}"
+                 if config.warmup_epochs < config.epochs else "Stage 2 (BR): none")
+    on = lambda lam: "ENABLED" if lam > 0 else "DISABLED"
+    lines += [
+        "BR configuration:",
+        f"  - W-BR (weights): lambda={config.lambda_w:g} [{on(config.lambda_w)}]",
+        f"    └─> gradients to alpha: {_WBR_ALPHA[config.br_alpha_grad_w]} "
+        "(--br_alpha_grad_w)",
+        f"  - A-BR (activations): lambda={config.lambda_a:g} [{on(config.lambda_a)}]",
+    ]
+    if config.lambda_a > 0:
+      lines.append(f"    └─> gradients to alpha: {config.br_alpha_grad_a} (--br_alpha_grad_a)")
+      lines.append(f"    └─> values above the top level: {_ABR_CLIPPED[config.abr_clipped]} "
+                   "(--abr_clipped)")
+    if abr_line:
+      lines.append(f"    └─> activation sites: {abr_line} (--abr_layers, "
+                   "--abr_exclude_first/last)")
+    lines += [
+        "Alpha control (after warmup):",
+        f"  - freeze weight alphas: {config.freeze_alpha_w}",
+        f"  - freeze activation alphas: {config.freeze_alpha_a}",
+        "    └─> frozen: no update from CE or BR; not frozen: CE (and BR where enabled) "
+        "update alpha",
+    ]
+  lines.append(_start_line(config))
+  lines += [
+      f"Recipe: {recipes.describe(config.recipe_parts, config.recipe)}",
+      f"Data: {streaming.num_examples(ds, 'train')} train / "
+      f"{streaming.num_examples(ds, 'test')} test images"
+      f"{f' streamed at {ds.image_size}px' if datasets.is_streamed(ds) else ''}, "
+      f"{ds.num_classes} classes; batch {config.batch_size}, seed {config.seed}",
+      f"Devices: {len(devices)} x {devices[0].platform}",
+      RULE,
+  ]
+  return "\n".join(lines)
+
+
+def _start_line(config: Config) -> str:
+  """``Start: random initialization``, or which checkpoint ``--pretrained`` reads."""
+  if config.pretrained is None:
+    return "Start: random initialization"
+  line = f"Start: weights of --pretrained={checkpoint.describe_pretrained(config.pretrained)}"
+  return line + (", step sizes initialized the LSQ way" if config.quantized else "")
+
+
+def freeze_banner(config: Config) -> str:
+  """The lines logged at the switch to the BR phase: which step sizes stop learning."""
+  parts = [name for name, on in (("weights", config.freeze_alpha_w),
+                                 ("activations", config.freeze_alpha_a)) if on]
+  title = (f"FREEZING ALPHA ({' and '.join(parts)})" if parts else
+           "BR PHASE: alphas keep learning (not frozen)")
+  return f"\n{RULE}\n{title}\n{RULE}\n"
+
+
+def format_epoch_line(m: dict, epochs: int) -> str:
+  """``Epoch 31/100 [BR] (LR=0.004987): Train Acc=92.34%, Test Acc=90.45%, BR_W=..., BR_A=...``"""
+  line = (f"Epoch {m['epoch']}/{epochs} [{m['phase']}] (LR={m['lr']:.6f}): "
+          f"Train Acc={m['train_acc']:.2f}%, Test Acc={m['test_acc']:.2f}%")
+  if m["phase"] == BR:
+    fmt = lambda v: "off" if v is None else f"{v:.6f}"
+    line += f", BR_W={fmt(m['br_w'])}, BR_A={fmt(m['br_a'])}"
+  return line
+
+
+def time_note(m: dict, clock: run_control.RunClock) -> str:
+  """`` (took 5m58s; run: about 9h47m left)`` after an epoch line."""
+  note = f" (took {run_control.format_duration(m['epoch_time_s'])}"
+  if m["epoch"] < clock.epochs and m.get("step_time_s"):
+    left = clock.seconds_left(m["epoch"], clock.steps_per_epoch, m["step_time_s"])
+    note += f"; run: about {run_control.format_duration(left)} left"
+  return note + ")"

@@ -1,0 +1,176 @@
+"""The training state, the phases, and the two step functions (train and eval).
+
+Phase 1 (``WARMUP``, ``warmup_epochs``): cross-entropy only; LSQ learns the grids.
+Phase 2 (``BR``): ``CE + lambda_w * BR_W + lambda_a * BR_A``; at the switch the weight
+and/or activation step sizes may be frozen (``optax.set_to_zero`` on their labels).
+A float run (32-bit weights and activations) is one plain phase (``FLOAT``).
+
+The steps are written on global arrays and are not jitted here: ``brjax.training.parallel``
+jits them over a device mesh, once per phase (train) and once per run (eval).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Sequence
+
+import flax
+from flax import struct
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import optax
+
+from brjax.quant import lsq as quant
+from brjax.quant import regularizer
+from brjax.quant import sites
+from brjax.training.config import Config
+
+WARMUP, BR, FLOAT = "WARMUP", "BR", "FLOAT"
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimizer state and step (from Flax), plus BatchNorm statistics and an rng."""
+  batch_stats: Any = None
+  rng: jax.Array = None
+
+
+@struct.dataclass
+class BRSettings:
+  """What the loss adds to cross-entropy: static, so each setting compiles its own step."""
+  lambda_w: float = struct.field(pytree_node=False, default=0.0)
+  lambda_a: float = struct.field(pytree_node=False, default=0.0)
+  alpha_grad_a: bool = struct.field(pytree_node=False, default=False)
+  alpha_grad_w: str = struct.field(pytree_node=False, default="full")
+  abr_layers: str | None = struct.field(pytree_node=False, default=None)
+  abr_clipped: str = struct.field(pytree_node=False, default="include")
+
+
+def phase_of(config: Config, epoch: int) -> str:
+  """The phase of a 1-based epoch."""
+  if not config.quantized:
+    return FLOAT
+  return WARMUP if epoch <= config.warmup_epochs else BR
+
+
+def br_settings(config: Config, phase: str,
+                abr_sites: Sequence[str] | None = None) -> BRSettings:
+  """The loss terms of a phase: none outside BR; a zero lambda drops its term entirely.
+
+  ``abr_sites``: the activation sites A-BR sums over (see :func:`select_abr_sites`);
+  None means every site.
+  """
+  if phase != BR:
+    return BRSettings()
+  pattern = None
+  if abr_sites is not None:
+    pattern = "^(?:" + "|".join(re.escape(s) for s in abr_sites) + ")$"
+  return BRSettings(
+      lambda_w=config.lambda_w if config.bits_w != quant.FLOAT_BITS else 0.0,
+      lambda_a=config.lambda_a if config.bits_a != quant.FLOAT_BITS else 0.0,
+      alpha_grad_a=config.br_alpha_grad_a, alpha_grad_w=config.br_alpha_grad_w,
+      abr_layers=pattern, abr_clipped=config.abr_clipped)
+
+
+def activation_sites(model: flax.linen.Module, variables: dict, images: jax.Array) -> list[str]:
+  """The module paths of a model's activation sites, in the order the forward pass runs them.
+
+  Traced only (``jax.eval_shape``): no computation. A path called several times appears once.
+  """
+  order = []
+
+  def record(variables, images):
+    _, state = model.apply(variables, images, train=False, mutable=[sites.COLLECTION])
+    for path, _, _ in sites.iterate(state.get(sites.COLLECTION, {}), (sites.INPUT, sites.OUTPUT)):
+      if path not in order:
+        order.append(path)
+
+  jax.eval_shape(record, variables, images)
+  return order
+
+
+def select_abr_sites(config: Config, every: Sequence[str]) -> list[str] | None:
+  """The activation sites A-BR regularizes: ``--abr_layers`` (a regex, ``re.search`` on the
+  module path), then ``--abr_exclude_first`` / ``--abr_exclude_last`` in forward order.
+
+  Returns None when no selection is asked for (every site). Raises ValueError when the
+  selection is empty: A-BR would be a silent zero.
+  """
+  if config.abr_layers is None and not (config.abr_exclude_first or config.abr_exclude_last):
+    return None
+  chosen = [s for s in every if config.abr_layers is None or re.search(config.abr_layers, s)]
+  if config.abr_exclude_first and every:
+    chosen = [s for s in chosen if s != every[0]]
+  if config.abr_exclude_last and every:
+    chosen = [s for s in chosen if s != every[-1]]
+  if not chosen:
+    raise ValueError(f"--abr_layers={config.abr_layers} (exclude first: "
+                     f"{config.abr_exclude_first}, last: {config.abr_exclude_last}) selects "
+                     f"no activation site of {config.model}; its sites are: {', '.join(every)}")
+  return chosen
+
+
+def loss_terms(state: TrainState, params: Any, batch: dict,
+               br: BRSettings) -> tuple[dict[str, jax.Array], jax.Array, Any]:
+  """The training loss's terms at ``params``: ``({"ce", "br_w", "br_a"}, logits, new
+  batch_stats)``, each term a scalar mean (a zero lambda's term is a constant 0, not
+  computed); the loss is ``ce + br.lambda_w * br_w + br.lambda_a * br_a``.
+
+  ``batch`` and ``br`` as :func:`train_step`'s; BatchNorm in train mode (batch statistics).
+  """
+  # Quantization sites are recorded only when BR reads them: otherwise no BR work at all.
+  with_br = br.lambda_w > 0 or br.lambda_a > 0
+  mutable = ["batch_stats"] + ([sites.COLLECTION] if with_br else [])
+  logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+                                   batch["image"], train=True, mutable=mutable)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+  zero = jnp.zeros((), ce.dtype)
+  recorded = updates.get(sites.COLLECTION, {})
+  br_w = (regularizer.weight_br(recorded, alpha_grad=br.alpha_grad_w) if br.lambda_w > 0
+          else zero)
+  br_a = (regularizer.activation_br(recorded, alpha_grad=br.alpha_grad_a,
+                                    layers=br.abr_layers, clipped=br.abr_clipped)
+          if br.lambda_a > 0 else zero)
+  return {"ce": ce, "br_w": br_w, "br_a": br_a}, logits, updates["batch_stats"]
+
+
+def train_step(state: TrainState, batch: dict, br: BRSettings) -> tuple[TrainState, dict]:
+  """One optimizer step on ``CE + br.lambda_w * BR_W + br.lambda_a * BR_A``.
+
+  Args:
+    state: the replicated training state.
+    batch: ``{"image": float (B, H, W, C), "label": int32 (B,)}``, sharded on the batch.
+    br: the BR terms (static).
+
+  Returns:
+    The new state and per-step sums: ``loss``, ``ce``, ``br_w``, ``br_a`` (each times B, so
+    that epoch sums divided by ``count`` are means), ``correct`` and ``count``.
+  """
+  def loss_fn(params):
+    terms, logits, batch_stats = loss_terms(state, params, batch, br)
+    loss = terms["ce"] + br.lambda_w * terms["br_w"] + br.lambda_a * terms["br_a"]
+    return loss, (logits, batch_stats, terms["ce"], terms["br_w"], terms["br_a"])
+
+  (loss, (logits, batch_stats, ce, br_w, br_a)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  n = batch["label"].shape[0]
+  metrics = {"loss": loss * n, "ce": ce * n, "br_w": br_w * n, "br_a": br_a * n,
+             "correct": jnp.sum(jnp.argmax(logits, -1) == batch["label"]),
+             "count": jnp.asarray(n, jnp.int32)}
+  return state, metrics
+
+
+def eval_step(apply_fn: Callable, variables: dict, batch: dict) -> dict:
+  """Quantized evaluation of one padded batch: sums of ``loss``, ``correct``, ``count``.
+
+  ``variables`` is ``{"params", "batch_stats"}`` (not the TrainState, whose optimizer
+  changes at the phase switch: the eval step compiles once for the whole run).
+  ``batch`` is ``{"image", "label", "mask": bool (B,)}``; padded examples don't count.
+  """
+  logits = apply_fn(variables, batch["image"], train=False)
+  mask = batch["mask"]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  return {"loss": jnp.sum(jnp.where(mask, ce, 0.0)),
+          "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) & mask),
+          "count": jnp.sum(mask.astype(jnp.int32))}

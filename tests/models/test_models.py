@@ -1,0 +1,73 @@
+"""Tests of brjax.models.cifar: the CIFAR ResNets, quantized everywhere but BatchNorm."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from brjax.models import cifar as models
+from brjax.quant import lsq as quant
+from brjax.quant import sites
+
+
+def _shapes(name, **kw):
+  model = models.create_model(name, **kw)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                        jnp.ones((2, 32, 32, 3)))
+
+
+def test_resnet20_float_matches_the_paper_size():
+  params = _shapes("resnet20")["params"]
+  convs = [p for p in flax.traverse_util.flatten_dict(params) if p[-1] == "kernel"]
+  assert len(convs) == 19 + 2 + 1  # 19 3x3 convs, 2 projection shortcuts, 1 dense
+  n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
+  assert 0.26e6 < n < 0.28e6  # ResNet-20 has 0.27M parameters
+
+
+def test_resnet18_shapes():
+  variables = _shapes("resnet18", bits_w=4, bits_a=4)
+  flat = flax.traverse_util.flatten_dict(variables["params"])
+  kernels = {p: v.shape for p, v in flat.items() if p[-1] == "kernel"}
+  assert kernels[("conv_init", "kernel")] == (3, 3, 3, 64)  # 3x3 stem, no max-pool
+  assert kernels[("QuantDense_0", "kernel")] == (512, 10)
+  n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables["params"]))
+  assert 11.1e6 < n < 11.3e6
+
+
+@pytest.mark.parametrize("bits_w,bits_a", [(2, 2), (4, 8), (32, 2), (2, 32)])
+@pytest.mark.slow
+def test_everything_but_batchnorm_is_quantized(bits_w, bits_a):
+  model = models.create_model("resnet20", bits_w=bits_w, bits_a=bits_a)
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+  flat = flax.traverse_util.flatten_dict(variables["params"])
+  kernels = [p[:-1] for p in flat if p[-1] == "kernel"]
+  weight_alphas = [p[:-1] for p in flat if p[-1] == "alpha" and p[:-1] + ("kernel",) in flat]
+  assert len(weight_alphas) == (len(kernels) if bits_w != 32 else 0)
+  _, state = model.apply(variables, x, train=False, mutable=["quant"])
+  recorded = list(sites.iterate(state.get("quant", {})))
+  outputs = [path for path, kind, _ in recorded if kind == "output"]
+  assert len(outputs) == (19 if bits_a != 32 else 0)  # every ReLU, the first included
+  assert len(recorded) - len(outputs) == len(weight_alphas)  # every quantized kernel
+  if bits_a != 32:
+    qn, qp = quant.qrange(bits_a, signed=False)
+    assert qp == 2**bits_a - 1
+  # Batch norm parameters are float and have no step size.
+  assert not any(p[-1] == "alpha" and "BatchNorm" in "/".join(p) for p in flat)
+
+
+@pytest.mark.slow
+def test_logits_are_float32_and_batch_shaped():
+  model = models.create_model("resnet20", bits_w=2, bits_a=2, clip=6.0)
+  x = jnp.ones((3, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  logits = model.apply(variables, x, train=False)
+  assert logits.shape == (3, 10) and logits.dtype == jnp.float32
+
+
+def test_bad_model_name_and_bits():
+  with pytest.raises(ValueError, match="model='vgg'"):
+    models.create_model("vgg")
+  with pytest.raises(ValueError, match="bits=16"):
+    models.create_model("resnet20", bits_w=16)

@@ -1,0 +1,100 @@
+"""Tests of brjax.training.config: every flag value out of range is one clear ValueError."""
+
+import dataclasses
+
+import pytest
+
+from brjax.training.config import Config
+
+
+def test_defaults_are_valid_and_named():
+  config = Config()
+  assert config.quantized
+  assert config.name == "resnet20_W2A2_lw1_la1_s42"
+  assert Config(bits_w=32, bits_a=32).name == "resnet20_float_s42"
+  assert not Config(bits_w=32, bits_a=32).quantized
+  assert Config(bits_w=4, bits_a=8).name.startswith("resnet20_W4A8")
+
+
+@pytest.mark.parametrize("field,value,accepted", [
+    ("bits_w", 0, "1..8, or 32"),
+    ("bits_w", 16, "1..8, or 32"),
+    ("bits_a", 9, "1..8, or 32"),
+    ("bits_a", 2.0, "1..8, or 32"),
+    ("lambda_w", -0.1, ">= 0"),
+    ("lambda_a", -1.0, ">= 0"),
+    ("lambda_a", float("nan"), ">= 0"),
+    ("weight_decay", -1e-4, ">= 0"),
+    ("lr", 0.0, "> 0"),
+    ("momentum", 1.0, r"\[0, 1\)"),
+    ("epochs", 0, ">= 1"),
+    ("warmup_epochs", -1, "0..100"),
+    ("warmup_epochs", 101, "0..100"),
+    ("batch_size", 0, ">= 1"),
+    ("train_examples", -5, ">= 0"),
+    ("test_examples", -1, ">= 0"),
+    ("model", "vgg16", "resnet18, resnet20"),
+    ("clip", -6.0, "positive"),
+    ("br_alpha_grad_w", "scaled", "full, lsq, none"),
+    ("abr_clipped", "drop", "include, exclude"),
+    ("data_dir", "/no/such/folder", "train/<class>/"),
+    ("pretrained", "/no/such/run", "checkpoints/"),
+])
+def test_bad_values(field, value, accepted):
+  with pytest.raises(ValueError, match=rf"^--{field}={value} is not accepted: .*{accepted}"):
+    Config(**{field: value})
+
+
+def test_pretrained_needs_checkpoints_folder(tmp_path):
+  with pytest.raises(ValueError, match="--pretrained="):
+    Config(pretrained=str(tmp_path))
+  (tmp_path / "checkpoints").mkdir()
+  assert Config(pretrained=str(tmp_path)).pretrained == str(tmp_path)
+
+
+def test_paper_models_keep_their_own_activations():
+  assert Config(model="mobilenet_v2").model == "mobilenet_v2"
+  with pytest.raises(ValueError, match="^--clip=6.0 is not accepted: .*CIFAR ResNet"):
+    Config(model="resnet50", clip=6.0)
+
+
+def test_choices_without_jax_are_the_libraries():
+  from brjax.training import config
+  from brjax.quant import regularizer  # pylint: disable=g-import-not-at-top
+  assert config.ABR_CLIPPED == regularizer.CLIPPED
+  assert config.ALPHA_GRADS_W == regularizer.ALPHA_GRADS_W
+  fields = {f.name for f in dataclasses.fields(Config)}
+  assert config.BR_PHASE_FIELDS <= fields
+
+
+def test_frozen():
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    Config().bits_w = 4  # type: ignore[misc]
+
+
+def test_warmup_bound_applies_to_quantized_runs_only():
+  """A float run has no warmup phase: `--bits=32 --epochs=10` needs no --warmup_epochs."""
+  assert Config(bits_w=32, bits_a=32, epochs=10).warmup_epochs == 30
+  with pytest.raises(ValueError, match=r"^--warmup_epochs=30 is not accepted: .*0\.\.10"):
+    Config(bits_w=2, bits_a=32, epochs=10)
+  with pytest.raises(ValueError, match=r"^--warmup_epochs=-1 is not accepted"):
+    Config(bits_w=32, bits_a=32, epochs=10, warmup_epochs=-1)
+
+
+def test_a_checkpoint_from_before_a_field_existed_resumes():
+  """Configs saved before the recipe and A-BR site fields resume as the brjax recipe."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from brjax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  old = dataclasses.asdict(Config())
+  for newer in ("recipe", "optimizer", "schedule", "abr_layers", "abr_exclude_first"):
+    old.pop(newer)
+  checkpoint.check_compatible(old, Config(), "old")
+  with pytest.raises(checkpoint.CheckpointError, match="--recipe='brjax' there"):
+    checkpoint.check_compatible(old, Config(recipe="reference"), "old")
+  with pytest.raises(checkpoint.CheckpointError, match="--abr_layers=None there"):
+    checkpoint.check_compatible(old, Config(abr_layers="Block"), "old")
+
+
+def test_abr_layers_must_be_a_regex():
+  with pytest.raises(ValueError, match=r"--abr_layers=\( is not accepted: use a regular"):
+    Config(abr_layers="(")
