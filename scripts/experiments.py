@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
 from brjax.training import cli
 from brjax.studies import study
+from brjax.studies import results as study_results
 from brjax.studies import plan as study_plan
 from brjax.studies import runner as study_runner
 
@@ -102,7 +103,7 @@ def main(argv: list[str]) -> int:
       if others:
         raise study.StudyError(f"--summarize_only reads the study's flags from study.json: "
                                f"leave out {', '.join(others)}")
-      print(study.summarize_only(study_dir, study.repo_path(FLAGS.pretrained)), end="")
+      print(study_results.summarize_only(study_dir, study.repo_path(FLAGS.pretrained)), end="")
       return 0
     given = {name for name in study.STUDY_FLAGS if FLAGS[name].present}
     flag_values = study.check_study(study.apply_preset(

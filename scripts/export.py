@@ -9,7 +9,7 @@ model's. ``--format``:
   2, 4 or 8 bits and BatchNorm folded, for ``brjax.export.integer_inference.integer_forward``;
   ResNet-20/18 runs with quantized weights and activations only.
 * ``quantized`` (``brjax/export/packed.py``): the weight codes packed at their bit width and the
-  float rest of the variables, which ``brjax.export.packed.load_variables`` gives back to the same
+  float rest of the variables, which ``brjax.export.npz.load_variables`` gives back to the same
   model; any run with quantized weights (every model, weight-only runs).
 
 A float run is refused. Errors stop with a one-line message (exit 2).
@@ -68,9 +68,10 @@ def _integer(workdir: str, out: str) -> list[str]:
 
 def _quantized(workdir: str, out: str) -> list[str]:
   from brjax.export import packed as export  # pylint: disable=g-import-not-at-top
+  from brjax.export import npz  # pylint: disable=g-import-not-at-top
   from brjax.export import packing  # pylint: disable=g-import-not-at-top
   exported = export.export_run(workdir)
-  size = export.save(out, exported)
+  size = npz.save(out, exported)
   h = exported.header
   config = h["source"]["config"]
   codes = sum(packing.packed_size(math.prod(k["shape"]), k["bits"]) for k in h["kernels"])

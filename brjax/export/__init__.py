@@ -1,7 +1,9 @@
 """Export and deployment: a trained quantized model out of brjax.
 
 * :mod:`brjax.export.packed`: any brjax-quantized Flax model (Linen or NNX) as packed
-  integer kernels and its float rest (``export``'s names are re-exported here).
+  integer kernels and its float rest; :mod:`brjax.export.npz`: its file, and the
+  variables it gives back. Their names are exported here (``brjax.export.from_linen``,
+  ``brjax.export.save``, ...).
 * :mod:`brjax.export.packing`: integer codes packed at their bit width.
 * :mod:`brjax.export.integer`, :mod:`brjax.export.integer_inference`: a CIFAR ResNet
   with folded BatchNorm, and its integer-arithmetic inference.
@@ -16,14 +18,14 @@ from brjax import _lazy
 
 _EXPORTS = {
     **dict.fromkeys(("FORMAT", "PARAMS_PREFIX", "QuantizedExport", "VERSION", "export_run",
-                     "from_linen", "from_nnx", "from_sites", "load", "load_variables",
-                     "record_linen", "record_nnx", "save", "to_variables", "update_nnx",),
-                     "packed"),
+                     "from_linen", "from_nnx", "from_sites", "record_linen", "record_nnx"),
+                    "packed"),
+    **dict.fromkeys(("load", "load_variables", "save", "to_variables", "update_nnx"), "npz"),
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # what static tools see: the eager imports the lazy ones stand for
-  from brjax.export.packed import (FORMAT, PARAMS_PREFIX, QuantizedExport, VERSION, export_run,
-                                   from_linen, from_nnx, from_sites, load, load_variables,
-                                   record_linen, record_nnx, save, to_variables, update_nnx)
+  from brjax.export.npz import load, load_variables, save, to_variables, update_nnx
+  from brjax.export.packed import (FORMAT, PARAMS_PREFIX, VERSION, QuantizedExport, export_run,
+                                   from_linen, from_nnx, from_sites, record_linen, record_nnx)

@@ -365,7 +365,7 @@ def load(path: str) -> Exported:
     raise ValueError(f"{path} is not a brjax export ({type(e).__name__}: "
                      f"{str(e).splitlines()[0] if str(e) else ''})") from e
   if header.get("format") != FORMAT or header.get("version") != VERSION:
-    hint = ("; read it with brjax.export.packed.load" if header.get("format") == "brjax.quantized"
+    hint = ("; read it with brjax.export.npz.load" if header.get("format") == "brjax.quantized"
             else "")
     raise ValueError(f"{path} is format {header.get('format')!r} version "
                      f"{header.get('version')!r}: expected {FORMAT!r} version {VERSION}{hint}")

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from brjax.training import history
 from brjax.training import run_control
 from brjax.studies import study
+from brjax.studies import results as study_results
 from brjax.studies import summary as study_summary
 from brjax.training.config import BR_PHASE_FIELDS
 
@@ -284,8 +285,8 @@ def run_study(study_dir: str, flags: dict, command: str, share_warmup: bool = Tr
       if code:
         return code
       if code is not None:
-        study.write_summary(study_dir, flags, flags["pretrained"])
-  print("\n" + study.write_summary(study_dir, flags, flags["pretrained"]), end="")
+        study_results.write_summary(study_dir, flags, flags["pretrained"])
+  print("\n" + study_results.write_summary(study_dir, flags, flags["pretrained"]), end="")
   return 0
 
 

@@ -17,6 +17,7 @@ import pytest
 import brjax
 from brjax.training import checkpoint
 from brjax.export import packed as export
+from brjax.export import npz
 from brjax.models import cifar as models
 from brjax.export import packing
 from brjax.models import plain as plain_models
@@ -63,8 +64,8 @@ def _random_variables(model: nn.Module, images: np.ndarray, seed: int, **kwargs)
 def _check_round_trip(model, variables, exported, tmp_path, **kwargs):
   """Saved, loaded: the same logits bit for bit, every kernel the fake-quantized one, every
   other variable as it was, every kernel's codes in ``packed_size`` bytes."""
-  size = export.save(str(tmp_path / "model.npz"), exported)
-  loaded = export.load(str(tmp_path / "model.npz"))
+  size = npz.save(str(tmp_path / "model.npz"), exported)
+  loaded = npz.load(str(tmp_path / "model.npz"))
   assert loaded.header == json.loads(json.dumps(exported.header))
   h = loaded.header
   for entry in h["kernels"]:
@@ -81,7 +82,7 @@ def _check_round_trip(model, variables, exported, tmp_path, **kwargs):
   assert h["data_bytes"] + header_bytes < size < h["data_bytes"] + header_bytes + 1000
 
   original = traverse_util.flatten_dict(jax.device_get(variables))
-  restored = traverse_util.flatten_dict(export.load_variables(str(tmp_path / "model.npz")))
+  restored = traverse_util.flatten_dict(npz.load_variables(str(tmp_path / "model.npz")))
   assert restored.keys() == original.keys()
   kernels = {tuple(k["path"]): k for k in h["kernels"]}
   for path, value in restored.items():
@@ -199,10 +200,10 @@ def test_nnx_model_round_trip(tmp_path):
       "conv": 4, "blocks/0": 2, "blocks/1": 2, "head": 8}
   assert ["blocks", 0, "kernel"] in [k["path"] for k in h["kernels"]]  # int keys kept
   assert not any(f["path"][0] == "drop" for f in h["floats"])  # rng state left out
-  export.save(str(tmp_path / "cnn.npz"), exported)
+  npz.save(str(tmp_path / "cnn.npz"), exported)
   copy = nnx.clone(model)
   nnx.update(copy, jax.tree.map(jnp.zeros_like, nnx.state(copy, nnx.Param)))
-  export.update_nnx(copy, export.load_variables(str(tmp_path / "cnn.npz")))
+  npz.update_nnx(copy, npz.load_variables(str(tmp_path / "cnn.npz")))
   np.testing.assert_array_equal(np.asarray(copy(IMAGES)), expected)
 
 
@@ -286,22 +287,22 @@ def test_load_rejects_other_and_corrupt_files(mlp, tmp_path):
   path = tmp_path / "x.npz"
   path.write_bytes(b"not a zip")
   with pytest.raises(ValueError, match="is not a brjax export"):
-    export.load(str(path))
+    npz.load(str(path))
   np.savez(path, header=_header_bytes({"format": "brjax.export", "version": 1}))
   with pytest.raises(ValueError, match="format 'brjax.export'.*brjax.export.integer.load"):
-    export.load(str(path))
+    npz.load(str(path))
   model, variables = mlp
   exported = export.from_linen(model, variables, IMAGES[:1], extra=True)
-  export.save(str(path), exported)
+  npz.save(str(path), exported)
   with np.load(str(path)) as z:
     header, data = json.loads(bytes(z["header"])), z["data"]
   np.savez(path, header=_header_bytes(header), data=data[:-8])
   with pytest.raises(ValueError, match=r"its data is not the uint8 \(\d+,\) buffer"):
-    export.load(str(path))
+    npz.load(str(path))
   header["kernels"][0]["offset"] = len(data)
   np.savez(path, header=_header_bytes(header), data=data)
   with pytest.raises(ValueError, match="params/QuantDense_0/kernel is unreadable.*outside"):
-    export.load(str(path))
+    npz.load(str(path))
 
 
 # ---------------------------------------------------------------------- training runs
@@ -340,12 +341,12 @@ def test_script_exports_a_run_the_integer_format_cannot_hold(tmp_path, capsys):
   assert match and float(match[1]) == round(out.stat().st_size / 1e3, 1), lines
   assert re.fullmatch(r"  codes [\d.]+ kB at 2 bits per weight, float rest [\d.]+ kB, header "
                       r"and container [\d.]+ kB", lines[2]), lines
-  exported = export.load(str(out))
+  exported = npz.load(str(out))
   assert exported.header["source"]["config"]["model"] == "resnet18_reference"
   model = models.from_run_config(exported.header["source"]["config"], 10)
   apply = jax.jit(functools.partial(model.apply, train=False))
   images = np.random.default_rng(1).normal(0, 1, (2, 32, 32, 3)).astype(np.float32)
-  np.testing.assert_array_equal(np.asarray(apply(export.to_variables(exported), images)),
+  np.testing.assert_array_equal(np.asarray(apply(npz.to_variables(exported), images)),
                                 np.asarray(apply(variables, images)))
 
 
@@ -376,5 +377,5 @@ def test_script_exports_the_tiny_run_in_the_quantized_format(tiny_run, tmp_path,
   model = models.from_run_config(meta["config"], len(meta["data"]["class_names"]))
   apply = jax.jit(functools.partial(model.apply, train=False))
   images = np.random.default_rng(2).normal(0, 1, (8, 32, 32, 3)).astype(np.float32)
-  np.testing.assert_array_equal(np.asarray(apply(export.load_variables(str(out)), images)),
+  np.testing.assert_array_equal(np.asarray(apply(npz.load_variables(str(out)), images)),
                                 np.asarray(apply(variables, images)))

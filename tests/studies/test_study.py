@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from brjax.studies import study
+from brjax.studies import results as study_results
 from brjax.studies import runner as study_runner
 from brjax.studies import summary as study_summary
 from brjax.training.config import BR_PHASE_FIELDS, Config
@@ -225,7 +226,7 @@ def test_the_summary_keeps_diverged_runs_out_of_the_statistics_and_names_them(tm
   fake_result(tmp_path, "lsq_br", 0, None, **diverged)
   fake_result(tmp_path, "lsq_br", 1, 77.0, outcome="finished", diverged=None)
   fake_result(tmp_path, "w_br", 0, None, **diverged)
-  summary = study_summary.summarize(study.collect_results(str(tmp_path)), None, None)
+  summary = study_summary.summarize(study_results.collect_results(str(tmp_path)), None, None)
   lsq_br, w_br = summary["configs"]["lsq_br"], summary["configs"]["w_br"]
   assert lsq_br["n"] == 1 and lsq_br["seeds"] == [1]
   assert lsq_br["final_test_acc"]["values"] == [77.0]
@@ -243,7 +244,7 @@ def test_the_summary_keeps_diverged_runs_out_of_the_statistics_and_names_them(tm
   for name in ("lsq_br_s0.json", "w_br_s0.json"):
     (tmp_path / name).unlink()
   markdown = study_summary.summary_markdown(
-      study_summary.summarize(study.collect_results(str(tmp_path)), None, None))
+      study_summary.summarize(study_results.collect_results(str(tmp_path)), None, None))
   assert "diverged" not in markdown
 
 
@@ -274,7 +275,7 @@ def test_collect_results_by_config_order_then_seed(tmp_path):
   for config, seed in (("w_br", 0), ("lsq", 1), ("lsq_br", 0), ("lsq", 0)):
     fake_result(tmp_path, config, seed, 50.0)
   study_summary.write_json(str(tmp_path / "summary.json"), {})
-  results = study.collect_results(str(tmp_path))
+  results = study_results.collect_results(str(tmp_path))
   assert [(r["config"], r["seed"]) for r in results] == [
       ("lsq", 0), ("lsq", 1), ("lsq_br", 0), ("w_br", 0)]
   assert results[0]["description"] == "LSQ"  # filled in from CONFIGS
@@ -283,7 +284,7 @@ def test_collect_results_by_config_order_then_seed(tmp_path):
 def test_summary_of_two_seeds(tmp_path):
   fake_result(tmp_path, "lsq", 0, 80.0, description="LSQ")
   fake_result(tmp_path, "lsq", 1, 82.0, description="LSQ")
-  summary = study_summary.summarize(study.collect_results(str(tmp_path)), None, None)
+  summary = study_summary.summarize(study_results.collect_results(str(tmp_path)), None, None)
   c = summary["configs"]["lsq"]
   assert c["final_test_acc"]["mean"] == 81.0
   assert c["final_test_acc"]["std"] == pytest.approx(2 ** 0.5)
@@ -300,7 +301,7 @@ def test_paired_differences_against_lsq_use_the_seeds_both_ran(tmp_path):
     if br is not None:
       fake_result(tmp_path, "lsq_br", seed, br)
   fake_result(tmp_path, "w_br", 7, 60.0)  # no seed in common with lsq
-  summary = study_summary.summarize(study.collect_results(str(tmp_path)), None, None)
+  summary = study_summary.summarize(study_results.collect_results(str(tmp_path)), None, None)
   configs = summary["configs"]
   assert configs["lsq"]["paired"] is None and configs["w_br"]["paired"] is None
   paired = configs["lsq_br"]["paired"]["final_test_acc"]
@@ -318,14 +319,14 @@ def test_results_of_one_config_from_different_commands_are_refused(tmp_path):
   fake_result(tmp_path, "lsq", 0, 80.0)
   fake_result(tmp_path, "lsq", 1, 82.0, command="python scripts/train.py --lr=0.5 --seed=1")
   with pytest.raises(ValueError, match="config lsq were run with different commands"):
-    study_summary.summarize(study.collect_results(str(tmp_path)), None, None)
+    study_summary.summarize(study_results.collect_results(str(tmp_path)), None, None)
 
 
 def test_markdown_describes_the_study_and_an_unreadable_baseline(tmp_path):
   baseline = study_summary.read_baseline("no_such_run", str(tmp_path))
   assert baseline["error"] == "no readable metrics.jsonl (FileNotFoundError)"
   fake_result(tmp_path, "lsq", 0, 80.0)
-  summary = study_summary.summarize(study.collect_results(str(tmp_path)),
+  summary = study_summary.summarize(study_results.collect_results(str(tmp_path)),
                                     flags(seeds=["0"], train_examples=64), baseline)
   markdown = study_summary.summary_markdown(summary)
   assert markdown.startswith("# LSQ vs LSQ+BR: ResNet-20 W2A2\n\n2 epochs (1 LSQ warmup, then "
@@ -381,7 +382,7 @@ def test_the_shipped_study_summary_is_rebuilt_exactly(name):
   """checkpoints/<name>: its run results give its summary.json and summary.md."""
   study_dir = REPO / "checkpoints" / name
   shipped = json.loads((study_dir / "summary.json").read_text())
-  summary = study_summary.summarize(study.collect_results(str(study_dir)), shipped["study"],
+  summary = study_summary.summarize(study_results.collect_results(str(study_dir)), shipped["study"],
                                     shipped["baseline"])
   assert summary == shipped
   assert study_summary.summary_markdown(summary) == (study_dir / "summary.md").read_text()
@@ -389,13 +390,13 @@ def test_the_shipped_study_summary_is_rebuilt_exactly(name):
 
 def test_the_summary_draws_the_curves_of_results_that_have_them(tmp_path):
   fake_result(tmp_path, "lsq", 0, 80.0)
-  study.summarize_only(str(tmp_path))
-  assert not (tmp_path / study.CURVES_FILE).exists()  # no result with a curve
+  study_results.summarize_only(str(tmp_path))
+  assert not (tmp_path / study_results.CURVES_FILE).exists()  # no result with a curve
   fake_result(tmp_path, "lsq_br", 0, 81.0, warmup_epochs=1,
               curve=[{"epoch": 1, "test_acc": 70.0, "train_acc": 71.0},
                      {"epoch": 2, "test_acc": 81.0, "train_acc": 80.0}])
-  study.summarize_only(str(tmp_path))
-  assert (tmp_path / study.CURVES_FILE).read_bytes().startswith(b"\x89PNG")
+  study_results.summarize_only(str(tmp_path))
+  assert (tmp_path / study_results.CURVES_FILE).read_bytes().startswith(b"\x89PNG")
 
 
 def test_plan_orders_by_seed_or_by_config_and_refuses_others(tmp_path):

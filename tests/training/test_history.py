@@ -67,13 +67,15 @@ def test_checkpoint_epochs(tmp_path):
 
 def test_reading_and_planning_import_no_jax():
   """``import brjax`` imports neither JAX nor matplotlib (the flat API loads on first use);
-  brjax.training.history, the study and the figures of a history need no JAX: a study runner holds
-  no accelerator memory its runs need."""
+  brjax.training.history and config, the study and the figures of a history need no JAX: a study
+  runner holds no accelerator memory its runs need."""
   code = """if True:
     import sys
     import brjax
     assert not {"jax", "matplotlib"} & set(sys.modules), "import brjax"
-    import brjax.training.history, brjax.studies.study, brjax.studies.runner, brjax.studies.analysis, brjax.studies.plots
+    import brjax.training.history, brjax.training.config, brjax.quant.bits
+    import brjax.studies.study, brjax.studies.results, brjax.studies.plan
+    import brjax.studies.runner, brjax.studies.analysis, brjax.studies.plots, brjax.bench.report
     assert "jax" not in sys.modules, sorted(m for m in sys.modules if "jax" in m)
     assert brjax.qrange(2, True) == (-2, 1) and brjax.quantize_model and "jax" in sys.modules
   """
