@@ -7,8 +7,8 @@ A package's ``__init__`` stays cheap to import: ``import brjax.quant.bits`` or
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
+import importlib
 
 
 def exports(package: str, names: Mapping[str, str]

@@ -23,8 +23,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import flags
-from absl import logging
+from absl import flags, logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 # pylint: disable=g-import-not-at-top
@@ -40,8 +39,7 @@ flags.DEFINE_string("out", None, "Output folder (default: <workdir>/analysis).",
                     flag_values=FLAGS)
 flags.DEFINE_string("data_dir", None, "Test images to use instead of the run's own --data_dir.",
                     flag_values=FLAGS)
-flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "Which checkpoint to draw: "
-                  "the end of training, or the best test accuracy.", flag_values=FLAGS)
+cli.define_checkpoint(FLAGS)
 flags.DEFINE_integer("examples", 256, "Number of test images for the activations.",
                      flag_values=FLAGS)
 
@@ -73,6 +71,7 @@ def main(argv: list[str]) -> int:
 
   logging.set_verbosity(logging.ERROR)  # orbax warns about read-only checkpoint managers
   try:
+    print(cli.checkpoint_line(FLAGS.workdir, FLAGS.checkpoint), file=sys.stderr)
     written = analysis.analyze(workdirs, histories, out, FLAGS.data_dir, FLAGS.examples,
                                note=lambda msg: print(f"note: {msg}", file=sys.stderr),
                                prefer=FLAGS.checkpoint)

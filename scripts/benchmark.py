@@ -1,14 +1,16 @@
 """Benchmarks brjax training on this machine: step times, BR cost, compiles, input, FLOP/s.
 
     python scripts/benchmark.py [--quick] [--model=resnet20] [--batch_size=128] [--json_out=FILE]
-        [--[no]plain_models] [--[no]scale]
+        [--[no]plain_models] [--[no]scale] [--[no]onnx]
 
 Runs ``brjax.bench.training.run_benchmark`` (its docstring lists every measurement): step times of
 float, QAT W2A2 and QAT W2A2 + BR, interleaved; BR alone at 2/4/8 bits; compile times and
 counts of a two-phase run; the input pipeline; FLOP/s; and, with ``--plain_models`` (on by
 default, off with ``--quick``), unmodified Flax models quantized by ``brjax.quantize_model``
 against float and Qwix; with ``--scale`` (likewise), the BR step in bfloat16 against
-float32 and the memory plan of ResNet-50's BR step without A-BR, with it, and with remat.
+float32 and the memory plan of ResNet-50's BR step without A-BR, with it, and with remat;
+with ``--onnx`` (likewise, and when onnxruntime is installed), the ONNX export in
+onnxruntime (integer kernels, QDQ, float) against brjax's jitted evaluation.
 
 Output: a table of the measurements and the targets with PASS/FAIL on stdout (progress on
 stderr); ``--json_out`` writes one JSON line per measurement (``name``, ``value``,
@@ -46,6 +48,9 @@ flags.DEFINE_bool("plain_models", None, "Also time unmodified Flax models (ViT, 
 flags.DEFINE_bool("scale", None, "Also measure the BR step in bfloat16 against float32, "
                   "and the step memory of ResNet-50 (224x224, batch 32) without A-BR, with "
                   "it, and with remat (default: on, off with --quick).", flag_values=FLAGS)
+flags.DEFINE_bool("onnx", None, "Also time the ONNX export in onnxruntime: integer "
+                  "kernels, QDQ and float, against brjax's jitted evaluation (default: on, off "
+                  "with --quick; skipped without onnxruntime).", flag_values=FLAGS)
 flags.DEFINE_string("json_out", None, "Write one JSON line per measurement to this file.",
                     flag_values=FLAGS)
 
@@ -70,9 +75,10 @@ def main(argv: list[str]) -> int:
   rounds = FLAGS.rounds or (3 if FLAGS.quick else 10)
   plain_models = not FLAGS.quick if FLAGS.plain_models is None else FLAGS.plain_models
   scale = not FLAGS.quick if FLAGS.scale is None else FLAGS.scale
+  onnx = not FLAGS.quick if FLAGS.onnx is None else FLAGS.onnx
   from brjax.bench import training as bench  # pylint: disable=g-import-not-at-top  (JAX: after the flags)
   report = bench.run_benchmark(FLAGS.quick, FLAGS.model, batch_size, rounds, FLAGS.data_dir,
-                               FLAGS.json_out, plain_models, scale, log=progress)
+                               FLAGS.json_out, plain_models, scale, onnx=onnx, log=progress)
   print(bench.results_text(report))
   return 0
 

@@ -34,11 +34,11 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
-from brjax.training import cli
-from brjax.studies import study
-from brjax.studies import results as study_results
 from brjax.studies import plan as study_plan
+from brjax.studies import results as study_results
 from brjax.studies import runner as study_runner
+from brjax.studies import study
+from brjax.training import cli, run_control
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("study_dir", None, "Folder of the study: runs, results, summary "
@@ -118,10 +118,11 @@ def main(argv: list[str]) -> int:
   except (flags.Error, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:  # run_control.Interrupted, or Ctrl-C between two runs
     print("\ninterrupted: run the same command again to continue the study (finished runs "
-          "are kept, the current one resumes from its last checkpoint)", file=sys.stderr)
-    return 130
+          "are kept, the current one resumes where it stopped)", file=sys.stderr)
+    return (run_control.EXIT_PREEMPTED if getattr(e, "signal", "SIGINT") == "SIGTERM"
+            else 130)
 
 
 if __name__ == "__main__":

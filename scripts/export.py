@@ -2,7 +2,8 @@
 
     python scripts/export.py --workdir=checkpoints/resnet20_W2A2_lw1_la1_s42 --out=model.npz
 
-Reads the run's best (else latest) checkpoint and prints the file size against the float
+Reads the run's latest checkpoint (``--checkpoint=best``: its best epoch; as analyze and
+evaluate), says which, and prints the file size against the float
 model's. ``--format``:
 
 * ``integer`` (default; ``brjax/export/integer.py``): every layer's weight codes packed at
@@ -26,14 +27,17 @@ from absl import flags
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from brjax.training import cli  # pylint: disable=g-import-not-at-top
 
-FORMATS = ("integer", "quantized")
+FORMATS = ("integer", "quantized", "onnx")
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "The --workdir of a finished quantized training run.",
                     flag_values=FLAGS)
-flags.DEFINE_string("out", None, "Output file (.npz).", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Output file (.npz; .onnx with --format=onnx).",
+                    flag_values=FLAGS)
+cli.define_checkpoint(FLAGS)
 flags.DEFINE_string("data_dir", None, "The run's images (folder or .tar.gz), for the input "
-                    "normalization of --format=integer; default: the run's --data_dir.",
+                    "normalization of --format=integer of a run whose checkpoint did not "
+                    "store it (older runs); default: the run's --data_dir.",
                     flag_values=FLAGS)
 flags.DEFINE_enum("format", "integer", FORMATS, "integer: codes and folded BatchNorm for "
                   "integer-only inference (ResNet-20/18); quantized: codes and the float "
@@ -49,7 +53,8 @@ def _integer(workdir: str, out: str) -> list[str]:
   from brjax.export import integer as integer_export  # pylint: disable=g-import-not-at-top
   from brjax.export import packing  # pylint: disable=g-import-not-at-top
   try:
-    exported = integer_export.export_run(workdir, data_dir=FLAGS.data_dir)
+    exported = integer_export.export_run(workdir, data_dir=FLAGS.data_dir,
+                                         prefer=FLAGS.checkpoint)
   except integer_export.NotIntegerExportable as e:
     raise ValueError(f"{e}; --format=quantized exports any quantized run") from e
   size = integer_export.save(out, exported)
@@ -61,16 +66,35 @@ def _integer(workdir: str, out: str) -> list[str]:
           f"epoch {h['source'].get('epoch')}",
           integer_export.describe_size(size, h["source"]["float_bytes"], h["bits_w"],
                                        h["bits_a"]),
-          f"  codes {codes / 1e6:.3f} MB at {packing.packed_bits(h['bits_w'])} bits per "
-          f"weight, folded BatchNorm and bias {floats / 1e6:.3f} MB, header and container "
-          f"{(size - codes - floats) / 1e6:.3f} MB"]
+          f"  codes {codes / 1e6:.3f} MB at {_packed_bits([h['bits_w']])}, folded "
+          f"BatchNorm and bias {floats / 1e6:.3f} MB, header and container "
+          f"{(size - codes - floats) / 1e6:.3f} MB",
+          f"  input normalization: mean {_floats(h['normalization']['mean'])} std "
+          f"{_floats(h['normalization']['std'])} ({h['source']['normalization']})"]
+
+
+def _floats(values: list[float]) -> str:
+  return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
+
+
+def _packed_bits(bits: list[int]) -> str:
+  """``2 bits per weight`` (or ``2-4 bits``): what codes of ``bits`` bits are packed at,
+  and the code widths where they differ: ``2 bits per weight (1-bit ternary codes)``."""
+  from brjax.export import packing  # pylint: disable=g-import-not-at-top
+  packed = sorted({packing.packed_bits(b) for b in bits})
+  text = f"{'-'.join(map(str, sorted({packed[0], packed[-1]})))} bits per weight"
+  narrower = sorted({b for b in bits if b != packing.packed_bits(b)})
+  if narrower:
+    text += f" ({', '.join(f'{b}-bit' for b in narrower)}"
+    text += f"{' ternary' if narrower == [1] else ''} codes)"
+  return text
 
 
 def _quantized(workdir: str, out: str) -> list[str]:
-  from brjax.export import packed as export  # pylint: disable=g-import-not-at-top
-  from brjax.export import npz  # pylint: disable=g-import-not-at-top
-  from brjax.export import packing  # pylint: disable=g-import-not-at-top
-  exported = export.export_run(workdir)
+  # pylint: disable=g-import-not-at-top
+  from brjax.export import npz, packing
+  from brjax.export import packed as export
+  exported = export.export_run(workdir, prefer=FLAGS.checkpoint)
   size = npz.save(out, exported)
   h = exported.header
   config = h["source"]["config"]
@@ -82,9 +106,23 @@ def _quantized(workdir: str, out: str) -> list[str]:
           f"{len(h['kernels'])} quantized kernels, epoch {h['source'].get('epoch')}",
           f"exported {_size(size)} vs float {_size(h['float_bytes'])}: "
           + (f"{ratio:.1f}x smaller" if ratio >= 1 else f"{1 / ratio:.1f}x larger"),
-          f"  codes {_size(codes)} at {'-'.join(map(str, sorted({bits[0], bits[-1]})))} bits "
-          f"per weight, float rest {_size(floats)}, header and container "
-          f"{_size(size - codes - floats)}"]
+          f"  codes {_size(codes)} at {_packed_bits(bits)}, float rest "
+          f"{_size(floats)}, header and container {_size(size - codes - floats)}"]
+
+
+def _onnx(workdir: str, out: str) -> list[str]:
+  import onnx  # pylint: disable=g-import-not-at-top
+
+  from brjax.export import onnx_check, onnx_run  # pylint: disable=g-import-not-at-top
+  proto = onnx_run.export_run(workdir, prefer=FLAGS.checkpoint)
+  onnx.save(proto, out)
+  ops = onnx_check.integer_kernels(proto)
+  integer = sorted(s for s, op in ops.items() if op in onnx_check.INTEGER_OPS)
+  return [f"{out}: {_size(os.path.getsize(out))}, opset {proto.opset_import[0].version}, "
+          f"{len(integer)} of {len(ops)} quantized kernels run as integer kernels in "
+          f"onnxruntime (float: {sorted(set(ops) - set(integer)) or 'none'})",
+          f"  accuracy in onnxruntime: python scripts/evaluate.py --workdir={workdir} "
+          f"--checkpoint={FLAGS.checkpoint} --onnx={out}"]
 
 
 def main(argv: list[str]) -> int:
@@ -92,7 +130,7 @@ def main(argv: list[str]) -> int:
     cli.parse_flags(FLAGS, argv)
     cli.check_run_workdir(FLAGS.workdir)
     if not FLAGS.out:
-      raise ValueError("--out is required: the .npz file to write")
+      raise ValueError("--out is required: the file to write (.npz; .onnx with --format=onnx)")
     out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
     if not os.path.isdir(out_dir):
       raise ValueError(f"--out={FLAGS.out} is not accepted: folder {out_dir} does not exist")
@@ -103,7 +141,9 @@ def main(argv: list[str]) -> int:
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.ERROR)  # orbax's read-only-manager warnings
   try:
-    lines = (_integer if FLAGS.format == "integer" else _quantized)(FLAGS.workdir, FLAGS.out)
+    lines = [cli.checkpoint_line(FLAGS.workdir, FLAGS.checkpoint)]
+    lines += {"integer": _integer, "quantized": _quantized, "onnx": _onnx}[FLAGS.format](
+        FLAGS.workdir, FLAGS.out)
   except (ValueError, OSError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2

@@ -23,14 +23,12 @@ import json
 import os
 import sys
 
-from absl import flags
-from absl import logging
+from absl import flags, logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 # pylint: disable=g-import-not-at-top
-from brjax.training import checkpoint
-from brjax.training import cli
 from brjax.studies import step_size_trace
+from brjax.training import checkpoint, cli
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "The --workdir of a training run (required).",

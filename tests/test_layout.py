@@ -31,7 +31,8 @@ def test_tests_mirror_the_layout():
   assert folders == set(SUBPACKAGES)
 
 
-@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_module_is_long(path):
   assert len(path.read_text().splitlines()) <= MAX_LINES
 
@@ -83,6 +84,14 @@ def test_packages_that_kept_a_module_name_export_its_names(package, name, module
   value = getattr(importlib.import_module(package), name)
   assert value is getattr(importlib.import_module(module), name)
   assert name in importlib.import_module(package).__all__
+
+
+@pytest.mark.parametrize("package", ["brjax", "brjax.quant", "brjax.models", "brjax.export",
+                                     "brjax.bench", "brjax.nnx"])
+def test_every_exported_name_resolves(package):
+  module = importlib.import_module(package)
+  missing = [name for name in module.__all__ if not hasattr(module, name)]
+  assert not missing, missing
 
 
 def test_an_unknown_name_is_an_attribute_error():

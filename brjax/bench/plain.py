@@ -18,10 +18,11 @@ missing Qwix or a Qwix step that fails is reported, not raised.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -5,7 +5,10 @@ No JAX: the measurements are plain numbers (``brjax.bench.training`` takes them)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
+import statistics
+import time
 from typing import Any
 
 # (measurement, comparison, limit, description, timing): the target holds if
@@ -78,3 +81,13 @@ def results_text(report: Report) -> str:
   lines, _ = check_targets(report, context["quick"])
   return (f"{report.table()}\n\nTargets ({context['device']}, jax {context['jax']}, "
           f"{context['cores']} cores):\n" + "\n".join(lines))
+
+
+def median_time(fn: Callable[[], Any], reps: int) -> float:
+  """Median wall time of ``fn()`` (which must block until its work is done), over ``reps``."""
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)

@@ -15,17 +15,16 @@ Both build the training step exactly as ``brjax.training.train`` does (``paralle
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import statistics
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from brjax.models import cifar as models
-from brjax.training import optim
-from brjax.training import steps
+from brjax.training import optim, steps
 from brjax.training.config import Config
 from brjax.training.parallel import Topology, jit_train_step
 

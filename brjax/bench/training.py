@@ -31,6 +31,10 @@ compilation, with wall-clock time:
 * ``float_step_flops_per_s``: the float step's FLOPs (XLA's ``cost_analysis`` of the
   compiled step) per second of its median time, against ``matmul_flops_per_s``, a large
   float32 matmul on the same devices.
+* ``checkpoint_save_call_ms``, ``step_with_save_over_step``,
+  ``step_with_sync_save_over_step``: the step time around a mid-epoch checkpoint
+  (``brjax.bench.checkpointing``: asynchronous saves against waited-for ones).
+* with ``onnx=True``: ``brjax.bench.onnx``, the ONNX export in onnxruntime.
 
 Measurements go into a :class:`Report` (and, as they come, one JSON line each to
 ``json_out``); :func:`results_text` is its table and the :data:`TARGETS` with PASS, FAIL or
@@ -41,6 +45,7 @@ anything; the compile counts are checked in both modes).
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 import contextlib
 import dataclasses
 import functools
@@ -49,7 +54,6 @@ import platform
 import statistics
 import tempfile
 import time
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -57,9 +61,17 @@ import numpy as np
 from PIL import Image
 
 from brjax.bench import plain as bench_plain
-# Imported by name: brjax.bench.training's public names too (scripts/benchmark.py, tests).
-from brjax.bench.report import TARGETS, Report, check_targets, results_text  # noqa: F401
 from brjax.bench import scale as bench_scale
+from brjax.bench.checkpointing import time_checkpoint_saves
+
+# Imported by name: brjax.bench.training's public names too (scripts/benchmark.py, tests).
+from brjax.bench.report import (  # noqa: F401
+  TARGETS,
+  Report,
+  check_targets,
+  median_time,
+  results_text,
+)
 from brjax.data import input_pipeline
 from brjax.models import cifar as models
 from brjax.quant import lsq as quant
@@ -72,16 +84,6 @@ BR_BITS = (2, 4, 8)
 STEPS = ("float", "warmup", "br")
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
-def median_time(fn: Callable[[], Any], reps: int) -> float:
-  """Median wall time of ``fn()`` (which must block until its work is done)."""
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def synthetic_dataset(num_train: int, num_test: int, seed: int = 0):
   """A CIFAR-shaped ``input_pipeline.Dataset`` of random uint8 images and labels."""
   rng = np.random.default_rng(seed)
@@ -93,7 +95,7 @@ def synthetic_dataset(num_train: int, num_test: int, seed: int = 0):
       np.full(3, 0.25, np.float32))
 
 
-def time_steps(report: Report, config, rounds: int, compiles: "CompileLog") -> dict:
+def time_steps(report: Report, config, rounds: int, compiles: CompileLog) -> dict:
   """Step times (interleaved), step ratios and compile times; returns the float step.
 
   The WARMUP and BR steps use ``config``: that of the two-phase run, which compiled them
@@ -327,7 +329,7 @@ def _compilation_cache(path: str):
 
 def run_benchmark(quick: bool, model_name: str, batch_size: int, rounds: int,
                   data_dir: str | None = None, json_out: str | None = None,
-                  plain_models: bool = False, scale: bool = False,
+                  plain_models: bool = False, scale: bool = False, onnx: bool = False,
                   log: Callable[[str], None] = lambda _: None) -> Report:
   """Takes every measurement of this module's docstring; returns the report.
 
@@ -341,6 +343,8 @@ def run_benchmark(quick: bool, model_name: str, batch_size: int, rounds: int,
     scale: also ``brjax.bench.scale``: the BR step in bfloat16 against float32 (this
       model, this batch), and the memory plan of ResNet-50's BR step (224x224, batch 32)
       without A-BR, with it, and with it under remat.
+    onnx: also ``brjax.bench.onnx`` (when onnxruntime is installed): the ONNX int model
+      against its QDQ and float ONNX exports and brjax's jitted evaluation.
     log: progress lines.
   """
   devices = jax.devices()
@@ -377,10 +381,19 @@ def run_benchmark(quick: bool, model_name: str, batch_size: int, rounds: int,
       log("FLOP/s")
       measure_flops(report, steps["compiled_float"], steps["medians"]["float"],
                     matmul_size=1024 if quick else 2048, reps=3 if quick else 10)
+      log("the step time around a mid-epoch checkpoint")
+      time_checkpoint_saves(report, config, synthetic_dataset(batch_size, 16),
+                            rounds=3 if quick else 10, workdir=tmp)
       if plain_models:  # inside: the compilation cache writes to the folder until it goes
         time_plain_models(report, rounds=3 if quick else 5, log=log)
       if scale:
         measure_scale(report, config, rounds, quick, log)
+      if onnx:
+        from brjax.bench import onnx as bench_onnx  # pylint: disable=g-import-not-at-top
+        if bench_onnx.available():
+          bench_onnx.time_onnx(report, model_name, reps=5 if quick else 20, log=log)
+        else:
+          log("onnx: skipped (pip install 'brjax[onnx]')")
   finally:
     report.close()
   return report

@@ -10,17 +10,17 @@ batch functions, which take either kind (an in-memory dataset gives the in-memor
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import dataclasses
 import os
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
-from brjax.data import input_pipeline
+from brjax.data import input_pipeline, streaming
 from brjax.training import recipes
-from brjax.data import streaming
 
-Dataset = Union[input_pipeline.Dataset, streaming.StreamingDataset]
+Dataset = input_pipeline.Dataset | streaming.StreamingDataset
 
 
 def data_workers(requested: int | None) -> int:
@@ -61,6 +61,45 @@ def load(config: Any, *, data_dir: str | None = None, train_examples: int | None
       ds = dataclasses.replace(ds, mean=np.asarray(stats["mean"], np.float32),
                                std=np.asarray(stats["std"], np.float32))
   return recipes.normalize_dataset(ds, normalization)
+
+
+def stored_stats(meta: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
+  """The input normalization a run trained with, as its checkpoint meta stored it.
+
+  ``meta["data"]`` (written with every checkpoint by ``brjax.training.train``) holds the
+  ``mean`` and ``std`` the run normalized its images with, its recipe's constants
+  (``--normalization=reference``) included: the one source for every reader of a saved
+  run (evaluation, export, analysis), which must not measure them again.
+
+  Returns:
+    ``{"mean", "std"}``, float32 ``(C,)``; None for a meta written before they were stored.
+
+  Raises:
+    ValueError: stored statistics that are not finite means and positive stds of one
+      length.
+  """
+  data = meta.get("data")
+  if not isinstance(data, Mapping) or "mean" not in data or "std" not in data:
+    return None
+  mean, std = (np.asarray(data[k], np.float32) for k in ("mean", "std"))
+  if (mean.ndim != 1 or mean.shape != std.shape or not np.all(np.isfinite(mean))
+      or not np.all(np.isfinite(std) & (std > 0))):
+    raise ValueError(f"the checkpoint meta's input normalization mean={data['mean']} "
+                     f"std={data['std']} is not accepted: expected finite means and positive "
+                     "stds, one per channel")
+  return {"mean": mean, "std": std}
+
+
+def normalized_as_run(ds: Dataset, config: Mapping[str, Any],
+                      meta: Mapping[str, Any]) -> Dataset:
+  """``ds`` with the input normalization of the saved run (``config`` and ``meta`` of its
+  checkpoint): the statistics it stored (:func:`stored_stats`), else (a meta from before
+  they were stored) ``ds``'s own, measured as training measures them, under the run's
+  recipe (``config["normalization"]``)."""
+  stats = stored_stats(meta)
+  if stats is not None:
+    return dataclasses.replace(ds, **stats)
+  return recipes.normalize_dataset(ds, config.get("normalization") or "dataset")
 
 
 def is_streamed(ds: Dataset) -> bool:

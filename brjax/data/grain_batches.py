@@ -9,10 +9,10 @@ A plan (rows of example indices, -1 for padding) becomes batches through
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import dataclasses
 import json
 import signal
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from absl import flags

@@ -9,16 +9,23 @@ the normalization sample and the first ``test_examples``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 import concurrent.futures
 import os
+from pathlib import Path
 import tarfile
 import zlib
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 
-from brjax.data.image_data import IMAGE_EXTENSIONS, canonical, open_image, reason, stats_sample, take
+from brjax.data.image_data import (
+  IMAGE_EXTENSIONS,
+  canonical,
+  open_image,
+  reason,
+  stats_sample,
+  take,
+)
 
 SPLITS = ("train", "test")
 
@@ -52,7 +59,8 @@ def read_image_folder(data_dir: str, train_examples: int, test_examples: int,
     read = blobs.__getitem__
     where = lambda rel: f"{path}:{rel}"
   else:
-    raise ValueError(f"unsupported data_dir {data_dir}: expected a folder or a .tar.gz/.tgz archive "
+    raise ValueError(f"unsupported data_dir {data_dir}: expected a folder or a .tar.gz/.tgz "
+                     "archive "
                      "holding train/<class>/<image> and test/<class>/<image>")
   if not files:
     raise ValueError(f"data_dir {data_dir} holds no files; expected train/<class>/<image> and "
@@ -137,7 +145,8 @@ def _split_classes(dirs: set[str], files: Iterable[str], split: str,
              if d.startswith(split + "/") and "/" not in d[len(split) + 1:]
              and not d[len(split) + 1:].startswith(".")}
   if not classes:
-    raise ValueError(f"{where(split)} has no class folders; expected {where(split)}/<class>/<image>")
+    raise ValueError(f"{where(split)} has no class folders; expected "
+                     f"{where(split)}/<class>/<image>")
   for f in files:
     head, _, name = f.rpartition("/")
     cls = head[len(split) + 1:]

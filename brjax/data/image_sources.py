@@ -12,8 +12,8 @@ errors naming the file or record.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
+import os
 from pathlib import Path
 from typing import Protocol
 

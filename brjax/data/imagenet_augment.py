@@ -16,7 +16,6 @@ CROP_FRACTION = 0.875  # eval: resize the shorter side to S / 0.875, keep the ce
 AREA_RANGE = (0.08, 1.0)  # Inception crop: fraction of the image area
 RATIO_RANGE = (3 / 4, 4 / 3)  # Inception crop: aspect ratio (width / height)
 CROP_ATTEMPTS = 10
-from brjax.training.recipes import IMAGENET_MEAN, IMAGENET_STD  # pixels in [0, 1]
 
 
 def inception_crop_box(width: int, height: int,

@@ -21,18 +21,25 @@ statistics and eval padding are `brjax.data.image_data`'s, shared with `brjax.da
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 import dataclasses
 import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
 
 from brjax.data import image_data
-from brjax.data.image_data import (IMAGE_EXTENSIONS, channel_counts, interleave, normalize, pad_rows,
-                              stats_from_counts, take)
+from brjax.data.image_data import (
+  IMAGE_EXTENSIONS,
+  channel_counts,
+  interleave,
+  normalize,
+  pad_rows,
+  stats_from_counts,
+  take,
+)
 from brjax.data.image_folder import read_image_folder
 
 __all__ = ["CROP_PADDING", "Dataset", "IMAGE_EXTENSIONS", "STATS_SAMPLE_SIZE", "eval_batches",
@@ -113,8 +120,10 @@ def num_train_steps(ds: Dataset, batch_size: int) -> int:
   return n // batch_size
 
 
-def train_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int) -> Iterator[dict]:
-  """Yields one epoch of shuffled, augmented train batches.
+def train_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int,
+                  start_step: int = 0) -> Iterator[dict]:
+  """Yields one epoch of shuffled, augmented train batches, from batch ``start_step`` on
+  (a run resumed mid-epoch: the batches an uninterrupted run reads from there).
 
   The order is ``np.random.default_rng([seed, epoch]).permutation(N_train)``;
   batch ``step`` is augmented with ``np.random.default_rng([seed, epoch, 1, step])``.
@@ -130,8 +139,10 @@ def train_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int) -> Ite
   steps = num_train_steps(ds, batch_size)
   if seed < 0 or epoch < 0:
     raise ValueError(f"seed={seed} and epoch={epoch} must be non-negative integers")
+  if not 0 <= start_step <= steps:
+    raise ValueError(f"start_step={start_step} is not in [0, {steps}] (batches in an epoch)")
   perm = np.random.default_rng([seed, epoch]).permutation(len(ds.train_labels))
-  for step in range(steps):
+  for step in range(start_step, steps):
     idx = perm[step * batch_size:(step + 1) * batch_size]
     rng = np.random.default_rng([seed, epoch, 1, step])
     image = normalize(_random_crop_flip(ds.train_images[idx], rng), ds.mean, ds.std)

@@ -8,8 +8,8 @@ noise and a random gradient, so a network can learn them, and tests can check ac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image

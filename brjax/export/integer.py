@@ -46,22 +46,23 @@ order, first code in the lowest bits, two's complement).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brjax.training import checkpoint
-from brjax.data import input_pipeline
-from brjax.models import cifar as models
+from brjax.data import datasets
 from brjax.export import packing
+from brjax.models import cifar as models
 from brjax.quant import lsq as quant
+from brjax.training import checkpoint
 
 FORMAT = "brjax.export"
 VERSION = 1
@@ -287,15 +288,19 @@ def export_model(variables: Mapping[str, Any], *, model: str, bits_w: int, bits_
   return Exported(header, arrays)
 
 
-def export_run(workdir: str, *, data_dir: str | None = None) -> Exported:
-  """Exports the best (else latest) checkpoint of the training run in ``workdir``.
+def export_run(workdir: str, *, data_dir: str | None = None, prefer: str = "best") -> Exported:
+  """Exports the best (else latest; or ``prefer="latest"``) checkpoint of the training run
+  in ``workdir``.
 
-  The input normalization is recomputed from the run's dataset (``data_dir`` overrides the
-  run's ``--data_dir``); ``input_pipeline`` derives it from the full train split only, so
-  it equals the run's.
+  The input normalization is the one the run stored in its checkpoint meta
+  (``datasets.stored_stats``; ``header["source"]["normalization"]`` says "stored by the
+  run"), which needs no data. A meta from before it was stored: measured again from the
+  run's dataset (``data_dir`` overrides the run's ``--data_dir``) as training measures it,
+  under the run's ``--normalization`` recipe.
 
   Raises:
-    ValueError: no checkpoint, a float or half-quantized run, or unreadable data.
+    ValueError: no checkpoint, a float or half-quantized run, or (an older meta)
+      unreadable data.
   """
   root = os.path.join(workdir, "checkpoints")
   kinds = [os.path.join(root, k) for k in ("best", "latest")
@@ -303,26 +308,31 @@ def export_run(workdir: str, *, data_dir: str | None = None) -> Exported:
   if not any(name.isdigit() for d in kinds for name in os.listdir(d)):
     raise ValueError(f"--workdir={workdir} holds no checkpoint (checkpoints/best/<epoch> or "
                      "checkpoints/latest/<epoch>): use the --workdir of a training run")
-  variables, meta = checkpoint.restore_pretrained(workdir)
+  variables, meta = checkpoint.restore_pretrained(workdir, prefer)
   config = meta.get("config") or {}
   missing = [k for k in ("model", "bits_w", "bits_a") if k not in config]
   if missing:
     raise ValueError(f"the checkpoint meta in {workdir} lacks config {missing}: it was not "
                      "written by brjax.training.train")
   check_exportable(config["bits_w"], config["bits_a"], config["model"])
-  data_dir = data_dir or config.get("data_dir")
-  try:
-    ds = input_pipeline.load_dataset(config.get("dataset", "cifar10"), data_dir,
-                                     train_examples=1, test_examples=1)
-  except (ValueError, OSError) as e:
-    raise ValueError(f"cannot load the run's data for its input normalization ({e}); pass "
-                     "--data_dir=<the run's image folder or .tar.gz>") from e
+  stats, how = datasets.stored_stats(meta), "stored by the run"
+  if stats is None:  # a meta from before the statistics were stored
+    data_dir = data_dir or config.get("data_dir")
+    try:
+      ds = datasets.load(config, data_dir=data_dir, train_examples=1, test_examples=1)
+    except (ValueError, OSError) as e:
+      raise ValueError(f"cannot load the run's data for its input normalization ({e}); pass "
+                       "--data_dir=<the run's image folder or .tar.gz>") from e
+    stats = {"mean": ds.mean, "std": ds.std}
+    how = (f"measured again from {data_dir or config.get('dataset', 'cifar10')} "
+           f"(--normalization={config.get('normalization') or 'dataset'}): the checkpoint "
+           "stored none")
   source = {"workdir": os.path.abspath(workdir), "epoch": meta.get("epoch"),
             "best_test_acc": meta.get("best_test_acc"),
-            "float_bytes": float_size_bytes(variables)}
+            "float_bytes": float_size_bytes(variables), "normalization": how}
   return export_model(variables, model=config["model"], bits_w=config["bits_w"],
-                      bits_a=config["bits_a"], clip=config.get("clip"), mean=ds.mean,
-                      std=ds.std, source=source)
+                      bits_a=config["bits_a"], clip=config.get("clip"), mean=stats["mean"],
+                      std=stats["std"], source=source)
 
 
 # ------------------------------------------------------------------------------ file I/O

@@ -55,8 +55,9 @@ differs by a few float32 ulps of the terms summed into it, a relative ~1e-7..1e-
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jax
 from jax import lax

@@ -28,9 +28,10 @@ safetensors: a JSON header, and one buffer that holds every tensor at an offset.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import json
 import os
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

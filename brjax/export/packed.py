@@ -22,7 +22,8 @@ layer's input, a ``QuantReLU``'s output): its step size, bits and signedness.
 
 Loading and exactness
 ---------------------
-:func:`brjax.export.npz.to_variables` puts ``codes * max(alpha, floor)``, in the kernel's dtype, in place of
+:func:`brjax.export.npz.to_variables` puts ``codes * max(alpha, floor)``, in the kernel's
+dtype, in place of
 each quantized kernel: the very tensor the fake-quantizer made of the original kernel. The
 same model quantizes it again as it runs, and ``(codes * alpha) / alpha`` rounds back to
 ``codes`` (two float roundings move it by at most ``2^-23 * |codes| <= 2^-16``, far from
@@ -42,21 +43,22 @@ The file format and loading are :mod:`brjax.export.npz`'s.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import dataclasses
 import math
 import os
-from typing import Any, Mapping
+from typing import Any
 
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brjax.training import checkpoint
-from brjax.models import cifar as models
 from brjax.export import packing
+from brjax.models import cifar as models
 from brjax.quant import lsq as quant
 from brjax.quant import sites
+from brjax.training import checkpoint
 
 FORMAT = "brjax.quantized"
 VERSION = 1

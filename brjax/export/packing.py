@@ -24,8 +24,9 @@ are zero. So a tensor of ``n`` codes takes ``ceil(n * packed_bits / 8)`` bytes
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np

@@ -25,8 +25,9 @@ optional dependency: ``pip install brjax[torch]``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import re
-from typing import Any, Mapping
+from typing import Any
 
 from flax import traverse_util
 import numpy as np
@@ -48,7 +49,8 @@ def module_path(torch_module: str) -> tuple[str, ...]:
 
 
 def torch_module_name(path: tuple[str, ...]) -> str:
-  """Inverse of :func:`module_path`: ``("layer1_0", "downsample_1")`` -> ``"layer1.0.downsample.1"``."""
+  """Inverse of :func:`module_path`: ``("layer1_0", "downsample_1")`` ->
+  ``"layer1.0.downsample.1"``."""
   return ".".join(re.sub(r"_(\d+)$", r".\1", p) for p in path)
 
 

@@ -24,7 +24,19 @@ __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # what static tools see: the eager imports the lazy ones stand for
-  from brjax.models.cifar import (ACT_GRAD_SCALES, BN_EPSILON, BN_MOMENTUM, BasicBlock,
-                                  BasicBlockOptionA, CifarResNet, MODELS, ModuleDef, ResNet18,
-                                  ResNet18Reference, ResNet20, ResNet20OptionA, create_model,
-                                  from_run_config)
+  from brjax.models.cifar import (
+    ACT_GRAD_SCALES,
+    BN_EPSILON,
+    BN_MOMENTUM,
+    MODELS,
+    BasicBlock,
+    BasicBlockOptionA,
+    CifarResNet,
+    ModuleDef,
+    ResNet18,
+    ResNet18Reference,
+    ResNet20,
+    ResNet20OptionA,
+    create_model,
+    from_run_config,
+  )

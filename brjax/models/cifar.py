@@ -7,16 +7,17 @@ stays float.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from brjax.models import paper as paper_models
-from brjax.quant import lsq as quant
 from brjax.models import reference_resnet
+from brjax.quant import lsq as quant
 
 ModuleDef = Any
 BN_EPSILON = 1e-5

@@ -23,8 +23,9 @@ dropout rng), MobileNetV3.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -227,13 +228,15 @@ def paper_rules(name: str, bits_w: int, bits_a: int, *,
   w = None if bits_w == FLOAT_BITS else bits_w
   a = None if bits_a == FLOAT_BITS else bits_a
   edge = dict(weight_bits=w and (first_last_bits or w), act_bits=a and (first_last_bits or a),
-              per_channel=per_channel, act_batch_grad_scale=act_batch_grad_scale)
+              per_channel=per_channel and w is not None,  # per_channel: a kernel's step sizes
+              act_batch_grad_scale=act_batch_grad_scale)
   first = "stem" if name == "mobilenet_v2" else "conv_init"
   last = "classifier" if name == "mobilenet_v2" else "head"
   rules = [QuantRule(first, act_signed=True, **edge), QuantRule(last, act_signed=False, **edge)]
   body = dict(edge, weight_bits=w, act_bits=a)
   if name == "mobilenet_v2":
-    rules += [QuantRule(r"block\d+/depthwise", act_signed=False, **dict(body, per_channel=True)),
+    rules += [QuantRule(r"block\d+/depthwise", act_signed=False,
+                        **dict(body, per_channel=w is not None)),
               QuantRule(r"block\d+/expand|conv_last", act_signed=True, **body)]
   rules.append(QuantRule(".*", act_signed=False, **body))
   return tuple(rules)

@@ -9,9 +9,9 @@ Flax ImageNet example's ResNet, a ViT encoder and MobileNetV2's inverted residua
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import functools
 import math
-from typing import Sequence
 
 import flax.linen as nn
 import jax

@@ -26,9 +26,10 @@ with the biased batch variance, running variance updated with the *unbiased* one
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

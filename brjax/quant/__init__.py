@@ -7,6 +7,8 @@
 * :mod:`brjax.quant.rules`, :mod:`brjax.quant.quantize`, :mod:`brjax.quant.nnx`:
   ``quantize_model`` of an unmodified Linen or NNX model, by rules on module paths.
 * :mod:`brjax.quant.sites`: what each quantizer records (no hooks).
+* :mod:`brjax.quant.calibration`: what LSQ's init decides from the init batch, and the
+  batches it cannot decide on (all zero, constant, negative at an unsigned input).
 * :mod:`brjax.quant.regularizer`: Bin Regularization (Han et al., ICCV 2021).
 * :mod:`brjax.quant.metrics`: how well tensors sit on their grids.
 
@@ -20,24 +22,41 @@ from typing import TYPE_CHECKING
 from brjax import _lazy
 
 _EXPORTS = {
-    **dict.fromkeys(("FLOAT_BITS", "MAX_BITS", "MIN_BITS", "QuantConv", "QuantDense", "QuantReLU",
-                     "STATE", "STEP_SIZE_NAMES", "check_layer_bits", "grad_scale", "init_alpha",
-                     "init_alphas", "input_range", "is_alpha_path", "is_weight_alpha_path",
-                     "lsq_quantize", "qrange", "quantize_input", "quantize_kernel", "safe_alpha",),
-                     "lsq"),
+    **dict.fromkeys(("FLOAT_BITS", "MAX_BITS", "MIN_BITS", "qrange"), "bits"),
+    **dict.fromkeys(("DegenerateInitWarning",), "calibration"),
+    **dict.fromkeys(("QuantConv", "QuantDense", "QuantReLU", "STATE", "STEP_SIZE_NAMES",
+                     "check_layer_bits", "grad_scale", "init_alpha", "init_alphas",
+                     "input_range", "is_alpha_path", "is_weight_alpha_path", "lsq_quantize",
+                     "quantize_input", "quantize_kernel", "safe_alpha"), "lsq"),
     **dict.fromkeys(("quantize_model",), "quantize"),
-    **dict.fromkeys(("activation_br", "bin_regularization", "br_losses", "weight_br",),
-                     "regularizer"),
+    **dict.fromkeys(("activation_br", "bin_regularization", "br_losses", "weight_br"),
+                    "regularizer"),
     **dict.fromkeys(("QuantRule",), "rules"),
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # what static tools see: the eager imports the lazy ones stand for
-  from brjax.quant.lsq import (FLOAT_BITS, MAX_BITS, MIN_BITS, QuantConv, QuantDense, QuantReLU,
-                               STATE, STEP_SIZE_NAMES, check_layer_bits, grad_scale, init_alpha,
-                               init_alphas, input_range, is_alpha_path, is_weight_alpha_path,
-                               lsq_quantize, qrange, quantize_input, quantize_kernel, safe_alpha)
-  from brjax.quant.quantize import (quantize_model)
-  from brjax.quant.regularizer import (activation_br, bin_regularization, br_losses, weight_br)
-  from brjax.quant.rules import (QuantRule)
+  from brjax.quant.bits import FLOAT_BITS, MAX_BITS, MIN_BITS, qrange
+  from brjax.quant.calibration import DegenerateInitWarning
+  from brjax.quant.lsq import (
+    STATE,
+    STEP_SIZE_NAMES,
+    QuantConv,
+    QuantDense,
+    QuantReLU,
+    check_layer_bits,
+    grad_scale,
+    init_alpha,
+    init_alphas,
+    input_range,
+    is_alpha_path,
+    is_weight_alpha_path,
+    lsq_quantize,
+    quantize_input,
+    quantize_kernel,
+    safe_alpha,
+  )
+  from brjax.quant.quantize import quantize_model
+  from brjax.quant.regularizer import activation_br, bin_regularization, br_losses, weight_br
+  from brjax.quant.rules import QuantRule

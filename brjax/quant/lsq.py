@@ -24,8 +24,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from brjax.quant import sites
-from brjax.quant.bits import FLOAT_BITS, MAX_BITS, MIN_BITS, qrange  # pylint: disable=unused-import
+from brjax.quant import calibration, sites
+from brjax.quant.bits import FLOAT_BITS, MAX_BITS, MIN_BITS, check_range, qrange  # pylint: disable=unused-import
+from brjax.quant.calibration import check_init  # pylint: disable=unused-import
 
 STATE = "quant_state"
 """Variable collection of per-site decisions fixed at init (a data-decided input sign)."""
@@ -60,6 +61,9 @@ def init_alpha(x: jax.Array, qp: int | jax.Array,
     alone puts 1e-8 relative errors into a float64 replay).
   """
   dtype = jnp.promote_types(x.dtype, jnp.float32)
+  if not all(-x.ndim <= a < x.ndim for a in channel_axes):
+    raise ValueError(f"channel_axes={tuple(channel_axes)} is not accepted: use axes of the "
+                     f"rank-{x.ndim} x")
   axes = tuple(a % x.ndim for a in channel_axes)
   if axes:
     mean = jnp.mean(jnp.abs(x.astype(dtype)), axis=tuple(a for a in range(x.ndim)
@@ -136,6 +140,7 @@ def lsq_quantize(x: jax.Array, alpha: jax.Array, qn: int | jax.Array, qp: int | 
     8 signed bits; 8-bit unsigned codes above 128 may land on a neighbour).
   """
   if isinstance(qn, int) and isinstance(qp, int):
+    check_range(qn, qp)
     return _lsq_static(x, alpha, qn, qp, grad_scale)
   return _lsq_traced(x, alpha, jnp.asarray(qn, x.dtype), jnp.asarray(qp, x.dtype), grad_scale)
 
@@ -208,8 +213,9 @@ def quantize_kernel(module: nn.Module, kernel: jax.Array, bits: int, *,
   """Fake-quantizes a layer's kernel (signed, ``bits`` bits) on the layer's own scope.
 
   Creates the step size ``alpha`` beside the kernel (LSQ init from the kernel; one per
-  output channel along ``channel_axes``, else a scalar) and sows a ``"weight"`` site
-  (see ``brjax.quant.sites``). The gradient scale counts the weights that share one step size.
+  output channel along ``channel_axes``, else a scalar; a zero or non-finite one fails, see
+  ``brjax.quant.calibration``) and sows a ``"weight"`` site (see ``brjax.quant.sites``). The
+  gradient scale counts the weights that share one step size.
 
   Args:
     module: the layer (a bound Flax module inside its call).
@@ -221,7 +227,8 @@ def quantize_kernel(module: nn.Module, kernel: jax.Array, bits: int, *,
     The quantized kernel, same shape and dtype.
   """
   qn, qp = qrange(bits, signed=True)
-  alpha = module.param("alpha", lambda _: init_alpha(kernel, qp, channel_axes))
+  alpha = module.param("alpha", lambda _: check_init(
+      _path(module), "kernel", init_alpha(kernel, qp, channel_axes), kernel))
   sites.sow(module, sites.WEIGHT, sites.record(kernel, alpha, qn, qp), keep_last=True)
   return lsq_quantize(kernel, alpha, qn, qp, grad_scale(kernel.size // alpha.size, qp))
 
@@ -247,21 +254,21 @@ def input_range(module: nn.Module, x: jax.Array, bits: int, signed: bool | None
         f"collection that init returned (under nn.scan/nn.vmap, list {STATE!r} in "
         "variable_axes), or set act_signed=True/False in the rule")
   flag = module.variable(STATE, "input_signed", lambda: jnp.any(x < 0))
-  qn_s, qp_s = qrange(bits, signed=True)
-  qn = jnp.where(flag.value, qn_s, 0).astype(jnp.int32)
-  return qn, qn + (qp_s - qn_s)
+  return calibration.decided_range(bits, flag.value)
 
 
 def quantize_input(module: nn.Module, x: jax.Array, bits: int, signed: bool | None, *,
                    batch_grad_scale: bool = False) -> jax.Array:
   """Fake-quantizes a layer's input on the layer's own scope (the step size ``input_alpha``).
 
-  LSQ init from the first batch; sows an ``"input"`` site for A-BR. The gradient scale is
+  LSQ init from the first batch (a batch it cannot calibrate on fails loudly, see
+  ``brjax.quant.calibration``); sows an ``"input"`` site for A-BR. The gradient scale is
   ``1/sqrt(n * qp)`` with ``n = x[0].size`` (one example, as the LSQ paper) or
   ``x.size`` (the whole batch, as the reference package) with ``batch_grad_scale``.
   """
   qn, qp = input_range(module, x, bits, signed)
-  alpha = module.param("input_alpha", lambda _: init_alpha(x, qp))
+  alpha = module.param("input_alpha",
+                       lambda _: check_init(_path(module), "input", init_alpha(x, qp), x, signed))
   qn_any, qp_any = qrange(bits, signed is not False)  # the same number of levels either way
   sites.sow(module, sites.INPUT,
             sites.Site(values=x, alpha=alpha, qn=jnp.asarray(qn, jnp.int32),
@@ -339,11 +346,15 @@ class QuantReLU(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
+      raise ValueError(f"QuantReLU clip={self.clip!r} is not accepted: use a positive finite "
+                       "number, or None for a plain ReLU")
     y = nn.relu(x) if self.clip is None else jnp.clip(x, 0.0, self.clip)
     if self.bits == FLOAT_BITS:
       return y
     qn, qp = qrange(self.bits, signed=False)
-    alpha = self.param("alpha", lambda _: init_alpha(y, qp))
+    alpha = self.param("alpha", lambda _: check_init(_path(self), "output", init_alpha(y, qp),
+                                                     y, False))
     sites.sow(self, sites.OUTPUT, sites.record(y, alpha, qn, qp), keep_last=self.keep_last_call)
     n = y.size if self.batch_grad_scale else y[0].size
     return lsq_quantize(y, alpha, qn, qp, grad_scale(n, qp))
@@ -370,8 +381,12 @@ def init_alphas(model: nn.Module, variables: Any, *args, rng: jax.Array | None =
 
   Weight step sizes come from their kernels; activation step sizes from the activations
   of the batch, in one forward pass, so each layer sees inputs quantized with the step
-  sizes already set upstream (the data-driven init of LSQ's first training step). Works by
-  dropping every ``alpha`` and letting the layers create them again in ``model.apply``.
+  sizes already set upstream (the data-driven init of LSQ's first training step). Every
+  other decision init took from data is taken again from this batch: the data-decided
+  input signs (``act_signed=None``, the ``"quant_state"`` collection). Works by dropping
+  every ``alpha`` and every input sign and letting the layers create them again in
+  ``model.apply``; a batch LSQ cannot calibrate on fails as at init
+  (``brjax.quant.calibration``).
 
   The forward pass may run in training mode (``train=True``: LSQ's init is a training
   forward, the right choice for a model that has not been trained, whose running
@@ -391,14 +406,16 @@ def init_alphas(model: nn.Module, variables: Any, *args, rng: jax.Array | None =
     **apply_kwargs: passed to ``model.apply`` (e.g. ``train=True``).
 
   Returns:
-    ``variables`` with new ``alpha`` values (a new dict; the input is not modified).
+    ``variables`` with new ``alpha`` values and input signs (a new dict; the input is not
+    modified).
   """
   flat = traverse_util.flatten_dict(variables["params"])
   kept = {p: v for p, v in flat.items() if not is_alpha_path(p)}
-  others = {k: v for k, v in variables.items() if k != "params"}
+  others = {k: v for k, v in variables.items() if k not in ("params", STATE)}
   rngs = dict(rngs or {})
   rngs["params"] = jax.random.key(0) if rng is None else rng
   _, updated = model.apply(
       {**others, "params": traverse_util.unflatten_dict(kept)}, *args,
       rngs=rngs, mutable=True, **apply_kwargs)
-  return {**others, "params": updated["params"]}
+  signs = {STATE: updated[STATE]} if updated.get(STATE) else {}
+  return {**others, "params": updated["params"], **signs}

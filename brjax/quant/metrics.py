@@ -14,7 +14,8 @@ gives
 All in one pass over the tensor: one bin-count histogram (a segment sum), O(N) whatever
 the bit width. :func:`reference_br_metrics` adds the reference package's BR metrics
 (``effectiveness``, ``pct_near`` within 1% of alpha, ``mean_distance``, ``bins_used`` and
-per-bin count, mean and std) and :func:`reference_summary` its layer averages. The collectors :func:`weight_metrics` and :func:`activation_metrics` apply it
+per-bin count, mean and std) and :func:`reference_summary` its layer averages. The collectors
+:func:`weight_metrics` and :func:`activation_metrics` apply it
 to every quantization site a forward pass recorded (see ``brjax.quant.sites``), each on its own
 range;
 :func:`quant_metrics` runs a model on one batch and returns both, and :func:`to_python`
@@ -31,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from brjax.quant import bits, sites
 from brjax.quant import lsq as quant
-from brjax.quant import sites
 
 NEAR_TOLERANCE = 0.1
 """An element is "near" its level when ``|v - q(v)| <= NEAR_TOLERANCE * alpha``."""
@@ -65,13 +66,7 @@ def layer_metrics(v: jax.Array, alpha: jax.Array, qn: int, qp: int, *,
   Raises:
     ValueError: on an empty ``v``, a step size that does not broadcast, or a bad range.
   """
-  _check_range(qn, qp)
-  if np.size(alpha) != 1:
-    try:
-      np.broadcast_shapes(np.shape(alpha), np.shape(v))
-    except ValueError:
-      raise ValueError(f"alpha of shape {np.shape(alpha)} does not broadcast to v of shape "
-                       f"{np.shape(v)}: use a scalar or one step size per channel") from None
+  bits.check_grid(qn, qp, np.shape(alpha), np.shape(v))
   return _metrics(v, alpha, qn, qp - qn + 1, where)
 
 
@@ -210,11 +205,7 @@ def to_python(tree: Any) -> Any:
   return np.asarray(jax.device_get(tree)).tolist()
 
 
-def _check_range(qn: int, qp: int) -> None:
-  ok = all(isinstance(q, (int, np.integer)) and not isinstance(q, bool) for q in (qn, qp))
-  if not ok or not qn < qp:
-    raise ValueError(f"qn={qn!r}, qp={qp!r} is not an integer range: use Python ints with "
-                     "qn < qp (see quant.qrange)")
+_check_range = bits.check_range  # the quantizer's and BR's check too
 
 
 def _batch_mask(mask: jax.Array, site: sites.Site, name: str) -> jax.Array:

@@ -64,28 +64,30 @@ Not supported, with an error rather than a silent skip:
   called on a copy of itself during :func:`record_sites` raises too. Quantize such models
   with Linen's ``quantize_model`` (which carries sites through ``nn.scan``), or unroll
   the stack.
-* calling :func:`quantize_nnx` under a transform, or with sample inputs that are tracers
-  (the step sizes and a data-decided sign need real values);
+* calling :func:`quantize_nnx` under a transform, without sample inputs, or with sample
+  inputs that are tracers, or that LSQ cannot calibrate on (all zero, constant, negative
+  at an ``act_signed=False`` input: ``brjax.quant.calibration``; pass a real batch);
 * a quantized layer whose input is not its first argument (``inputs``), or not float.
 
-Failures are loud, naming module paths: a rule that matches no quantizable layer, a model
-in which nothing was quantized, a matched layer that the sample forward never called, a
-model quantized twice. On any failure the model is left as it was.
+Failures are loud, naming module paths: a rule that matches no quantizable layer (listing
+them), a model in which nothing was quantized, a matched layer that the sample forward
+never called, a model quantized twice. On any failure the model is left as it was.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 import contextlib
 import contextvars
 import dataclasses
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from brjax.quant import calibration, sites
 from brjax.quant import lsq as quant
-from brjax.quant import sites
 from brjax.quant.rules import QuantRule, check_rules, first_match
 
 __all__ = ["QUANTIZABLE", "QuantState", "quantize_nnx", "quantized_layers", "record_sites"]
@@ -117,8 +119,6 @@ class QuantState(nnx.Variable):
 
 
 _STATE_NAMES = ("input_signed",)
-
-
 _MODE: contextvars.ContextVar = contextvars.ContextVar("brjax_nnx_mode", default=None)
 
 
@@ -158,6 +158,7 @@ class _Quantized(nnx.Module):
       if not hasattr(self, "alpha"):
         axes = _channel_axes(self, raw.ndim, args, kwargs) if rule.per_channel else ()
         self.alpha = nnx.Param(quant.init_alpha(raw, qp, axes))
+        calibration.check_init(self.brjax_path, "kernel", self.alpha[...], raw)
     alpha = self._brjax_step_size("alpha")
     if isinstance(mode, _Recording):
       mode.log.append((self, sites.WEIGHT, sites.record(raw, alpha, qn, qp)))
@@ -195,15 +196,15 @@ class _Quantized(nnx.Module):
       if not hasattr(self, "input_alpha"):
         signed = rule.act_signed if rule.act_signed is not None else bool(self.input_signed[...])
         self.input_alpha = nnx.Param(quant.init_alpha(x, quant.qrange(rule.act_bits, signed)[1]))
+        calibration.check_init(path, "input", self.input_alpha[...], x, rule.act_signed)
     alpha = self._brjax_step_size("input_alpha")
     if rule.act_signed is not None:
       qn, qp = quant.qrange(rule.act_bits, rule.act_signed)
       site = sites.record(x, alpha, qn, qp)
     else:  # decided from data and kept in the state: int32 scalars, the same levels
-      qn_s, qp_s = quant.qrange(rule.act_bits, signed=True)
-      qn = jnp.where(self._brjax_step_size("input_signed"), qn_s, 0).astype(jnp.int32)
-      qp = qn + (qp_s - qn_s)
-      site = sites.Site(values=x, alpha=alpha, qn=qn, levels=qp_s - qn_s + 1, ndim=x.ndim)
+      qn, qp = calibration.decided_range(rule.act_bits, self._brjax_step_size("input_signed"))
+      qn_any, qp_any = quant.qrange(rule.act_bits, signed=True)  # the levels of either sign
+      site = sites.Site(values=x, alpha=alpha, qn=qn, levels=qp_any - qn_any + 1, ndim=x.ndim)
     if isinstance(mode, _Recording):
       mode.log.append((self, sites.INPUT, site))
     n = x.size if rule.act_batch_grad_scale else x[0].size
@@ -236,18 +237,14 @@ def _check_concrete(x: Any, path: str, what: str) -> None:
 
 
 def _channel_axes(module: Any, ndim: int, args: tuple, kwargs: dict) -> tuple[int, ...]:
-  """The kernel axes of the layer's output features (one step size per index)."""
+  """The kernel axes of the layer's output features (``calibration.output_channel_axes``)."""
   if isinstance(module, nnx.Einsum):
     spec = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
-    operands, out = spec.replace(" ", "").split("->")
-    kernel = operands.split(",")[1]
-    return tuple(i for i, c in enumerate(kernel) if c in out)
+    return calibration.output_channel_axes(ndim, einsum=spec)
   if isinstance(module, nnx.LinearGeneral):
-    n = len(module.out_features)
-    return tuple(range(ndim - n, ndim))
-  if isinstance(module, nnx.ConvTranspose) and module.transpose_kernel:
-    return (ndim - 2,)  # kernel_size + (out_features, in_features)
-  return (ndim - 1,)
+    return calibration.output_channel_axes(ndim, out_features=len(module.out_features))
+  return calibration.output_channel_axes(
+      ndim, transpose_kernel=isinstance(module, nnx.ConvTranspose) and module.transpose_kernel)
 
 
 def _path_str(parts: tuple) -> str:
@@ -287,6 +284,10 @@ def quantize_nnx(model: nnx.Module, rules: QuantRule | Sequence[QuantRule], *sam
   rules = check_rules(rules)
   if not isinstance(model, nnx.Module):
     raise TypeError(f"quantize_nnx takes a flax.nnx.Module, not a {type(model).__name__}")
+  if not sample_inputs and not sample_kwargs:
+    raise TypeError("quantize_model(nnx_model, rules, *sample_inputs) needs the arguments "
+                    "of one model call on a real batch, which the step sizes are initialized "
+                    "from: e.g. quantize_model(model, rules, first_batch)")
   traced = [x for x in jax.tree.leaves((sample_inputs, sample_kwargs))
             if isinstance(x, jax.core.Tracer)]
   if traced:
@@ -314,13 +315,16 @@ def quantize_nnx(model: nnx.Module, rules: QuantRule | Sequence[QuantRule], *sam
     matched[index].append(path)
     if rule.quantizes:
       plan.append((path, module, rule))
+  layers = sorted(_path_str(p) or "<root>" for p, m in modules if isinstance(m, QUANTIZABLE))
   for i, rule in enumerate(rules):
     if rule.quantizes and not matched[i]:
       seen = sorted(unsupported[i])
       found = (f"; it matched only {', '.join(seen[:5])}{' ...' if len(seen) > 5 else ''}, "
                "which brjax does not quantize" if seen else "")
       raise ValueError(
-          f"rules[{i}] (module_path={rule.module_path!r}) matched no quantizable layer"
+          f"rules[{i}] (module_path={rule.module_path!r}) matched no quantizable layer: "
+          "module_path must match the whole module path (re.fullmatch); the quantizable "
+          f"layers are {', '.join(layers[:8]) or 'none'}{' ...' if len(layers) > 8 else ''}"
           f"{found} (quantizable: {', '.join('nnx.' + t.__name__ for t in QUANTIZABLE)})")
   if not plan:
     raise ValueError("quantize_nnx: nothing was quantized (every matching rule keeps its "

@@ -14,27 +14,31 @@ Parameter paths are unchanged; the step sizes are added beside the kernels. Each
 records a site (see ``brjax.quant.sites``) for Bin Regularization and metrics when ``"quant"`` is
 mutable. For NNX models, see ``brjax.quant.nnx``.
 
-Failures are loud, with the module paths named: a rule that matches no quantizable layer,
-a model in which nothing was quantized, step sizes in ``variables`` that no call used (the
-rules changed since the variables were made), and sites that a lifted transform dropped
+Failures are loud, with the module paths named: a rule that matches no quantizable layer
+(at ``apply``: nor any layer whose step sizes ``variables`` hold, as a head only called in
+training), a model in which nothing was quantized, step sizes in ``variables`` of a layer
+that ran without using them (the rules changed since the variables were made; a layer that
+did not run, as that head in eval, is no error), and sites that a lifted transform dropped
 (``nn.scan``/``nn.vmap`` without ``"quant"`` in their ``variable_axes``: A-BR and W-BR
-would silently miss those layers).
+would silently miss those layers). An init batch LSQ cannot calibrate on fails too (see
+``brjax.quant.calibration``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 from flax import traverse_util
 from flax.core.scope import in_filter
 import flax.linen as nn
 import jax
 
+from brjax.quant import calibration, sites
 from brjax.quant import lsq as quant
-from brjax.quant import sites
 from brjax.quant.rules import QuantRule, check_rules, first_match
 
 QUANTIZABLE = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral, nn.Einsum)
@@ -85,7 +89,7 @@ def quantize_model(model: Any, rules: QuantRule | Sequence[QuantRule], *sample_i
   return cls(**fields, name=model.name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _quantized_class(cls: type, rules: tuple[QuantRule, ...]) -> type:
   """A subclass of ``cls`` with the same name whose ``init``/``apply`` intercept."""
 
@@ -118,9 +122,11 @@ class _Interception:
     self.unsupported = {i: set() for i in range(len(rules))}
     self.step_sizes = set()   # "/"-joined parameter paths of the step sizes used
     self.sites = set()        # (module path, kind) of every quantizer that ran
+    self.called = set()       # module path of every module called
+    self.quantizable = set()  # module path of every quantizable layer called
     self._context = None
 
-  def __enter__(self) -> "_Interception":
+  def __enter__(self) -> _Interception:
     self._context = nn.intercept_methods(self._intercept)
     self._context.__enter__()
     return self
@@ -133,6 +139,9 @@ class _Interception:
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
     path = "/".join(module.path)
+    self.called.add(path)
+    if isinstance(module, QUANTIZABLE):
+      self.quantizable.add(path)
     if isinstance(module, _BRJAX_LAYERS):  # quantized by its own fields, not by the rules
       if module.bits != quant.FLOAT_BITS:
         self.step_sizes.add(_join(path, "alpha"))
@@ -159,16 +168,14 @@ class _Interception:
   def check(self, variables: Any, returned: Any, recording: bool) -> None:
     """The loud failures: rules that matched nothing, nothing quantized, unused step sizes,
     and (when the caller asked for the ``"quant"`` collection) sites that did not come
-    back."""
+    back. At ``apply`` (``variables`` given), a rule or a model whose quantized layers did
+    not run in this call (a head called only in training) is no error: ``variables`` hold
+    their step sizes."""
+    held = {"/".join(p[:-1]) for p in _flat_params(variables) if quant.is_alpha_path(p)}
     for i, rule in enumerate(self.rules):
-      if rule.quantizes and not self.matched[i]:
-        seen = sorted(self.unsupported[i])
-        found = (f"; it matched only {', '.join(seen[:5])}{' ...' if len(seen) > 5 else ''}, "
-                 f"which brjax does not quantize" if seen else "")
-        raise ValueError(
-            f"rules[{i}] (module_path={rule.module_path!r}) matched no quantizable layer"
-            f"{found} (quantizable: {', '.join(t.__name__ for t in QUANTIZABLE)})")
-    if not self.step_sizes:
+      if rule.quantizes and not self.matched[i] and not any(map(rule.matches, held)):
+        raise ValueError(self._matched_nothing(i, rule))
+    if not self.step_sizes and not held:
       raise ValueError("quantize_model: nothing was quantized (every matching rule keeps "
                        "its layers float)")
     if variables is not None:
@@ -176,11 +183,23 @@ class _Interception:
     if recording:
       self._check_recorded(returned)
 
+  def _matched_nothing(self, i: int, rule: QuantRule) -> str:
+    seen = sorted(self.unsupported[i])
+    found = (f"; it matched only {', '.join(seen[:5])}{' ...' if len(seen) > 5 else ''}, "
+             f"which brjax does not quantize" if seen else "")
+    layers = sorted(self.quantizable)
+    called = (f"; the quantizable layers called are {', '.join(layers[:8])}"
+              f"{' ...' if len(layers) > 8 else ''}" if layers else "")
+    return (f"rules[{i}] (module_path={rule.module_path!r}) matched no quantizable layer: "
+            f"module_path must match the whole module path (re.fullmatch){called}{found} "
+            f"(quantizable: {', '.join(t.__name__ for t in QUANTIZABLE)})")
+
   def _check_step_sizes(self, variables: Any) -> None:
-    params = variables.get("params", {}) if hasattr(variables, "get") else {}
-    flat = traverse_util.flatten_dict(params) if params else {}
-    unused = sorted("/".join(p) for p in flat
-                    if quant.is_alpha_path(p) and "/".join(p) not in self.step_sizes)
+    """Step sizes of a layer that ran in this call without using them; a layer that did not
+    run (a training-only head in eval) uses none, and is no error."""
+    unused = sorted("/".join(p) for p in _flat_params(variables)
+                    if quant.is_alpha_path(p) and "/".join(p) not in self.step_sizes
+                    and "/".join(p[:-1]) in self.called)
     if unused:
       raise ValueError(
           f"variables hold step sizes that no quantized call used: {', '.join(unused[:5])}"
@@ -201,6 +220,12 @@ class _Interception:
 
 def _join(path: str, name: str) -> str:
   return f"{path}/{name}" if path else name
+
+
+def _flat_params(variables: Any) -> dict:
+  """The flattened ``params`` of ``variables`` (None, at init: empty)."""
+  params = variables.get("params", {}) if hasattr(variables, "get") else {}
+  return traverse_util.flatten_dict(params) if params else {}
 
 
 def _quantize_first_input(module: nn.Module, rule: QuantRule, path: str,
@@ -246,15 +271,13 @@ def _kernel_quantized(module: nn.Module, rule: QuantRule, args: tuple, kwargs: d
 
 
 def _channel_axes(module: nn.Module, ndim: int, args: tuple, kwargs: dict) -> tuple[int, ...]:
-  """The kernel axes of the layer's output features (one step size per index)."""
+  """The kernel axes of the layer's output features (``calibration.output_channel_axes``)."""
   if isinstance(module, nn.Einsum):
     spec = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
-    spec = spec.replace(" ", "")
-    operands, out = spec.split("->")
-    kernel = operands.split(",")[1]
-    return tuple(i for i, c in enumerate(kernel) if c in out)
+    return calibration.output_channel_axes(ndim, einsum=spec)
   if isinstance(module, nn.DenseGeneral):
     features = module.features
     n = len(features) if isinstance(features, (tuple, list)) else 1
-    return tuple(range(ndim - n, ndim))
-  return (ndim - 1,)
+    return calibration.output_channel_axes(ndim, out_features=n)
+  return calibration.output_channel_axes(
+      ndim, transpose_kernel=isinstance(module, nn.ConvTranspose) and module.transpose_kernel)

@@ -27,9 +27,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from brjax.quant import bits, sites
 from brjax.quant import lsq as quant
-from brjax.quant import sites
 
 # Interleaved partial sums per bin in bin_regularization, and the largest lanes x bins table.
 _LANES = 16
@@ -68,12 +69,31 @@ def bin_regularization(v: jax.Array, alpha: jax.Array, qn: int, qp: int, *,
     A float32 (or float64, for float64 input) scalar: the sum over non-empty bins.
   """
   _check_clipped(clipped)
+  _check_bool(alpha_grad, "alpha_grad")
+  bits.check_grid(qn, qp, np.shape(alpha), np.shape(v))
   return _binned_loss(v, alpha, qn, qp - qn + 1, alpha_grad, clipped == "exclude")
 
 
-def _check_clipped(clipped: str) -> None:
-  if clipped not in CLIPPED:
-    raise ValueError(f"clipped={clipped!r} is not accepted: use one of {', '.join(CLIPPED)}")
+def _check_clipped(clipped: str, name: str = "clipped") -> None:
+  if not isinstance(clipped, str) or clipped not in CLIPPED:
+    raise ValueError(f"{name}={clipped!r} is not accepted: use one of {', '.join(CLIPPED)}")
+
+
+def _check_bool(value: Any, name: str) -> None:
+  """Raises ValueError unless ``value`` is a bool (``"yes"`` or ``1`` is not one)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name}={value!r} is not accepted: use True or False")
+
+
+def _check_layers(layers: Any, name: str = "layers") -> None:
+  """Raises ValueError unless ``layers`` is None or a regular expression."""
+  if layers is None:
+    return
+  try:
+    re.compile(layers)
+  except (re.error, TypeError) as e:
+    raise ValueError(f"{name}={layers!r} is not accepted: use a regular expression on module "
+                     f"paths, or None for every site ({e})") from None
 
 
 def _binned_loss(v, alpha, qn, levels: int, alpha_grad: bool,
@@ -145,6 +165,9 @@ def site_br(site: sites.Site, *, alpha_grad: bool | str, clipped: str = "include
   size's gradient by ``1 / sqrt(N * qp)``, ``N = values.size / alpha.size`` per step size).
   ``clipped``: one of :data:`CLIPPED` (see :func:`bin_regularization`).
   """
+  if not (isinstance(alpha_grad, (bool, np.bool_)) or alpha_grad in ALPHA_GRADS_W):
+    raise ValueError(f"alpha_grad={alpha_grad!r} is not accepted: use True, False or one of "
+                     f"{', '.join(ALPHA_GRADS_W)}")
   values, alpha, qn = sites.grouped(site)
   stack_size = math.prod(values.shape[:values.ndim - site.ndim])
   channels = alpha.size // stack_size
@@ -172,7 +195,7 @@ def weight_br(collection: Any, *, alpha_grad: str = "full") -> jax.Array:
     ValueError: if the collection holds no kernel (nothing quantized, or ``"quant"`` was
       not mutable in ``apply``): a silent 0 would train without BR.
   """
-  if alpha_grad not in ALPHA_GRADS_W:
+  if not isinstance(alpha_grad, str) or alpha_grad not in ALPHA_GRADS_W:
     raise ValueError(f"alpha_grad={alpha_grad!r} is not accepted: use one of "
                      f"{', '.join(ALPHA_GRADS_W)}")
   found = [site_br(s, alpha_grad=alpha_grad)
@@ -212,7 +235,9 @@ def activation_br(collection: Any, *, alpha_grad: bool = False,
       ``clipped`` is not one of :data:`CLIPPED`.
   """
   _check_clipped(clipped)
-  found = [site_br(s, alpha_grad=alpha_grad, clipped=clipped)
+  _check_bool(alpha_grad, "alpha_grad")
+  _check_layers(layers)
+  found = [site_br(s, alpha_grad=bool(alpha_grad), clipped=clipped)
            for path, _, s in sites.iterate(collection, (sites.INPUT, sites.OUTPUT))
            if layers is None or re.search(layers, path)]
   if not found:
@@ -230,7 +255,16 @@ def br_losses(collection: Any, *, alpha_grad_a: bool = False, abr_layers: str | 
 
   ``collection`` is the ``"quant"`` collection of one ``model.apply(..., mutable=["quant",
   ...])``: every kernel and every activation binned with its own bits and range.
+  ``alpha_grad_w``: one of :data:`ALPHA_GRADS_W`; ``alpha_grad_a``: True or False;
+  ``abr_layers``: a regular expression or None; ``abr_clipped``: one of :data:`CLIPPED`
+  (each checked here, under its own name).
   """
+  _check_bool(alpha_grad_a, "alpha_grad_a")
+  _check_layers(abr_layers, "abr_layers")
+  _check_clipped(abr_clipped, "abr_clipped")
+  if not isinstance(alpha_grad_w, str) or alpha_grad_w not in ALPHA_GRADS_W:
+    raise ValueError(f"alpha_grad_w={alpha_grad_w!r} is not accepted: use one of "
+                     f"{', '.join(ALPHA_GRADS_W)}")
   return (weight_br(collection, alpha_grad=alpha_grad_w),
           activation_br(collection, alpha_grad=alpha_grad_a, layers=abr_layers,
                         clipped=abr_clipped))

@@ -11,9 +11,9 @@ broader rule is kept off the first and last layers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import re
-from typing import Sequence
 
 from brjax.quant import lsq as quant
 
@@ -28,11 +28,13 @@ class QuantRule:
     weight_bits: bits of the kernel (signed; 1 = ternary), or None to keep it float.
     act_bits: bits of the layer's input, or None to keep it float.
     act_signed: the input's range: True = signed (``[-2^(b-1), 2^(b-1) - 1]``), False =
-      unsigned (``[0, 2^b - 1]``, after a ReLU), None = decided once from the batch the
-      model is initialized with (unsigned when it holds no negative value) and kept in the
-      ``"quant_state"`` collection.
+      unsigned (``[0, 2^b - 1]``, after a ReLU; negative inputs at init are an error),
+      None = decided once from the batch the model is initialized with (unsigned when it
+      holds no negative value) and kept in the ``"quant_state"`` collection: init with a
+      real batch (a constant one is an error), or re-decide with ``init_alphas``.
     per_channel: one weight step size per output channel (the usual choice for
-      depthwise convolutions at 2-4 bits) instead of one per kernel.
+      depthwise convolutions at 2-4 bits) instead of one per kernel; needs
+      ``weight_bits`` (an input has one step size per layer).
     act_batch_grad_scale: the input step size's gradient scale counts the whole batch
       (``1/sqrt(x.size * qp)``, the reference package's choice) instead of one example
       (``1/sqrt(x[0].size * qp)``, the LSQ paper's).
@@ -45,6 +47,10 @@ class QuantRule:
   act_batch_grad_scale: bool = False
 
   def __post_init__(self):
+    for field in dataclasses.fields(self):  # numpy scalars: the Python values they stand for
+      value = getattr(self, field.name)
+      if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        object.__setattr__(self, field.name, value.item())
     try:
       re.compile(self.module_path)
     except re.error as e:
@@ -58,9 +64,16 @@ class QuantRule:
         except ValueError:
           raise ValueError(f"QuantRule {name}={bits!r} is not accepted: use an integer in "
                            f"{quant.MIN_BITS}..{quant.MAX_BITS}, or None for float") from None
-    if self.act_signed not in (True, False, None):
+    if not (self.act_signed is None or isinstance(self.act_signed, bool)):
       raise ValueError(f"QuantRule act_signed={self.act_signed!r} is not accepted: use "
                        "True, False or None (decided from the init batch)")
+    for name in ("per_channel", "act_batch_grad_scale"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"QuantRule {name}={getattr(self, name)!r} is not accepted: use True "
+                         "or False")
+    if self.per_channel and self.weight_bits is None:
+      raise ValueError("QuantRule per_channel=True needs weight_bits: it gives the kernel one "
+                       "step size per output channel (an input has one step size per layer)")
     if self.act_bits == 1 and self.act_signed is None:
       raise ValueError("QuantRule act_bits=1 needs act_signed=True or False: a 1-bit signed "
                        "input is ternary (3 levels), an unsigned one binary (2)")

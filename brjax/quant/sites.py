@@ -21,10 +21,10 @@ grid.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
-from flax import struct
-from flax import traverse_util
+from flax import struct, traverse_util
 import jax
 import jax.numpy as jnp
 

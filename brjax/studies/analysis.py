@@ -1,7 +1,8 @@
 """Analysis of trained runs (``scripts/analyze.py``): load a run, recompute its metrics, plot.
 
 :func:`analyze` restores each run's checkpoint, runs the model on the first test images of
-the run's data, and writes into one folder:
+the run's data (normalized with the statistics the run stored in its checkpoint, as it
+trained), and writes into one folder:
 
 * ``weights_hist.png``, ``activations_hist.png``: one histogram per quantized layer, its
   levels drawn in (``brjax.studies.plots.histograms_figure``);
@@ -17,13 +18,15 @@ when a run is loaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 import contextlib
 import os
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from brjax.quant import bits
-from brjax.training import history
 from brjax.studies import plots
+from brjax.training import history
+from brjax.training.config import br_lambdas
 
 
 def read_run_history(workdir: str, flag: str = "workdir") -> list[dict]:
@@ -61,8 +64,7 @@ def run_label(config: dict, workdir: str) -> str:
   bits_a = config.get("bits_a", bits.FLOAT_BITS)
   if bits_w == bits.FLOAT_BITS and bits_a == bits.FLOAT_BITS:
     return f"float ({name})"
-  br = ((config.get("lambda_w", 0) > 0 and bits_w != bits.FLOAT_BITS) or
-        (config.get("lambda_a", 0) > 0 and bits_a != bits.FLOAT_BITS))
+  br = any(lam > 0 for lam in br_lambdas(config))  # the terms the run computed
   br = br and config.get("warmup_epochs", 0) < config.get("epochs", 0)
   return f"{'LSQ+BR' if br else 'LSQ'} ({name})"
 
@@ -107,11 +109,11 @@ def load_run(workdir: str, flag: str, records: list[dict], data_dir: str | None,
   import flax
   import jax
   import numpy as np
-  from brjax.training import checkpoint
-  from brjax.data import input_pipeline
-  from brjax.quant import metrics
+
+  from brjax.data import datasets, input_pipeline
   from brjax.models import cifar as models
-  from brjax.quant import sites
+  from brjax.quant import metrics, sites
+  from brjax.training import checkpoint
 
   try:
     variables, meta = checkpoint.restore_pretrained(workdir, prefer)
@@ -124,10 +126,17 @@ def load_run(workdir: str, flag: str, records: list[dict], data_dir: str | None,
   data_dir = data_dir if data_dir is not None else config.get("data_dir")
   data_key = (config.get("dataset", "cifar10"), data_dir)
   if data_key not in cache:
-    ds = input_pipeline.load_dataset(*data_key, train_examples=1, test_examples=examples)
-    batch = next(input_pipeline.eval_batches(ds, examples))
-    cache[data_key] = (ds.num_classes, batch)
-  num_classes, batch = cache[data_key]
+    cache[data_key] = input_pipeline.load_dataset(*data_key, train_examples=1,
+                                                  test_examples=examples)
+  # Normalized as the run was: the statistics it stored (datasets.normalized_as_run).
+  try:
+    ds = datasets.normalized_as_run(cache[data_key], config, meta)
+  except ValueError as e:
+    raise ValueError(f"--{flag}={workdir}: {e}") from None
+  batch_key = data_key + (tuple(ds.mean.tolist()), tuple(ds.std.tolist()))
+  if batch_key not in cache:
+    cache[batch_key] = next(input_pipeline.eval_batches(ds, examples))
+  num_classes, batch = ds.num_classes, cache[batch_key]
 
   model_key = (config["model"], config["bits_w"], config["bits_a"], config.get("clip"),
                num_classes, config.get("width"), config.get("per_channel"),

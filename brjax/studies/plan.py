@@ -12,14 +12,14 @@ training set size, low for a subset).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import os
 import shlex
 import statistics
-from collections.abc import Sequence
 
-from brjax.training import history
 from brjax.studies import study
+from brjax.training import history
 from brjax.training.config import Config
 
 STEP_COST = {"lsq": 0.95, "br": 1.12}

@@ -16,8 +16,8 @@ GUI backend). Importing this module imports matplotlib, not JAX.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 import math
-from typing import Iterable, Sequence
 
 from matplotlib import cm, colormaps, colors, figure, ticker
 from matplotlib.lines import Line2D
@@ -112,7 +112,7 @@ def histograms_figure(runs: list[dict], kind: str):
     present = [(i, run) for i, run in enumerate(runs) if name in run[kind]]
     lo, hi = math.inf, -math.inf
     grids = []
-    for i, run in present:
+    for _, run in present:
       bits = run["config"]["bits_w" if signed else "bits_a"]
       qn, qp = bits_lib.qrange(bits, signed)
       alpha = float(run["quant"][kind][name]["alpha"])
@@ -355,7 +355,7 @@ def reference_metrics_table(run: dict) -> list[str]:
       m = run["quant"][kind][name]
       if "effectiveness" not in m:
         continue
-      per_bin = lambda key: " ".join(f"{float(x):.4g}" for x in m[key])
+      per_bin = lambda key: " ".join(f"{float(x):.4g}" for x in m[key])  # noqa: B023
       lines.append(f"| {name} | {label} | {_fmt(m['effectiveness'])} | {_fmt(m['pct_near'])} "
                    f"| {_fmt(m['mean_distance'])} | {int(float(m['bins_used']))} | "
                    f"{per_bin('bin_count')} | {per_bin('bin_mean')} | {per_bin('bin_std')} |")

@@ -9,6 +9,7 @@ before the first run that branches from it. Standard library only: no JAX in thi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import contextlib
 import ctypes
 import dataclasses
@@ -21,14 +22,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
 
-from brjax.training import history
-from brjax.training import run_control
-from brjax.studies import study
 from brjax.studies import results as study_results
+from brjax.studies import study
 from brjax.studies import summary as study_summary
+from brjax.training import history, run_control
 from brjax.training.config import BR_PHASE_FIELDS
 
 # Prints a JSON description of the devices and JAX version the runs will see.
@@ -49,7 +49,7 @@ _PR_SET_PDEATHSIG = 1
 
 def now() -> str:
   """The current UTC time, ISO 8601 to the second."""
-  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def _die_with_parent() -> None:
@@ -77,25 +77,54 @@ def execute(argv: list[str], log_path: str, cwd: str) -> tuple[int, float, str]:
   with open(log_path, "a") as log:
     log.write(f"# {now()} {shlex.join(argv)}\n")
     log.flush()
+    # Its own session: a Ctrl-C in the terminal reaches the study alone, which passes it
+    # on once (two would stop the run without its save).
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
-                            env=env, preexec_fn=_die_with_parent)
+                            env=env, preexec_fn=_die_with_parent, start_new_session=True)
     try:
-      while chunk := proc.stdout.read1(65536):
-        sys.stdout.buffer.write(chunk)
-        sys.stdout.flush()
-        *lines, pending = (pending + chunk.decode(errors="replace")).split("\n")
-        for line in map(log_line, lines):
-          log.write(line + "\n")
-          last = line or last
-      proc.wait()
+      with _ForwardSignals(proc) as forwarded:
+        while chunk := proc.stdout.read1(65536):
+          sys.stdout.buffer.write(chunk)
+          sys.stdout.flush()
+          *lines, pending = (pending + chunk.decode(errors="replace")).split("\n")
+          for line in map(log_line, lines):
+            log.write(line + "\n")
+            last = line or last
+        proc.wait()
     finally:
-      if proc.poll() is None:  # interrupted: the run resumes from its last checkpoint
+      if proc.poll() is None:  # the study itself failed: the run resumes from its last save
         proc.kill()
         proc.wait()
     if pending.strip():
       log.write(log_line(pending) + "\n")
       last = log_line(pending) or last
+  if forwarded.signal is not None:  # the run saved where it stopped (or was stopped twice)
+    raise run_control.Interrupted("", None, None, forwarded.signal)
   return proc.returncode, time.monotonic() - start, last
+
+
+class _ForwardSignals:
+  """Within it (in the main thread), SIGINT and SIGTERM to the study are passed on to the
+  run's process, which saves where it stops and exits; ``signal`` names the first one."""
+
+  def __init__(self, proc: subprocess.Popen):
+    self.proc, self.signal, self._previous = proc, None, {}
+
+  def __enter__(self) -> _ForwardSignals:
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        self._previous[signum] = signal.signal(signum, self._forward)
+    return self
+
+  def _forward(self, signum, frame) -> None:
+    del frame
+    self.signal = self.signal or signal.Signals(signum).name
+    if self.proc.poll() is None:
+      self.proc.send_signal(signum)
+
+  def __exit__(self, *exc_info) -> None:
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def probe_device(cwd: str) -> dict:
@@ -263,10 +292,12 @@ def run_study(study_dir: str, flags: dict, command: str, share_warmup: bool = Tr
       summary still covers every result of the study.
 
   Raises:
-    study.StudyError: as ``study.plan`` and ``study.select``; another process holds the study; other flags in
+    study.StudyError: as ``study.plan`` and ``study.select``; another process holds the
+      study; other flags in
       its study.json; a malformed result.
-    KeyboardInterrupt: Ctrl-C; the current run's process is killed, and resumes from its
-      last checkpoint when the study is run again.
+    run_control.Interrupted: Ctrl-C or SIGTERM, passed on to the current run, which saved
+      where it stopped and resumes there when the study is run again
+      (``Interrupted.signal`` names it).
   """
   runs = study.select(study.plan(study_dir, flags, share_warmup, order), only)
   os.makedirs(study_dir, exist_ok=True)
@@ -321,14 +352,17 @@ def _run_one(run: study.Run, head: str, probes: dict) -> int | None:
     return None
   argv = [sys.executable, os.path.join(study.REPO, study.TRAIN_SCRIPT), *run.start_flags()]
   command = shlex.join(["python", study.TRAIN_SCRIPT, *run.start_flags()])
-  resumed_from = None
+  resumed_from, where = None, None
   if state == "resume":
-    resumed_from = history.checkpoint_epochs(run.workdir, "latest")[-1]
+    resumed_from = (history.checkpoint_epochs(run.workdir, "latest") or [0])[-1]
+    position = history.mid_epoch_position(run.workdir)
+    where = (f"epoch {position[0]} step {position[1]}" if position else
+             f"epoch {resumed_from}")
     argv = argv[:2] + run.flags() + ["--resume"]
     command = run.command() + " --resume"
   if not probes:
     probes.update(device=probe_device(study.REPO), git=git_commit(study.REPO))
-  what = (f"resume from epoch {resumed_from}" if state == "resume" else
+  what = (f"resume from {where}" if state == "resume" else
           f"branch from {run.warmup.name}" if run.warmup is not None else "start")
   print(f"{head}: {what}\n{command}", flush=True)
   os.makedirs(run.workdir, exist_ok=True)

@@ -21,26 +21,31 @@ its size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import functools
 import re
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brjax.training import checkpoint
-from brjax.data import datasets
-from brjax.training import optim
+from brjax.data import datasets, streaming
 from brjax.quant import lsq as quant
-from brjax.data import streaming
-from brjax.training import train
+from brjax.training import checkpoint, optim, train
 from brjax.training.config import BR_PHASE_FIELDS, Config
 from brjax.training.parallel import Topology, device_batches, jit_train_step
-from brjax.training.steps import (BR, TrainState, activation_sites, br_settings, loss_terms, phase_of,
-                         select_abr_sites)
+from brjax.training.steps import (
+  BR,
+  TrainState,
+  activation_sites,
+  br_settings,
+  loss_terms,
+  phase_of,
+  select_abr_sites,
+)
 
 TERMS = ("ce", "br_w", "br_a")
 """The loss terms whose gradients are traced: CE, ``lambda_w * BR_W``, ``lambda_a * BR_A``."""
@@ -118,7 +123,8 @@ def run_config(meta: dict, overrides: dict[str, Any]) -> tuple[Config, Config]:
   """
   saved = meta.get("config")
   if not isinstance(saved, dict):
-    raise ValueError("the checkpoint's meta has no config: it was not written by brjax.training.train")
+    raise ValueError("the checkpoint's meta has no config: it was not written by "
+                     "brjax.training.train")
   fields = {f.name for f in dataclasses.fields(Config)}
   config = Config(**{k: v for k, v in saved.items() if k in fields})
   bad = sorted(set(overrides) - BR_PHASE_FIELDS)
@@ -175,7 +181,7 @@ def trace(workdir: str, *, epoch: int | None = None, steps: int = 100, every: in
   if start >= config.epochs:
     raise ValueError(f"--epoch={start} is not accepted: the run has {config.epochs} epochs, "
                      "so none follows it to trace; use an earlier kept checkpoint")
-  ds = datasets.load(config, data_dir=data_dir, stats=meta.get("data"))
+  ds = datasets.load(config, data_dir=data_dir, stats=datasets.stored_stats(meta))
   steps_per_epoch = streaming.num_train_steps(ds, config.batch_size)
   if not 1 <= steps <= steps_per_epoch or every < 1:
     raise ValueError(f"--steps={steps} --every={every} is not accepted: use 1 <= steps <= "

@@ -27,20 +27,22 @@ JAX runtime, as a user reproducing it will; and this module never imports JAX
 accelerator memory the runs need.
 
 Resume: a run whose result JSON exists is skipped (state ``done``); a run whose workdir
-holds checkpoints but has no result continues with ``--resume`` (``resume``); a warmup
-with a checkpoint at the end of the warmup is ``done``, one with fewer epochs resumes.
+holds checkpoints (of an epoch, or inside one) but has no result continues with
+``--resume`` (``resume``), from where it stopped; a warmup with a checkpoint at the end of
+the warmup is ``done``, one with fewer epochs resumes.
 """
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping, Sequence
 import contextlib
 import dataclasses
 import json
 import os
 import re
 import shlex
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from brjax.training import history
 from brjax.training.config import BR_PHASE_FIELDS, Config
@@ -120,7 +122,7 @@ class Warmup:
     epochs = history.checkpoint_epochs(self.workdir, "latest")
     if epochs and epochs[-1] >= self.train_config.warmup_epochs:
       return "done"
-    return "resume" if epochs else "new"
+    return "resume" if epochs or history.mid_epoch_position(self.workdir) else "new"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +159,8 @@ class Run:
     """``done`` (result written), ``resume`` (checkpoints, no result) or ``new``."""
     if os.path.exists(self.result_path):
       return "done"
-    return "resume" if history.checkpoint_epochs(self.workdir, "latest") else "new"
+    return "resume" if (history.checkpoint_epochs(self.workdir, "latest")
+                        or history.mid_epoch_position(self.workdir)) else "new"
 
 
 def warmup_config(config: Config) -> Config:

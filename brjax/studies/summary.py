@@ -215,7 +215,8 @@ def summary_markdown(summary: dict) -> str:
                  + (f" {_diverged(c)} |" if any_diverged else ""))
   lines += ["", "Mean ± sample standard deviation over the n seeds that finished (the value "
             "alone for one seed, n/a for none); test accuracy is always quantized. The last "
-            "column is the mean ± std over the seeds both configs ran of (this config's final test accuracy "
+            "column is the mean ± std over the seeds both configs ran of (this config's final "
+            "test accuracy "
             f"- {PAIRED_WITH}'s) in percentage points: the runs of one seed share their data "
             "order (and, branched, their warmup), so the pairing removes the spread between "
             "seeds."]

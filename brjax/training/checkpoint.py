@@ -1,12 +1,19 @@
-"""A thin wrapper of orbax's CheckpointManager: the latest and the best checkpoint of a run.
+"""A thin wrapper of orbax's CheckpointManager: the latest and the best checkpoint of a run,
+and the mid-epoch checkpoint of a run stopped or saved between two epochs.
 
 Layout of a workdir::
 
     <workdir>/checkpoints/latest/<epoch>/   the last two epochs (orbax writes each atomically)
     <workdir>/checkpoints/best/<epoch>/     the epoch with the best test accuracy
+    <workdir>/checkpoints/steps/<step>/     the newest mid-epoch save (global step), if it is
+                                            newer than the latest epoch
 
 Each checkpoint holds the training state as a plain state dict (``state``) and a JSON
-``meta`` with the epoch, the run's config and the best test accuracy so far.
+``meta`` with the epoch, the run's config and the best test accuracy so far; a mid-epoch one
+also holds the epoch's per-step metrics so far (``partial``) and, in its meta, the input's
+position (``meta["input"]``). Saves are asynchronous (orbax writes in a background thread
+while training goes on; :meth:`RunCheckpoints.wait` waits), each still atomic: a save cut
+short leaves a ``*.orbax-checkpoint-tmp*`` folder, removed when the run resumes.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from flax import serialization
 import jax
 import orbax.checkpoint as ocp
 
+from brjax.quant.bits import FLOAT_BITS
 from brjax.training.config import Config
 
 # Flags that may differ between a run and the run it resumes.
@@ -56,8 +64,9 @@ def _quiet_read_only():
 
 
 def _manager(directory: str, max_to_keep: int | None,
-             read_only: bool = False) -> ocp.CheckpointManager:
-  """A synchronous CheckpointManager; read-only ones create, delete and log nothing."""
+             read_only: bool = False, asynchronous: bool = False) -> ocp.CheckpointManager:
+  """A CheckpointManager, asynchronous or not; read-only ones create, delete and log
+  nothing."""
   if read_only:  # only the options read-only allows, so orbax has nothing to warn about
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
                                            save_interval_steps=0,
@@ -65,10 +74,29 @@ def _manager(directory: str, max_to_keep: int | None,
     with _quiet_read_only():
       return ocp.CheckpointManager(os.path.abspath(directory), options=options)
   # cleanup_tmp_directories: a save cut short by a kill is removed when the run resumes.
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         cleanup_tmp_directories=True,
-                                         enable_async_checkpointing=False)
+  # Each manager its own barrier names: with several processes, "latest" and "best" save
+  # the same step at once, and orbax's barriers are named by step.
+  prefix = os.path.basename(os.path.normpath(directory))
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+      enable_async_checkpointing=asynchronous,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix=prefix))
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def _peek(workdir: str, kind: str) -> tuple[int | None, dict]:
+  """``(step, meta)`` of the newest checkpoint in ``<workdir>/checkpoints/<kind>``,
+  ``(None, {})`` if none; read-only."""
+  directory = os.path.join(workdir, "checkpoints", kind)
+  if not os.path.isdir(directory):
+    return None, {}
+  manager = _manager(directory, None, read_only=True)
+  try:
+    step = manager.latest_step()
+    return (None, {}) if step is None else (step, _read_meta(manager, step))
+  finally:
+    manager.close()
 
 
 def peek_latest(workdir: str) -> tuple[int | None, dict]:
@@ -80,15 +108,13 @@ def peek_latest(workdir: str) -> tuple[int | None, dict]:
   Raises:
     CheckpointError: the latest checkpoint's meta cannot be read.
   """
-  directory = os.path.join(workdir, "checkpoints", "latest")
-  if not os.path.isdir(directory):
-    return None, {}
-  manager = _manager(directory, None, read_only=True)
-  try:
-    epoch = manager.latest_step()
-    return (None, {}) if epoch is None else (epoch, _read_meta(manager, epoch))
-  finally:
-    manager.close()
+  return _peek(workdir, "latest")
+
+
+def peek_mid_epoch(workdir: str) -> tuple[int | None, dict]:
+  """``(global step, meta)`` of a workdir's mid-epoch checkpoint, ``(None, {})`` if it has
+  none; read-only (see :func:`peek_latest`). ``meta["input"]`` holds its position."""
+  return _peek(workdir, "steps")
 
 
 def restore_epoch(workdir: str, epoch: int | None, target: Any) -> tuple[Any, dict]:
@@ -115,25 +141,63 @@ def restore_epoch(workdir: str, epoch: int | None, target: Any) -> tuple[Any, di
 
 
 class RunCheckpoints:
-  """The latest (two kept) and best (one kept) checkpoints of one workdir."""
+  """The latest (two kept), best (one kept) and mid-epoch (one kept) checkpoints of one
+  workdir. Saves are asynchronous: ``save`` and ``save_step`` return once the state is in
+  host memory (the caller passes host arrays), and the files are written while training
+  goes on; each save first waits for the one before it. ``close`` waits for the last."""
 
   def __init__(self, workdir: str):
     root = os.path.join(workdir, "checkpoints")
-    self.latest = _manager(os.path.join(root, "latest"), max_to_keep=2)
-    self.best = _manager(os.path.join(root, "best"), max_to_keep=1)
+    self.latest = _manager(os.path.join(root, "latest"), max_to_keep=2, asynchronous=True)
+    self.best = _manager(os.path.join(root, "best"), max_to_keep=1, asynchronous=True)
+    self.steps = _manager(os.path.join(root, "steps"), max_to_keep=1, asynchronous=True)
 
   def latest_epoch(self) -> int | None:
     return self.latest.latest_step()
 
   def save(self, epoch: int, state: Any, meta: dict, *, is_best: bool) -> None:
-    """Saves ``state`` (any Flax-serializable pytree) as the latest, and as best if so."""
+    """Saves ``state`` (any Flax-serializable pytree) as the latest, and as best if so; the
+    mid-epoch saves it makes obsolete are deleted."""
+    self.wait()
     args = ocp.args.Composite(state=ocp.args.StandardSave(serialization.to_state_dict(state)),
                               meta=ocp.args.JsonSave(meta))
     self.latest.save(epoch, args=args)
     if is_best:
       self.best.save(epoch, args=args)
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    for step in self.steps.all_steps():  # older than this epoch's end
+      self.steps.delete(step)
+
+  def save_step(self, step: int, state: Any, partial: dict, meta: dict) -> None:
+    """Saves a mid-epoch checkpoint at global step ``step``: ``state``, ``partial`` (the
+    epoch's per-step metrics so far, ``{name: (steps_done,) array}``) and ``meta`` (with
+    ``"input"``, the input pipeline's position)."""
+    self.wait()
+    self.steps.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+        partial=ocp.args.StandardSave(partial), meta=ocp.args.JsonSave(meta)))
+
+  def latest_step_meta(self) -> tuple[int | None, dict]:
+    """``(global step, meta)`` of the mid-epoch checkpoint, ``(None, {})`` if none."""
+    step = self.steps.latest_step()
+    return (None, {}) if step is None else (step, _read_meta(self.steps, step))
+
+  def restore_step(self, target: Any, config: Config) -> tuple[Any, dict, dict]:
+    """``(state, partial, meta)`` of the mid-epoch checkpoint, read into ``target``'s
+    structure (see :meth:`save_step`).
+
+    Raises:
+      CheckpointError: if there is none, it cannot be read, or the config differs.
+    """
+    step = self.steps.latest_step()
+    if step is None:
+      raise CheckpointError(f"no mid-epoch checkpoint in {self.steps.directory}")
+    state, meta = _restore(self.steps, step, target, config)
+    try:
+      partial = self.steps.restore(step, args=ocp.args.Composite(
+          partial=ocp.args.StandardRestore(None)))["partial"]
+    except Exception as e:
+      raise CheckpointError(_unreadable(self.steps, step, e)) from e
+    return state, jax.device_get(partial), meta
 
   def latest_meta(self, config: Config) -> dict:
     """The latest checkpoint's meta, after checking it was written with ``config``.
@@ -166,15 +230,21 @@ class RunCheckpoints:
     """Deletes the folders of saves cut short (orbax's ``*.orbax-checkpoint-tmp*``); the
     finished checkpoints stay. Returns the paths removed."""
     removed = []
-    for manager in (self.latest, self.best):
+    for manager in (self.latest, self.best, self.steps):
       for path in glob.glob(os.path.join(str(manager.directory), f"*{TMP_MARK}*")):
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
 
+  def wait(self) -> None:
+    """Waits until every save has been written."""
+    for manager in (self.latest, self.best, self.steps):
+      manager.wait_until_finished()
+
   def close(self) -> None:
-    self.latest.close()
-    self.best.close()
+    """Waits for the saves in flight, then closes the managers."""
+    for manager in (self.latest, self.best, self.steps):
+      manager.close()
 
 
 def _describe(manager: ocp.CheckpointManager, epoch: int) -> str:
@@ -194,6 +264,9 @@ def _restore(manager: ocp.CheckpointManager, epoch: int, target: Any | None,
         state=ocp.args.StandardRestore(abstract)))["state"]
   except Exception as e:
     raise CheckpointError(_unreadable(manager, epoch, e)) from e
+  # Host arrays: each process then puts its own copy on its devices (a restored jax.Array
+  # sits on one device, which a multi-process device_put cannot move across hosts).
+  restored = jax.device_get(restored)
   if target is None:
     return restored, meta
   return serialization.from_state_dict(target, restored), meta
@@ -254,14 +327,31 @@ def restore_pretrained(path: str, prefer: str = "best") -> tuple[dict, dict]:
   return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}, meta
 
 
-def describe_pretrained(path: str, prefer: str = "best") -> str:
+def which(path: str, prefer: str = "best") -> tuple[str, int]:
+  """``(kind, epoch)`` that ``restore_pretrained(path, prefer)`` reads: ``prefer``'s kind,
+  or the other where the run has none (reads the folder listing only)."""
+  with _pretrained_manager(path, prefer) as (_, epoch, kind):
+    return kind, epoch
+
+
+def describe_pretrained(path: str, prefer: str = "best", *,
+                        drops_step_sizes: bool = False) -> str:
   """What ``restore_pretrained(path, prefer)`` reads, in words (reads the JSON meta only):
-  ``"checkpoints/run (best checkpoint, epoch 10, best test acc 82.03%)"``."""
+  ``"checkpoints/run (best checkpoint, epoch 10, best test acc 82.03%)"``.
+
+  ``drops_step_sizes``: the caller keeps the weights only (``--pretrained``); a quantized
+  run's description then says so: ``"...; a W2A2 run: its step sizes are not used)"``.
+  """
   with _pretrained_manager(path, prefer) as (manager, epoch, kind):
     meta = _read_meta(manager, epoch)
   acc = meta.get("best_test_acc")
+  config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+  bits = config.get("bits_w", FLOAT_BITS), config.get("bits_a", FLOAT_BITS)
+  dropped = (f"; a W{bits[0]}A{bits[1]} run: its step sizes are not used"
+             if drops_step_sizes and bits != (FLOAT_BITS, FLOAT_BITS) else "")
   return (f"{path} ({kind} checkpoint, epoch {epoch}"
-          + (f", best test acc {acc:.2f}%)" if isinstance(acc, (int, float)) else ")"))
+          + (f", best test acc {acc:.2f}%" if isinstance(acc, (int, float)) else "")
+          + f"{dropped})")
 
 
 @contextlib.contextmanager

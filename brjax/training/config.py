@@ -11,8 +11,8 @@ import math
 import os
 import re
 
-from brjax.training import recipes
 from brjax.quant.bits import FLOAT_BITS
+from brjax.training import recipes
 
 CIFAR_MODELS = ("resnet18", "resnet20", "resnet18_reference", "resnet20_option_a")
 PAPER_MODELS = ("resnet18_imagenet", "resnet50", "mobilenet_v2")  # brjax.models.paper
@@ -27,6 +27,9 @@ BR_PHASE_FIELDS = frozenset({
     "br_alpha_grad_w", "abr_layers", "abr_exclude_first", "abr_exclude_last", "abr_clipped"})
 """The fields that act only in the BR phase: two runs that differ only in them train the
 same warmup, bit for bit (``--branch_from`` and the study's shared warmups rely on it)."""
+SWITCHES = ("per_channel", "freeze_alpha_w", "freeze_alpha_a", "br_alpha_grad_a",
+            "abr_exclude_first", "abr_exclude_last")
+"""The on/off fields (besides ``remat`` and ``decay_alphas``): each must be a bool."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +91,10 @@ class Config:
   pretrained: str | None = None
 
   def __post_init__(self):
+    for field in dataclasses.fields(self):  # numpy numbers: as the Python ones they stand for
+      value = getattr(self, field.name)
+      if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        object.__setattr__(self, field.name, value.item())
     if self.abr_layers is not None:
       try:
         re.compile(self.abr_layers)
@@ -110,8 +117,9 @@ class Config:
            f"use one of {', '.join(ALPHA_GRADS_W)}")
     _check(self.abr_clipped in ABR_CLIPPED, "abr_clipped", self.abr_clipped,
            f"use one of {', '.join(ABR_CLIPPED)}")
-    _check(isinstance(self.decay_alphas, bool), "decay_alphas", self.decay_alphas,
-           "use true or false")
+    for name in ("decay_alphas",) + SWITCHES:
+      _check(isinstance(getattr(self, name), bool), name, getattr(self, name),
+             "use true or false")
     _check(_is_finite(self.adam_eps) and self.adam_eps > 0, "adam_eps", self.adam_eps,
            "use a number > 0")
     _check(self.model in MODELS, "model", self.model, f"use one of {', '.join(MODELS)}")
@@ -126,6 +134,9 @@ class Config:
       bits = getattr(self, name)
       _check(_is_int(bits) and (1 <= bits <= 8 or bits == FLOAT_BITS), name, bits,
              f"use an integer in 1..8, or {FLOAT_BITS} for float")
+    _check(not self.per_channel or self.bits_w != FLOAT_BITS, "per_channel", self.per_channel,
+           f"one step size per output channel needs quantized weights (--bits_w={FLOAT_BITS} "
+           "keeps them float)")
     if self.clip is not None:
       _check(_is_finite(self.clip) and self.clip > 0 and self.model in CIFAR_MODELS, "clip",
              self.clip, "use a positive number with a CIFAR ResNet (the papers' models keep "
@@ -175,6 +186,11 @@ class Config:
     return self.bits_w != FLOAT_BITS or self.bits_a != FLOAT_BITS
 
   @property
+  def br_lambdas(self) -> tuple[float, float]:
+    """``(lambda_w, lambda_a)`` of the BR phase as the run computes it (:func:`br_lambdas`)."""
+    return br_lambdas(vars(self))
+
+  @property
   def name(self) -> str:
     """A short run name, e.g. ``resnet20_W2A2_lw1_la1_s42``."""
     bits = "float" if not self.quantized else f"W{_bits_tag(self.bits_w)}A{_bits_tag(self.bits_a)}"
@@ -186,6 +202,15 @@ class Config:
   def recipe_parts(self) -> recipes.Recipe:
     """The recipe this run uses, explicit flags included."""
     return recipes.Recipe(**{name: getattr(self, name) for name in recipes.FIELDS})
+
+
+def br_lambdas(config: dict) -> tuple[float, float]:
+  """``(lambda_w, lambda_a)`` that the BR phase computes, from a config (a ``Config``'s
+  fields, or a checkpoint's config dict): a side whose bits are 32 (float) has no BR term
+  (0.0), whatever its lambda. The one definition that the loss (``steps.br_settings``),
+  the banner and the analysis read."""
+  return tuple(config.get(lam, 0.0) if config.get(bits, FLOAT_BITS) != FLOAT_BITS else 0.0
+               for bits, lam in (("bits_w", "lambda_w"), ("bits_a", "lambda_a")))
 
 
 def _bits_tag(bits: int) -> str:

@@ -1,21 +1,20 @@
 """Quantized evaluation: over a test split, and of a finished run's checkpoint.
 
 There is no float path: the model evaluates as it trains, with quantized weights and
-activations (``brjax.training.steps.eval_step``, jitted once by ``brjax.training.parallel.jit_eval_step``).
+activations (``brjax.training.steps.eval_step``, jitted once by
+``brjax.training.parallel.jit_eval_step``).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
 
-from brjax.training import checkpoint
-from brjax.data import datasets
-from brjax.training import history
+from brjax.data import datasets, streaming
 from brjax.models import cifar as models
-from brjax.data import streaming
+from brjax.training import checkpoint, history
 from brjax.training.parallel import Topology, device_batches, jit_eval_step
 
 
@@ -66,9 +65,11 @@ def evaluate_run(workdir: str, *, prefer: str = "best", data_dir: str | None = N
   needed = ("model", "bits_w", "bits_a", "batch_size", "test_examples")
   if not isinstance(config, dict) or any(k not in config for k in needed):
     raise checkpoint.CheckpointError(f"the checkpoint meta in {workdir} has no config with "
-                                     f"{', '.join(needed)}: it was not written by brjax.training.train")
+                                     f"{', '.join(needed)}: it was not written by "
+                                     "brjax.training.train")
   data = meta.get("data")
-  ds = datasets.load(config, data_dir=data_dir, train_examples=1, stats=data)
+  ds = datasets.load(config, data_dir=data_dir, train_examples=1,
+                     stats=datasets.stored_stats(meta))  # the run's own, the one source
   if data and list(data["class_names"]) != list(ds.class_names):
     raise ValueError(f"the classes of {data_dir or config.get('data_dir')} "
                      f"({list(ds.class_names)}) differ from the run's "

@@ -10,7 +10,7 @@ from __future__ import annotations
 from absl import flags
 
 from brjax.training import recipes
-from brjax.training.config import ABR_CLIPPED, Config, MODELS
+from brjax.training.config import ABR_CLIPPED, MODELS, Config
 
 _D = Config()
 
@@ -20,7 +20,8 @@ def define(values: flags.FlagValues) -> flags.FlagValues:
   flags.DEFINE_enum("model", _D.model, list(MODELS), "CIFAR ResNet: resnet20, resnet18 "
                     "(brjax's), resnet20_option_a (He et al.'s parameter-free shortcuts), "
                     "resnet18_reference (the reference package's layout; reads its .pth). "
-                    "The papers' ImageNet models (brjax.models.paper, quantized by paper_rules: first and "
+                    "The papers' ImageNet models (brjax.models.paper, quantized by paper_rules: "
+                    "first and "
                     "last layer 8 bits, layer inputs quantized): resnet18_imagenet, resnet50, "
                     "mobilenet_v2 (their small-input variant for images of at most 64 pixels).",
                     flag_values=values)
@@ -135,8 +136,14 @@ def define(values: flags.FlagValues) -> flags.FlagValues:
                     flag_values=values)
   flags.DEFINE_integer("histogram_every", 5, "With --tensorboard: histograms every N epochs.",
                        flag_values=values)
-  flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its latest "
-                    "checkpoint.", flag_values=values)
+  flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its newest "
+                    "checkpoint (an epoch's end, or inside an epoch).", flag_values=values)
+  flags.DEFINE_integer("checkpoint_every_steps", 0, "Also save a mid-epoch checkpoint every "
+                       "N training steps (0: not by count). Epoch ends always save; Ctrl-C "
+                       "and SIGTERM save where the run stops.", flag_values=values)
+  flags.DEFINE_float("checkpoint_every_minutes", 15.0, "Also save a mid-epoch checkpoint "
+                     "when this many minutes passed since the last save (0: not by time): "
+                     "a killed run loses at most that much.", flag_values=values)
   flags.DEFINE_string("branch_from", None, "Workdir of a warmup run (one stopped with "
                       "--stop_after_epoch at or before the end of its warmup) whose flags differ "
                       "from this run's only in BR-phase flags (lambda_w, lambda_a, "
@@ -170,7 +177,8 @@ def config_from_flags(values: flags.FlagValues) -> Config:
                      "for float")
   return Config(
       model=values.model, width=values.width, bits_w=bits_w, bits_a=bits_a, clip=values.clip,
-      per_channel=values.per_channel, dtype=values.dtype or "float32",  # unset: default_dtype(), after --distributed
+      # dtype unset: default_dtype(), after --distributed
+      per_channel=values.per_channel, dtype=values.dtype or "float32",
       remat=values.remat,
       lambda_w=values.lambda_w, lambda_a=values.lambda_a,
       warmup_epochs=values.warmup_epochs, epochs=values.epochs,

@@ -9,7 +9,8 @@
 
 This module reads the first and lists the others, with the standard library only, so that
 study runners, summaries and figures can look at runs without importing JAX (checked by
-``tests/training/test_history.py``). Restoring a checkpoint's arrays is ``brjax.training.checkpoint``'s job.
+``tests/training/test_history.py``). Restoring a checkpoint's arrays is
+``brjax.training.checkpoint``'s job.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ CHECKPOINT_KINDS = ("latest", "best")
 META_FILE = os.path.join("meta", "metadata")
 """Where a checkpoint folder holds its JSON meta (epoch, config, best test accuracy, and
 ``branched_from`` for a branched run): orbax's ``JsonCheckpointHandler`` writes the
-``meta`` item of ``brjax.training.checkpoint`` there as one JSON object (tests/training/test_train.py checks
+``meta`` item of ``brjax.training.checkpoint`` there as one JSON object
+(tests/training/test_train.py checks
 that orbax reads back what this module reads)."""
 
 
@@ -54,10 +56,15 @@ def read_history(workdir: str, *, missing_ok: bool = False) -> list[dict]:
   path = metrics_path(workdir)
   if missing_ok and not os.path.exists(path):
     return []
-  with open(path) as f:
-    lines = f.read().split("\n")
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
   records = []
-  for i, line in enumerate(lines, 1):
+  for i, raw in enumerate(lines, 1):
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise HistoryError(f"{path} line {i} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                         f"column {e.start + 1}): expected one JSON object per epoch") from None
     if not line.strip():
       continue
     try:
@@ -119,16 +126,46 @@ def read_checkpoint_meta(workdir: str, kind: str = "latest", epoch: int | None =
   when the run has no such checkpoint.
 
   Raises:
-    OSError, ValueError: the meta file is missing or is not JSON.
+    OSError: the meta file is missing. ValueError: it is not a JSON object (naming it).
   """
   epochs = checkpoint_epochs(workdir, kind)
   if epoch is None and not epochs:
     return {}
   epoch = epochs[-1] if epoch is None else epoch
-  with open(os.path.join(checkpoint_dir(workdir, kind, epoch), META_FILE)) as f:
-    return json.load(f)
+  path = os.path.join(checkpoint_dir(workdir, kind, epoch), META_FILE)
+  with open(path, "rb") as f:
+    try:
+      meta = json.loads(f.read().decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+      meta = e
+  if not isinstance(meta, dict):
+    reason = str(meta) if isinstance(meta, ValueError) else f"a JSON {type(meta).__name__}"
+    raise ValueError(f"{path} is not a JSON object ({reason}): the checkpoint's meta is "
+                     "damaged")
+  return meta
 
 
 def has_checkpoint(workdir: str, kinds: tuple[str, ...] = CHECKPOINT_KINDS) -> bool:
   """Whether the run saved a checkpoint of any of ``kinds``."""
   return any(checkpoint_epochs(workdir, kind) for kind in kinds)
+
+
+def mid_epoch_position(workdir: str) -> tuple[int, int] | None:
+  """``(epoch, steps done in it)`` of the run's mid-epoch checkpoint
+  (``<workdir>/checkpoints/steps/<global step>``) if it is newer than its latest epoch
+  checkpoint, else None: where ``--resume`` continues inside an epoch.
+
+  Raises:
+    OSError, ValueError: its meta is missing or damaged.
+  """
+  directory = os.path.join(workdir, "checkpoints", "steps")
+  steps = sorted(int(name) for name in os.listdir(directory)
+                 if name.isdigit()) if os.path.isdir(directory) else []
+  if not steps:
+    return None
+  with open(os.path.join(directory, str(steps[-1]), META_FILE), "rb") as f:
+    where = json.loads(f.read().decode("utf-8"))["input"]
+  epochs = checkpoint_epochs(workdir, "latest")
+  if where["epoch"] <= (epochs[-1] if epochs else 0):
+    return None
+  return where["epoch"], where["step_in_epoch"]

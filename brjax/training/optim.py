@@ -15,17 +15,17 @@ phases and carries across the switch (and through checkpoints) unchanged.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
-
+from collections.abc import Iterable
 import math
+from typing import Any
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import optax
 
-from brjax.training.config import Config
 from brjax.quant.lsq import STEP_SIZE_NAMES
+from brjax.training.config import Config
 
 WEIGHTS, ALPHA_W, ALPHA_A = "weights", "alpha_w", "alpha_a"
 LABELS = (WEIGHTS, ALPHA_W, ALPHA_A)

@@ -7,16 +7,16 @@ replicated, and BatchNorm statistics are over the global batch because the steps
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 import dataclasses
 import functools
-from typing import Callable, Iterable, Iterator
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from brjax.data import input_pipeline
-from brjax.data import streaming
+from brjax.data import input_pipeline, streaming
 from brjax.training.steps import BRSettings, eval_step, train_step
 
 
@@ -34,7 +34,7 @@ class Topology:
     return NamedSharding(self.mesh, P())
 
   @classmethod
-  def create(cls, devices=None) -> "Topology":
+  def create(cls, devices=None) -> Topology:
     return cls(Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",)))
 
 

@@ -6,14 +6,12 @@ logs these lines.
 
 from __future__ import annotations
 
-from brjax.training import checkpoint
-from brjax.data import datasets
-from brjax.data import streaming
-from brjax.training import recipes
-from brjax.training import run_control
-from brjax.training.config import Config
+from brjax.data import datasets, streaming
+from brjax.quant.bits import FLOAT_BITS
+from brjax.training import checkpoint, recipes, run_control
+from brjax.training.config import PRETRAINED_SUFFIXES, Config
 from brjax.training.parallel import Topology
-from brjax.training.steps import BR
+from brjax.training.steps import BR, br_settings
 
 RULE = "=" * 80
 
@@ -37,21 +35,24 @@ def banner(config: Config, topology: Topology, ds: datasets.Dataset,
                  if config.warmup_epochs else "Stage 1 (Warmup): none")
     lines.append(f"Stage 2 (BR): epochs {config.warmup_epochs + 1}-{config.epochs}"
                  if config.warmup_epochs < config.epochs else "Stage 2 (BR): none")
-    on = lambda lam: "ENABLED" if lam > 0 else "DISABLED"
+    lambda_w, lambda_a = _computed_lambdas(config)
     lines += [
         "BR configuration:",
-        f"  - W-BR (weights): lambda={config.lambda_w:g} [{on(config.lambda_w)}]",
+        f"  - W-BR (weights): lambda={config.lambda_w:g} [{_on(config, 'w', lambda_w)}]",
         f"    └─> gradients to alpha: {_WBR_ALPHA[config.br_alpha_grad_w]} "
         "(--br_alpha_grad_w)",
-        f"  - A-BR (activations): lambda={config.lambda_a:g} [{on(config.lambda_a)}]",
+        f"  - A-BR (activations): lambda={config.lambda_a:g} [{_on(config, 'a', lambda_a)}]",
     ]
-    if config.lambda_a > 0:
+    if lambda_a > 0:
       lines.append(f"    └─> gradients to alpha: {config.br_alpha_grad_a} (--br_alpha_grad_a)")
       lines.append(f"    └─> values above the top level: {_ABR_CLIPPED[config.abr_clipped]} "
                    "(--abr_clipped)")
     if abr_line:
       lines.append(f"    └─> activation sites: {abr_line} (--abr_layers, "
                    "--abr_exclude_first/last)")
+    unused = _unused_abr_flags(config) if lambda_a == 0 else []
+    if unused:
+      lines.append(f"    └─> not used: {', '.join(unused)} (A-BR is off)")
     lines += [
         "Alpha control (after warmup):",
         f"  - freeze weight alphas: {config.freeze_alpha_w}",
@@ -59,6 +60,9 @@ def banner(config: Config, topology: Topology, ds: datasets.Dataset,
         "    └─> frozen: no update from CE or BR; not frozen: CE (and BR where enabled) "
         "update alpha",
     ]
+    if config.warmup_epochs == 0 and (config.freeze_alpha_w or config.freeze_alpha_a):
+      lines.append("    └─> --warmup_epochs=0: the frozen step sizes keep their LSQ init from "
+                   "step 1 (they never learn)")
   lines.append(_start_line(config))
   lines += [
       f"Recipe: {recipes.describe(config.recipe_parts, config.recipe)}",
@@ -72,11 +76,43 @@ def banner(config: Config, topology: Topology, ds: datasets.Dataset,
   return "\n".join(lines)
 
 
+def _computed_lambdas(config: Config) -> tuple[float, float]:
+  """The BR phase's ``(lambda_w, lambda_a)`` as the loss computes them (``br_settings``);
+  both 0 without a BR phase."""
+  settings = br_settings(config, BR)
+  has_br = config.warmup_epochs < config.epochs
+  return (settings.lambda_w if has_br else 0.0), (settings.lambda_a if has_br else 0.0)
+
+
+def _on(config: Config, side: str, computed: float) -> str:
+  """``ENABLED``, or ``DISABLED`` with why, when the flag's lambda is not what is computed."""
+  if computed > 0:
+    return "ENABLED"
+  if getattr(config, f"lambda_{side}") == 0:
+    return "DISABLED"
+  if getattr(config, f"bits_{side}") == FLOAT_BITS:
+    what = "weights" if side == "w" else "activations"
+    return f"DISABLED: --bits_{side}={FLOAT_BITS}, {what} are float"
+  return f"DISABLED: no BR phase (--warmup_epochs={config.warmup_epochs})"
+
+
+def _unused_abr_flags(config: Config) -> list[str]:
+  """The A-BR site selection flags given (``--abr_layers=...``, ...)."""
+  given = [f"--abr_layers={config.abr_layers}"] if config.abr_layers is not None else []
+  return given + [f"--{name}" for name in ("abr_exclude_first", "abr_exclude_last")
+                  if getattr(config, name)]
+
+
 def _start_line(config: Config) -> str:
   """``Start: random initialization``, or which checkpoint ``--pretrained`` reads."""
   if config.pretrained is None:
     return "Start: random initialization"
-  line = f"Start: weights of --pretrained={checkpoint.describe_pretrained(config.pretrained)}"
+  if config.pretrained.endswith(PRETRAINED_SUFFIXES):  # a file, not a workdir
+    return (f"Start: weights of --pretrained={config.pretrained} (a PyTorch state_dict)"
+            + (", step sizes from it if it holds every one, else initialized the LSQ way"
+               if config.quantized else ""))
+  line = ("Start: weights of --pretrained="
+          + checkpoint.describe_pretrained(config.pretrained, drops_step_sizes=True))
   return line + (", step sizes initialized the LSQ way" if config.quantized else "")
 
 

@@ -1,8 +1,11 @@
-"""Run control: stopping at a safe point on Ctrl-C, and the clock that estimates the rest.
+"""Run control: stopping at a safe point on Ctrl-C or SIGTERM, and the clock of the rest.
 
-``StopOnSigint`` turns the first Ctrl-C into a request that the loop honours between two
-steps (``StopRequested``), which ``train_and_evaluate`` reports as ``Interrupted``;
-``RunClock`` and ``format_duration`` give the "time left" of the progress bar and log.
+``StopOnSignal`` turns the first Ctrl-C (SIGINT) or SIGTERM (a preemption notice) into a
+request that the loop honours after the step in progress: it saves a mid-epoch checkpoint
+and stops (``StopRequested``), which ``train_and_evaluate`` reports as ``Interrupted``.
+With several processes, :func:`agree` makes every process take the same decision at the
+same step. ``RunClock`` and ``format_duration`` give the "time left" of the progress bar
+and log.
 """
 
 from __future__ import annotations
@@ -13,61 +16,121 @@ import re
 import signal
 import threading
 
+import numpy as np
+
 EXIT_DIVERGED = 3
 """scripts/train.py's exit status when the run diverged (:class:`Diverged`): an outcome of
 the run's flags, not a failure of the program (1) or a refused flag (2)."""
+EXIT_PREEMPTED = 75
+"""scripts/train.py's exit status after a SIGTERM that it answered with a checkpoint
+(sysexits' EX_TEMPFAIL: run the same command with ``--resume``). Ctrl-C exits 130."""
 
 
 class Interrupted(KeyboardInterrupt):
-  """Ctrl-C stopped a run between two steps: the epoch in progress was dropped, the
-  checkpoints of the finished epochs are kept, and ``resume=True`` continues the run.
+  """A signal stopped a run after a step: a mid-epoch checkpoint of that step was saved
+  (with the epoch's running metrics and the input's position), the checkpoints of the
+  finished epochs are kept, and ``resume=True`` continues the run where it stopped.
 
   Attributes:
     workdir: the run's workdir.
-    saved_epoch: the epoch of the latest checkpoint (None if no epoch finished).
+    saved_epoch: the epoch of the latest epoch checkpoint (None if no epoch finished).
+    position: ``(epoch, step in that epoch)`` of the mid-epoch checkpoint saved on the way
+      out (None when the run stopped at an epoch's end, or before its first step).
+    signal: ``"SIGINT"`` or ``"SIGTERM"``.
   """
 
-  def __init__(self, workdir: str, saved_epoch: int | None):
-    super().__init__(f"interrupted after epoch {saved_epoch or 0}")
+  def __init__(self, workdir: str, saved_epoch: int | None,
+               position: tuple[int, int] | None = None, signal_name: str = "SIGINT"):
+    where = (f"at epoch {position[0]} step {position[1]}" if position else
+             f"after epoch {saved_epoch or 0}")
+    super().__init__(f"{signal_name}: stopped {where}")
     self.workdir, self.saved_epoch = workdir, saved_epoch
+    self.position, self.signal = position, signal_name
 
 
 class StopRequested(Exception):
-  """Raised at a safe point after a Ctrl-C (see ``StopOnSigint``)."""
+  """Raised at a safe point after a stop request (see :class:`StopOnSignal`); ``signal``
+  names it (``"SIGINT"``, ``"SIGTERM"``)."""
+
+  def __init__(self, signal_name: str = "SIGINT"):
+    super().__init__(signal_name)
+    self.signal = signal_name
 
 
-class StopOnSigint:
-  """Within it, Ctrl-C (SIGINT) asks the loop to stop at its next safe point: ``check()``,
-  called between steps and between evaluation batches, then raises ``StopRequested``; a
-  checkpoint being saved is finished first. A second Ctrl-C interrupts at once.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-  It only takes over Python's default SIGINT handling, in the main thread; elsewhere (a
-  thread, a custom or ignored SIGINT) it does nothing and Ctrl-C behaves as before.
+
+def interrupt_on_sigterm(signum, frame) -> None:
+  """A SIGTERM handler that raises :class:`Interrupted` (``signal="SIGTERM"``), as Python's
+  default SIGINT handler raises ``KeyboardInterrupt``: ``scripts/train.py`` installs it so
+  that a SIGTERM before the loop (loading data, compiling) also ends with a message and
+  its exit status; inside the loop :class:`StopOnSignal` takes over."""
+  del signum, frame
+  raise Interrupted("", None, None, "SIGTERM")
+
+
+def _takes_over(signum: int, handler) -> bool:
+  if signum == signal.SIGINT:
+    return handler is signal.default_int_handler
+  return handler in (signal.SIG_DFL, interrupt_on_sigterm)
+
+
+class StopOnSignal:
+  """Within it, Ctrl-C (SIGINT) and SIGTERM ask the loop to stop at its next safe point:
+  ``requested`` names the signal, and ``check()`` then raises :class:`StopRequested`. A
+  second signal (either) stops at once, through the handler that was there before (SIGINT:
+  ``KeyboardInterrupt``; SIGTERM: the end of the process, or :func:`interrupt_on_sigterm`).
+
+  It only takes over a signal's default handling (or :func:`interrupt_on_sigterm`), in the
+  main thread; elsewhere (a thread, a custom or ignored handler) it leaves that signal
+  alone.
   """
 
   def __init__(self):
-    self.requested = False
-    self._installed = False
+    self.requested: str | None = None
+    self._installed: dict[int, object] = {}
 
-  def __enter__(self) -> "StopOnSigint":
-    if (threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-      signal.signal(signal.SIGINT, self._request)
-      self._installed = True
+  def __enter__(self) -> StopOnSignal:
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    for signum in _STOP_SIGNALS:
+      handler = signal.getsignal(signum)
+      if _takes_over(signum, handler):
+        self._installed[signum] = handler
+        signal.signal(signum, self._request)
     return self
 
   def __exit__(self, *exc_info) -> None:
-    if self._installed:
-      signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum, default in self._installed.items():
+      signal.signal(signum, default)
+    self._installed = {}
 
   def _request(self, signum, frame) -> None:
-    del signum, frame
-    self.requested = True
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
+    del frame
+    self.requested = self.requested or signal.Signals(signum).name
+    for other, default in self._installed.items():  # a second signal: at once
+      signal.signal(other, default)
 
   def check(self) -> None:
     if self.requested:
-      raise StopRequested()
+      raise StopRequested(self.requested)
+
+
+StopOnSigint = StopOnSignal  # its name before it answered SIGTERM too
+
+
+def agree(*local: bool) -> tuple[bool, ...]:
+  """Each flag OR-ed over every process (one small all-gather; none with one process).
+
+  What makes several processes stop, or save, at the same step: a decision taken by one
+  process alone (its Ctrl-C, its clock) would leave the others waiting in a collective.
+  """
+  import jax  # pylint: disable=g-import-not-at-top (this module is imported without JAX)
+  if jax.process_count() == 1:
+    return tuple(bool(x) for x in local)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gathered = multihost_utils.process_allgather(np.asarray(local, np.int32))
+  return tuple(bool(x) for x in np.asarray(gathered).reshape(-1, len(local)).any(axis=0))
 
 
 def format_duration(seconds: float) -> str:

@@ -20,21 +20,22 @@ A warmup to branch from is a run stopped at the end of its warmup:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import json
 import os
 import shutil
-from typing import Callable
 
-from brjax.training import checkpoint
-from brjax.training import history
+from brjax.training import checkpoint, history
 from brjax.training.config import BR_PHASE_FIELDS, Config
 
 
 @dataclasses.dataclass(frozen=True)
 class Start:
-  """Where a run starts: after ``epoch`` (None: at epoch 1), from the checkpoint whose meta
-  is ``meta``; ``branch_from``: a warmup workdir to copy it from first."""
+  """Where a run starts: after ``epoch`` (None: at epoch 1; the newest epoch checkpoint),
+  from the checkpoint whose meta is ``meta`` (a mid-epoch checkpoint's if that is newer:
+  then ``meta["input"]`` holds its position); ``branch_from``: a warmup workdir to copy it
+  from first."""
   epoch: int | None = None
   meta: dict = dataclasses.field(default_factory=dict)
   branch_from: str | None = None
@@ -53,6 +54,18 @@ def check_workdir(config: Config, workdir: str, resume: bool, log: Callable[[str
       a ``branch_from`` that :func:`check_branch` refuses.
   """
   epoch, meta = checkpoint.peek_latest(workdir)
+  step, step_meta = checkpoint.peek_mid_epoch(workdir)
+  mid_epoch = step is not None and step_meta.get("epoch", 0) > (epoch or 0)
+  if mid_epoch and resume:
+    checkpoint.check_compatible(step_meta.get("config", {}), config,
+                                os.path.join(workdir, "checkpoints", "steps", str(step)))
+    return Start(epoch, step_meta)
+  if mid_epoch:
+    where = step_meta.get("input", {})
+    raise checkpoint.CheckpointError(
+        f"--workdir={workdir} already holds checkpoints (stopped in epoch {where.get('epoch')}"
+        f" at step {where.get('step_in_epoch')}): pass --resume to continue that run, or "
+        "choose another --workdir")
   if epoch is None:
     if branch_from is not None:
       return check_branch(config, branch_from)

@@ -9,12 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brjax.data import datasets
-from brjax.data import streaming
+from brjax.data import datasets, streaming
 from brjax.models import cifar as models
 from brjax.quant import lsq as quant
-from brjax.training import checkpoint
-from brjax.training import optim
+from brjax.training import checkpoint, optim
 from brjax.training.config import PRETRAINED_SUFFIXES, Config
 from brjax.training.steps import TrainState
 

@@ -11,8 +11,9 @@ jits them over a device mesh, once per phase (train) and once per run (eval).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import re
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import flax
 from flax import struct
@@ -21,9 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from brjax.quant import lsq as quant
-from brjax.quant import regularizer
-from brjax.quant import sites
+from brjax.quant import regularizer, sites
 from brjax.training.config import Config
 
 WARMUP, BR, FLOAT = "WARMUP", "BR", "FLOAT"
@@ -65,9 +64,9 @@ def br_settings(config: Config, phase: str,
   pattern = None
   if abr_sites is not None:
     pattern = "^(?:" + "|".join(re.escape(s) for s in abr_sites) + ")$"
+  lambda_w, lambda_a = config.br_lambdas  # a float side has no BR term
   return BRSettings(
-      lambda_w=config.lambda_w if config.bits_w != quant.FLOAT_BITS else 0.0,
-      lambda_a=config.lambda_a if config.bits_a != quant.FLOAT_BITS else 0.0,
+      lambda_w=lambda_w, lambda_a=lambda_a,
       alpha_grad_a=config.br_alpha_grad_a, alpha_grad_w=config.br_alpha_grad_w,
       abr_layers=pattern, abr_clipped=config.abr_clipped)
 

@@ -18,44 +18,60 @@ Their public names stay importable from here (``brjax.training.train.TrainState`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import functools
 import os
-import statistics
-import sys
 import time
-from typing import Callable
 
 import flax
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
-from brjax.training import checkpoint
-from brjax.data import datasets
-from brjax.training import history
-from brjax.quant import metrics
-from brjax.training import optim
+from brjax.data import datasets, streaming
 from brjax.quant import lsq as quant
-from brjax.training import report
-from brjax.training import run_control
-from brjax.training import run_start
-from brjax.data import streaming
+from brjax.quant import metrics
+from brjax.training import checkpoint, history, optim, report, run_control, run_start
+from brjax.training import epoch as epoch_lib
 from brjax.training import tensorboard as summary
 from brjax.training.config import Config
-# Imported by name: the loop uses them, and they are brjax.training.train's public names too.
+from brjax.training.epoch import SaveEvery
+
+# Imported by name: the loop uses some, and all are brjax.training.train's public names too.
 # pylint: disable=unused-import
-from brjax.training.evaluation import evaluate, evaluate_run
-from brjax.training.parallel import Topology, device_batches, jit_eval_step, jit_train_step
-from brjax.training.run_control import (Interrupted, RunClock, StopOnSigint, StopRequested,
-                               format_duration)
-from brjax.training.steps import (BR, FLOAT, WARMUP, BRSettings, TrainState, activation_sites,
-                         br_settings, eval_step, phase_of, select_abr_sites, train_step)
-from brjax.training.state import (_first_batch, _load_pretrained, create_model,
-                                  create_train_state)
+from brjax.training.evaluation import evaluate, evaluate_run  # noqa: F401
+from brjax.training.parallel import (  # noqa: F401
+  Topology,
+  device_batches,
+  jit_eval_step,
+  jit_train_step,
+)
+from brjax.training.run_control import Interrupted, RunClock, StopOnSignal, StopRequested
+from brjax.training.state import (  # noqa: F401
+  _first_batch,
+  _load_pretrained,
+  create_model,
+  create_train_state,
+)
+from brjax.training.steps import (  # noqa: F401
+  BR,
+  FLOAT,
+  WARMUP,
+  BRSettings,
+  TrainState,
+  activation_sites,
+  br_settings,
+  eval_step,
+  phase_of,
+  select_abr_sites,
+  train_step,
+)
+
 # pylint: enable=unused-import
+
+_NO_MID_EPOCH_SAVES = SaveEvery()  # epoch ends and signals only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +92,8 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
                        devices=None, log: Callable[[str], None] = print,
                        tensorboard: bool = False, histogram_every: int = 5,
                        branch_from: str | None = None,
-                       stop_after_epoch: int | None = None) -> dict:
+                       stop_after_epoch: int | None = None,
+                       save_every: SaveEvery = _NO_MID_EPOCH_SAVES) -> dict:
   """Runs (or resumes) a whole training run; returns the last epoch's metrics.
 
   Writes ``<workdir>/metrics.jsonl`` (one JSON object per epoch, with per-layer
@@ -93,11 +110,13 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   its checkpoint must be at or before the end of the warmup); the metrics are those of
   the same run from scratch. ``stop_after_epoch``: return after that epoch (a warmup to
   branch from: ``stop_after_epoch=config.warmup_epochs``), leaving a run that ``resume``
-  continues.
+  continues. ``save_every``: mid-epoch checkpoints (``brjax.training.epoch``); a resume
+  continues from the newest checkpoint, mid-epoch or not, and gives the metrics of the
+  uninterrupted run.
 
   Raises:
-    Interrupted: Ctrl-C (SIGINT, in the main thread) stopped the run between two steps;
-      the checkpoints of the finished epochs are kept.
+    Interrupted: Ctrl-C (SIGINT) or SIGTERM (in the main thread) stopped the run after a
+      step, or during an evaluation, and a mid-epoch checkpoint of that point was saved.
   """
   last_epoch = config.epochs if stop_after_epoch is None else stop_after_epoch
   if not 1 <= last_epoch <= config.epochs:
@@ -121,7 +140,7 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
       multihost_utils.sync_global_devices("brjax.training.run_start.copy_branch")
   os.makedirs(workdir, exist_ok=True)
   ckpts = checkpoint.RunCheckpoints(workdir)
-  state, start_epoch, best_acc = _restore_or_start(run, ckpts, state, saved_epoch)
+  state, start_epoch, best_acc, mid_epoch = _restore_or_start(run, ckpts, state, saved_epoch)
   probe = _probe_batch(run)  # for quant metrics
   abr_sites, abr_line = _abr_sites(run, state, probe)
   log(report.banner(config, run.topology, run.ds, abr_line))
@@ -132,27 +151,42 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   schedule = optim.learning_rate_schedule(config, run.steps_per_epoch)
   clock, step_fns, last = RunClock(last_epoch, run.steps_per_epoch), {}, {}
   try:
-    with StopOnSigint() as stop:
+    with StopOnSignal() as stop:
+      control = epoch_lib.Control(stop, save_every, functools.partial(_save_mid_epoch, run,
+                                                                      ckpts, best_acc))
       for epoch in range(start_epoch + 1, last_epoch + 1):
         phase = phase_of(config, epoch)
         state, step_fn, compiles = _enter_phase(run, state, epoch, phase, step_fns, abr_sites)
-        start, lr = time.time(), float(schedule(int(state.step)))
-        state, m = _train_epoch(run, step_fn, state, epoch, clock, stop.check, compiles)
+        lr = float(schedule((epoch - 1) * run.steps_per_epoch))
+        start = time.time()
+        state, sums, step_times = epoch_lib.train_epoch(run, step_fn, state, epoch, clock,
+                                                        control, compiles, mid_epoch)
+        mid_epoch = None
+        m = epoch_lib.epoch_means(sums, step_times)
         run_control.check_finite(epoch, m, ckpts.latest_epoch())
         run_control.check_step_sizes(epoch, _smallest_step_sizes(state), ckpts.latest_epoch())
         m.update(epoch=epoch, phase=phase, step=int(state.step), lr=lr)
         _mark_terms_not_computed(m, config, phase)
-        m.update(_evaluate_epoch(run, eval_fn, quant_fn, state, probe, clock, stop.check))
+        m.update(_evaluate_epoch(run, eval_fn, quant_fn, state, probe, clock,
+                                 epoch_lib.evaluation_check(control, state, epoch, sums)))
         is_best, best_acc = m["test_acc"] > best_acc, max(best_acc, m["test_acc"])
+        control = epoch_lib.Control(stop, save_every, functools.partial(
+            _save_mid_epoch, run, ckpts, best_acc))
         m.update(best_test_acc=best_acc, epoch_time_s=time.time() - start)
         _save_epoch(run, ckpts, state, m, is_best)
         _write_summaries(run, writer, state, m, probe, histogram_every)
         log(report.format_epoch_line(m, config.epochs) + report.time_note(m, clock))
         last = m
         if epoch < last_epoch:
-          stop.check()
-  except StopRequested:
-    raise Interrupted(workdir, ckpts.latest_epoch()) from None
+          control.check()
+  except StopRequested as e:
+    ckpts.wait()
+    step_epoch, step_meta = ckpts.latest_step_meta()
+    saved = ckpts.latest_epoch()
+    position = None
+    if step_epoch is not None and step_meta["epoch"] > (saved or 0):
+      position = (step_meta["epoch"], step_meta["input"]["step_in_epoch"])
+    raise Interrupted(workdir, saved, position, e.signal) from None
   except KeyboardInterrupt:  # a second Ctrl-C, maybe within a save: drop what it left
     ckpts.remove_unfinished()
     raise
@@ -194,7 +228,7 @@ def _setup(config: Config, workdir: str, devices, is_chief: bool,
 
   Writes nothing: a data or flag error leaves no workdir behind.
   """
-  ds = datasets.load(config, stats=meta.get("data"))
+  ds = datasets.load(config, stats=datasets.stored_stats(meta))
   steps_per_epoch = streaming.num_train_steps(ds, config.batch_size)
   if steps_per_epoch < 1:
     raise ValueError(f"--batch_size={config.batch_size} is not accepted: the training set "
@@ -209,24 +243,37 @@ def _setup(config: Config, workdir: str, devices, is_chief: bool,
 
 
 def _restore_or_start(run: _Run, ckpts: checkpoint.RunCheckpoints, state: TrainState,
-                      saved_epoch: int | None) -> tuple[TrainState, int, float]:
-  """``(state on the devices, last finished epoch, best test accuracy)`` to start from.
+                      saved_epoch: int | None
+                      ) -> tuple[TrainState, int, float, epoch_lib.MidEpoch | None]:
+  """``(state on the devices, last finished epoch, best test accuracy, position in the
+  epoch after it or None)`` to start from.
 
-  Resuming restores the latest checkpoint into ``state`` and drops the metrics lines past
-  it (a run killed between its log line and its save); a fresh start removes the
-  metrics.jsonl of a run that never saved a checkpoint.
+  Resuming restores the newest checkpoint into ``state``: the mid-epoch one if it is past
+  the latest epoch's, else the latest epoch's; and drops the metrics lines past the last
+  finished epoch (a run killed between its log line and its save). A fresh start removes
+  the metrics.jsonl of a run that never saved a checkpoint.
   """
-  start_epoch, best_acc = 0, 0.0
-  if saved_epoch is not None:
+  start_epoch, best_acc, mid_epoch = 0, 0.0, None
+  step, step_meta = ckpts.latest_step_meta()
+  if step is not None and step_meta["epoch"] > (saved_epoch or 0):
+    state, partial, meta = ckpts.restore_step(state, run.config)
+    where = meta["input"]
+    mid_epoch = epoch_lib.MidEpoch(where["epoch"], where["step_in_epoch"],
+                                   {k: np.asarray(v) for k, v in partial.items()},
+                                   where.get("iterator"))
+    start_epoch, best_acc = mid_epoch.epoch - 1, meta["best_test_acc"]
+    run.log(f"Resumed from {run.workdir} at epoch {mid_epoch.epoch} step {mid_epoch.step} of "
+            f"{run.steps_per_epoch} (global step {step}; best test acc {best_acc:.2f}%)")
+  elif saved_epoch is not None:
     state, meta = ckpts.restore_latest(state, run.config)
     start_epoch, best_acc = meta["epoch"], meta["best_test_acc"]
-    if run.is_chief:
-      history.truncate_history(run.workdir, start_epoch)
     run.log(f"Resumed from {run.workdir} at epoch {start_epoch} "
             f"(best test acc {best_acc:.2f}%)")
+  if run.is_chief and (mid_epoch is not None or saved_epoch is not None):
+    history.truncate_history(run.workdir, start_epoch)
   elif run.is_chief and os.path.exists(history.metrics_path(run.workdir)):
     os.remove(history.metrics_path(run.workdir))  # metrics of a run that never saved a checkpoint
-  return jax.device_put(state, run.topology.replicated), start_epoch, best_acc
+  return jax.device_put(state, run.topology.replicated), start_epoch, best_acc, mid_epoch
 
 
 def _abr_sites(run: _Run, state: TrainState,
@@ -264,58 +311,6 @@ def _enter_phase(run: _Run, state: TrainState, epoch: int, phase: str, step_fns:
   return state, step_fns[phase], compiles
 
 
-def _train_epoch(run: _Run, step_fn: Callable, state: TrainState, epoch: int,
-                 clock: RunClock, check: Callable[[], None] = lambda: None,
-                 compiles: bool = False) -> tuple[TrainState, dict]:
-  """One epoch of training steps; returns the state and the epoch's mean metrics.
-
-  The per-step metrics stay on the device until the epoch ends. Step 1 (which compiles
-  the step on its first use: ``compiles`` says so on the terminal) runs before the progress
-  bar starts, so that the bar's rate is that of ordinary steps; after that the loop waits
-  for step ``i - 1`` once step ``i`` is dispatched (one step in flight, no idle device), so
-  the bar counts computed steps, not dispatched ones. Its postfix is the time left in the
-  whole run. ``check()`` runs after every step (``StopOnSigint.check``).
-  """
-  config = run.config
-  desc = f"Epoch {epoch}/{config.epochs}"
-  batches = iter(device_batches(
-      streaming.train_batches(run.ds, config.batch_size, seed=config.seed, epoch=epoch),
-      run.topology, local=datasets.is_streamed(run.ds)))
-  with tqdm.tqdm(desc=f"{desc}: compiling the step", bar_format="{desc} ({elapsed})",
-                 leave=False, file=sys.stderr, disable=not compiles):
-    state, first = step_fn(state, next(batches))
-    jax.block_until_ready(first)
-  check()
-  sums, step_times, last = [first], [], time.perf_counter()
-  with tqdm.tqdm(total=run.steps_per_epoch, initial=1, desc=desc, leave=False,
-                 file=sys.stderr, mininterval=2.0, unit="step") as bar:
-    for batch in batches:
-      state, step_metrics = step_fn(state, batch)
-      if len(sums) > 1:  # wait for the previous step (step 1 is done)
-        jax.block_until_ready(sums[-1])
-        now = time.perf_counter()
-        step_times.append(now - last)
-        last = now
-      sums.append(step_metrics)
-      if step_times:
-        left = clock.seconds_left(epoch, len(sums), statistics.median(step_times[-50:]))
-        bar.set_postfix_str(f"run: {format_duration(left)} left", refresh=False)
-      bar.update()
-      check()
-  return state, _epoch_means(sums, step_times)
-
-
-def _epoch_means(sums: list[dict], step_times: list[float]) -> dict:
-  """The epoch's training metrics from the per-step sums: means over its images, and the
-  median step time (None with a single step)."""
-  total = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(sums))
-  count = total["count"]
-  return {"train_acc": 100.0 * total["correct"] / count,
-          "train_loss": total["loss"] / count, "ce": total["ce"] / count,
-          "br_w": total["br_w"] / count, "br_a": total["br_a"] / count,
-          "step_time_s": statistics.median(step_times) if step_times else None}
-
-
 def _mark_terms_not_computed(m: dict, config: Config, phase: str) -> None:
   """``br_w`` / ``br_a`` are None, not zero, in a phase whose loss leaves them out."""
   settings = br_settings(config, phase)
@@ -339,20 +334,33 @@ def _evaluate_epoch(run: _Run, eval_fn: Callable, quant_fn: Callable, state: Tra
   return m
 
 
+def _meta(run: _Run, epoch: int, phase: str, best_test_acc: float) -> dict:
+  """A checkpoint's meta: what resume and ``evaluate_run`` read (the config and the data's
+  normalization)."""
+  ds = run.ds
+  return {"epoch": epoch, "phase": phase, "best_test_acc": best_test_acc,
+          "config": dataclasses.asdict(run.config),
+          "data": {"mean": ds.mean.tolist(), "std": ds.std.tolist(),
+                   "class_names": list(ds.class_names), "image_size": ds.image_size},
+          **({"branched_from": run.branched_from} if run.branched_from else {})}
+
+
 def _save_epoch(run: _Run, ckpts: checkpoint.RunCheckpoints, state: TrainState, m: dict,
                 is_best: bool) -> None:
-  """Appends the epoch's metrics line (process 0) and saves its checkpoint, with the meta
-  that resume and ``evaluate_run`` read: the config and the data's normalization."""
+  """Appends the epoch's metrics line (process 0) and saves its checkpoint."""
   if run.is_chief:
     history.append_record(run.workdir, m)
-  ds = run.ds
   ckpts.save(m["epoch"], jax.device_get(state),
-             {"epoch": m["epoch"], "phase": m["phase"], "best_test_acc": m["best_test_acc"],
-              "config": dataclasses.asdict(run.config),
-              "data": {"mean": ds.mean.tolist(), "std": ds.std.tolist(),
-                       "class_names": list(ds.class_names), "image_size": ds.image_size},
-              **({"branched_from": run.branched_from} if run.branched_from else {})},
-             is_best=is_best)
+             _meta(run, m["epoch"], m["phase"], m["best_test_acc"]), is_best=is_best)
+
+
+def _save_mid_epoch(run: _Run, ckpts: checkpoint.RunCheckpoints, best_acc: float,
+                    position: epoch_lib.MidEpoch, state: TrainState) -> None:
+  """Saves a mid-epoch checkpoint: the state, the epoch's per-step metrics so far, and the
+  input's position in its meta."""
+  meta = {**_meta(run, position.epoch, phase_of(run.config, position.epoch), best_acc),
+          "input": position.input_meta()}
+  ckpts.save_step(int(state.step), jax.device_get(state), position.partial, meta)
 
 
 def _write_summaries(run: _Run, writer, state: TrainState, m: dict, probe: dict,

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from brjax.bench import training as bench
 from brjax.bench import plain as bench_plain
+from brjax.bench import training as bench
 from brjax.models import plain as plain_models
 
 

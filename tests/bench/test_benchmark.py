@@ -12,10 +12,8 @@ import pathlib
 import subprocess
 import sys
 
+from conftest import once_per_session, run_main
 import pytest
-
-from conftest import once_per_session
-from conftest import run_main
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 STEPS = ("float", "warmup", "br")
@@ -29,6 +27,8 @@ MEASUREMENTS = {
     "br_ratio_8bit_2bit": "x", "br_grad_ratio_8bit_2bit": "x",
     "compiles_train_step": "count", "compiles_eval_step": "count", "compiles_total": "count",
     "two_phase_run_time": "s",
+    "checkpoint_save_call_ms": "ms", "step_with_save_over_step": "x",
+    "step_with_sync_save_over_step": "x",
     "input_images_per_s": "images/s", "step_images_per_s": "images/s", "input_ratio": "x",
     "float_step_flops": "GFLOP", "float_step_flops_per_s": "GFLOP/s",
     "matmul_flops_per_s": "GFLOP/s", "float_step_peak_fraction": "fraction",

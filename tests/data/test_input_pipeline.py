@@ -1,14 +1,15 @@
-"""Tests of brjax.data.input_pipeline on tiny synthetic image folders (and the real CIFAR-10 archive)."""
+"""Tests of brjax.data.input_pipeline on tiny synthetic image folders (and the real CIFAR-10
+archive)."""
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+from pathlib import Path
 import sys
 import tarfile
 import threading
 import time
-from pathlib import Path
 
 import jax
 import numpy as np

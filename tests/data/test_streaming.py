@@ -1,4 +1,5 @@
-"""Tests of brjax.data.streaming on a generated ImageNet-layout folder of small JPEGs of mixed sizes."""
+"""Tests of brjax.data.streaming on a generated ImageNet-layout folder of small JPEGs of
+mixed sizes."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import io
 import json
 import multiprocessing
 import os
-import signal
 from pathlib import Path
+import signal
 
 import grain
 import jax
@@ -16,8 +17,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from brjax.data import input_pipeline
-from brjax.data import streaming
+from brjax.data import input_pipeline, streaming, streaming_dataset
 
 CLASSES = ("c0", "c1", "c2")
 N_TRAIN, N_VAL = 60, 20  # per class: 180 train and 60 val images
@@ -293,7 +293,7 @@ def test_use_streaming_chooses_by_layout_size_and_flag(folder, tmp_path, monkeyp
   assert not streaming.use_streaming("x", tmp_path / "data.tar.gz")
   assert streaming.use_streaming("x", small, "streaming")
   assert not streaming.use_streaming("x", folder, "memory")
-  monkeypatch.setattr(streaming, "IN_MEMORY_LIMIT_BYTES", 1000)
+  monkeypatch.setattr(streaming_dataset, "IN_MEMORY_LIMIT_BYTES", 1000)
   assert streaming.use_streaming("x", small)
   (tmp_path / "tfds" / "imagenet2012" / "5.1.0").mkdir(parents=True)
   (tmp_path / "tfds" / "imagenet2012" / "5.1.0" / "dataset_info.json").write_text("{}")

@@ -6,25 +6,22 @@ import json
 import math
 import re
 
+from conftest import run_main
+from flax import nnx, traverse_util
 import flax.linen as nn
-from flax import nnx
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import brjax
-from brjax.training import checkpoint
+from brjax.export import npz, packing
 from brjax.export import packed as export
-from brjax.export import npz
 from brjax.models import cifar as models
-from brjax.export import packing
 from brjax.models import plain as plain_models
 from brjax.quant import lsq as quant
+from brjax.training import checkpoint
 from brjax.training.config import Config
-
-from conftest import run_main
 
 IMAGES = np.random.default_rng(0).normal(0, 1, (4, 8, 8, 3)).astype(np.float32)
 
@@ -335,7 +332,9 @@ def test_script_exports_a_run_the_integer_format_cannot_hold(tmp_path, capsys):
   code, stdout, stderr = run_main("export", [f"--workdir={tmp_path / 'run'}", f"--out={out}",
                                              "--format=quantized"], capsys)
   assert code == 0, stderr
-  lines = stdout.splitlines()
+  checkpoint_line, *lines = stdout.splitlines()
+  assert checkpoint_line.startswith(f"checkpoint: {tmp_path / 'run'} (latest checkpoint, "
+                                    "epoch 1"), checkpoint_line
   assert lines[0] == f"{out}: resnet18_reference (W2A32), 21 quantized kernels, epoch 1"
   match = re.fullmatch(r"exported ([\d.]+) kB vs float ([\d.]+) kB: ([\d.]+)x smaller", lines[1])
   assert match and float(match[1]) == round(out.stat().st_size / 1e3, 1), lines
@@ -358,7 +357,7 @@ def test_script_refuses_a_float_run_and_bad_flags(tmp_path, capsys):
   assert (code, stdout) == (2, "") and not out.exists()
   assert stderr == "error: W32A32: the run's kernels are float, there is nothing to pack\n"
   code, _, stderr = run_main("export", [f"--workdir={tmp_path / 'float'}", f"--out={out}",
-                                        "--format=onnx"], capsys)
+                                        "--format=tflite"], capsys)
   assert code == 2 and stderr.startswith("error: ") and "--format" in stderr
 
 
@@ -379,3 +378,16 @@ def test_script_exports_the_tiny_run_in_the_quantized_format(tiny_run, tmp_path,
   images = np.random.default_rng(2).normal(0, 1, (8, 32, 32, 3)).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(apply(npz.load_variables(str(out)), images)),
                                 np.asarray(apply(variables, images)))
+
+
+def test_script_names_the_bits_a_one_bit_run_is_packed_at(tmp_path, capsys):
+  """A W1 (ternary) run's codes are packed at 2 bits: the script said "at 1 bits"."""
+  _write_run(tmp_path / "w1", Config(model="resnet18_reference", width=2, bits_w=1, bits_a=32),
+             seed=8)
+  out = tmp_path / "w1.npz"
+  code, stdout, stderr = run_main("export", [f"--workdir={tmp_path / 'w1'}", f"--out={out}",
+                                             "--format=quantized"], capsys)
+  assert code == 0, stderr
+  assert re.fullmatch(r"  codes [\d.]+ kB at 2 bits per weight \(1-bit ternary codes\), float "
+                      r"rest [\d.]+ kB, header and container [\d.]+ kB",
+                      stdout.splitlines()[3]), stdout

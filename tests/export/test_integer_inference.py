@@ -8,24 +8,22 @@ import re
 import subprocess
 import sys
 
-import flax.linen as nn
+from conftest import REPO
 from flax import traverse_util
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from brjax.training import checkpoint
 from brjax.data import input_pipeline
 from brjax.export import integer as integer_export
-from brjax.export import integer_inference
+from brjax.export import integer_inference, packing
 from brjax.models import cifar as models
-from brjax.export import packing
 from brjax.quant import lsq as quant
 from brjax.quant import sites
+from brjax.training import checkpoint
 from brjax.training.config import Config
-
-from conftest import REPO
 
 SCRIPT = str(REPO / "scripts" / "export.py")
 MEAN = np.array([0.49, 0.48, 0.45], np.float32)
@@ -353,3 +351,60 @@ def test_script_rejects_a_bad_workdir(tmp_path):
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: --workdir=") and "nope" in lines[0]
   assert not out.exists() and not result.stdout
+
+
+# ------------------------------------------------------------ the run's input normalization
+
+
+def _write_integer_run(workdir, data_dir: str, data: dict | None, **config) -> None:
+  """A W2A2 ResNet-20 checkpoint with random variables, as brjax.training.train writes it;
+  ``data``: the meta's stored statistics (None: a meta from before they were stored)."""
+  model = models.create_model("resnet20", bits_w=2, bits_a=2)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          jnp.zeros((1, 32, 32, 3)))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: rng.uniform(0.1, 1, s.shape).astype(s.dtype), shapes)
+  meta = {"epoch": 1, "config": dict(dataclasses.asdict(Config(**config)), data_dir=data_dir)}
+  if data is not None:
+    meta["data"] = data
+  ckpts = checkpoint.RunCheckpoints(str(workdir))
+  ckpts.save(1, variables, meta, is_best=True)
+  ckpts.close()
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+  from brjax.data import synthetic_images  # pylint: disable=g-import-not-at-top
+  return str(synthetic_images.write_image_folder(
+      tmp_path_factory.mktemp("images"), classes=2, train_per_class=4, eval_per_class=2,
+      sizes=(32,), eval_folder="test"))
+
+
+def test_export_run_writes_the_normalization_the_run_stored(image_folder, tmp_path):
+  """A ``--normalization=reference`` run stored the reference's std; the export wrote the
+  dataset's own statistics instead, and integer_forward then disagreed with the model."""
+  from brjax.training import recipes  # pylint: disable=g-import-not-at-top
+  stored = {"mean": list(recipes.REFERENCE_MEAN), "std": list(recipes.REFERENCE_STD),
+            "class_names": ["a", "b"], "image_size": 32}
+  _write_integer_run(tmp_path / "run", image_folder, stored, normalization="reference")
+  h = integer_export.export_run(str(tmp_path / "run")).header
+  np.testing.assert_array_equal(h["normalization"]["mean"], np.float32(recipes.REFERENCE_MEAN))
+  np.testing.assert_array_equal(h["normalization"]["std"], np.float32(recipes.REFERENCE_STD))
+  assert h["source"]["normalization"] == "stored by the run"
+  # The stored statistics need no data: a run whose images moved still exports.
+  _write_integer_run(tmp_path / "moved", "/no/such/images", dict(stored, std=[0.3] * 3))
+  h = integer_export.export_run(str(tmp_path / "moved")).header
+  np.testing.assert_array_equal(h["normalization"]["std"], np.float32([0.3] * 3))
+
+
+def test_export_run_of_an_older_meta_follows_the_runs_recipe(image_folder, tmp_path):
+  """A meta without statistics: measured again, then normalized as the run's recipe says."""
+  from brjax.training import recipes  # pylint: disable=g-import-not-at-top
+  _write_integer_run(tmp_path / "ref", image_folder, None, normalization="reference")
+  h = integer_export.export_run(str(tmp_path / "ref")).header
+  np.testing.assert_array_equal(h["normalization"]["std"], np.float32(recipes.REFERENCE_STD))
+  assert h["source"]["normalization"].startswith("measured again from")
+  _write_integer_run(tmp_path / "own", image_folder, None)
+  h = integer_export.export_run(str(tmp_path / "own")).header
+  ds = input_pipeline.load_dataset("cifar10", image_folder, 1, 1)
+  np.testing.assert_array_equal(h["normalization"]["std"], ds.std)

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from brjax.data import input_pipeline
-from brjax.models import cifar as models
 from brjax.export import torch_import
+from brjax.models import cifar as models
 from brjax.training import train
 from brjax.training.config import Config
 

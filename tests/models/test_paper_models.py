@@ -7,9 +7,8 @@ import optax
 import pytest
 
 from brjax.models import paper as paper_models
-from brjax.quant import regularizer
-from brjax.quant import sites
 from brjax.models.plain import count_params
+from brjax.quant import regularizer, sites
 from brjax.quant.quantize import quantize_model
 
 

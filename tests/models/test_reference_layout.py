@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 
 from brjax.models import cifar as models
-from brjax.quant import lsq as quant
-from brjax.quant import regularizer
 from brjax.models import reference_resnet
-from brjax.quant import sites
+from brjax.quant import lsq as quant
+from brjax.quant import regularizer, sites
 
 
 def _shapes(model, batch=1):

@@ -1,4 +1,5 @@
-"""Tests of brjax.quant.metrics: each metric against a float64 numpy reference, and the collectors."""
+"""Tests of brjax.quant.metrics: each metric against a float64 numpy reference, and the
+collectors."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from brjax.quant import metrics
 from brjax.models import cifar as models
 from brjax.quant import lsq as quant
+from brjax.quant import metrics
 
 
 def np_layer_metrics(v, alpha, qn, qp, where=None) -> dict:

@@ -1,22 +1,19 @@
 """Tests of brjax.quant.nnx: quantize_model on unmodified Flax NNX models, BR, freezing, nnx.jit."""
 
-import flax.linen as nn
 from flax import nnx
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from brjax.quant import metrics
-from brjax.quant import nnx as brjax_nnx
-from brjax.training import optim
 from brjax.quant import lsq as quant
-from brjax.quant import regularizer
-from brjax.quant import sites
+from brjax.quant import metrics, regularizer, sites
+from brjax.quant import nnx as brjax_nnx
 from brjax.quant.quantize import quantize_model
 from brjax.quant.rules import QuantRule
-
+from brjax.training import optim
 
 # --- A model as third-party code writes it: no brjax in it. ---
 
@@ -205,6 +202,8 @@ def test_quantized_layer_matches_linen(rule):
   kernel = jax.random.normal(jax.random.key(0), (5, 3)) * 0.3
   bias = jnp.linspace(-0.1, 0.1, 3)
   x = jax.random.normal(jax.random.key(1), (4, 5))
+  if rule.act_signed is False:  # an unsigned input given negative values fails at init
+    x = jnp.abs(x)
   linen = quantize_model(LinenNet(), rule)
   variables = linen.init(jax.random.key(2), x)
   # The same kernel and bias, step sizes initialized from them and x.
@@ -477,3 +476,54 @@ def test_a_decided_sign_travels_with_the_state():
   np.testing.assert_array_equal(restored(signed), trained(signed))
   _, collection = nnx.jit(brjax_nnx.record_sites)(restored, signed)
   assert int(collection["dense"]["input"][0].qn) == -2
+
+
+# --- the sample batch: what init decides from it, and the batches it cannot decide on ---
+
+@pytest.mark.parametrize("sample,message", [
+    (jnp.zeros((8, 8, 8, 3)), r"conv1: the init batch gives its input no variation \(every "
+                              r"value 0\).*step size 0.*pass a real batch"),
+    (jnp.ones((8, 8, 8, 3)), r"conv1: the init batch gives its input no variation \(every "
+                             r"value 1\).*pass a real batch"),
+])
+def test_a_degenerate_sample_batch_is_an_error(sample, message):
+  model = _fresh_cnn()
+  before = _flat(nnx.state(model))
+  with pytest.raises(ValueError, match=message):
+    quantize_model(model, RULES, sample)
+  assert not brjax_nnx.quantized_layers(model)  # left as it was
+  assert _flat(nnx.state(model)).keys() == before.keys()
+
+
+def test_a_constant_sample_cannot_decide_a_sign():
+  with pytest.raises(ValueError, match=r"dense: .*no variation \(every value 1\).*and its "
+                                       r"input sign"):
+    quantize_model(NNXNet(nnx.Rngs(0)), QuantRule(".*", act_bits=2), jnp.ones((2, 5)))
+
+
+def test_negative_values_at_an_unsigned_input_are_an_error():
+  with pytest.raises(ValueError, match=r"dense: act_signed=False, but the init batch gives "
+                                       r"its input negative values \(min -[\d.]+\)"):
+    quantize_model(NNXNet(nnx.Rngs(0)), QuantRule(".*", act_bits=2, act_signed=False),
+                   jax.random.normal(jax.random.key(0), (4, 5)))
+
+
+def test_a_zero_kernel_is_an_error():
+  model = NNXNet(nnx.Rngs(0))
+  model.dense.kernel[...] = jnp.zeros((5, 3))
+  with pytest.raises(ValueError, match=r"dense: LSQ's init gives its kernel step size 0: the "
+                                       r"kernel .* is all zero"):
+    quantize_model(model, QuantRule(".*", weight_bits=2), jax.random.normal(jax.random.key(0),
+                                                                            (2, 5)))
+
+
+def test_no_sample_batch_is_a_clear_error():
+  with pytest.raises(TypeError, match=r"needs the arguments of one model call on a real batch"):
+    quantize_model(_fresh_cnn(), RULES)
+
+
+def test_a_rule_that_matches_nothing_lists_the_layers():
+  with pytest.raises(ValueError, match=r"module_path='conv'\) .* must match the whole module "
+                                       r"path \(re.fullmatch\); the quantizable layers are "
+                                       r"conv1, conv2, head"):
+    quantize_model(_fresh_cnn(), QuantRule("conv", weight_bits=2), _images())

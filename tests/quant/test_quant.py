@@ -62,6 +62,16 @@ class QRangeTest(parameterized.TestCase):
     with pytest.raises(ValueError, match=r"bits=.*1\.\.8"):
       quant.qrange(bits, signed=True)
 
+  def test_numpy_integers_are_bits_and_give_python_ints(self):
+    """``np.int64(4)`` was refused as "not an integer"; the range must stay Python ints (the
+    quantizer's static path)."""
+    qn, qp = quant.qrange(np.int64(4), signed=True)
+    assert (qn, qp) == (-8, 7) and type(qn) is int and type(qp) is int
+    quant.check_layer_bits(np.int32(32))
+    x = jax.random.normal(jax.random.key(0), (2, 3))
+    variables = quant.QuantDense(2, bits=np.int64(4)).init(jax.random.key(0), x)
+    assert variables["params"]["alpha"].shape == ()
+
   def test_layer_bits(self):
     quant.check_layer_bits(32)
     quant.check_layer_bits(4)
@@ -419,5 +429,47 @@ def test_quant_relu_keep_last_call_and_batch_grad_scale():
   for batch_scale in (False, True):
     layer = quant.QuantReLU(bits=2, batch_grad_scale=batch_scale)
     params = layer.init(jax.random.key(0), x)
-    grads[batch_scale] = jax.grad(lambda p: layer.apply(p, x).sum())(params)["params"]["alpha"]
+    grads[batch_scale] = jax.grad(lambda p: layer.apply(p, x).sum())(  # noqa: B023
+        params)["params"]["alpha"]
   np.testing.assert_allclose(grads[True] * np.sqrt(16), grads[False], rtol=1e-5)
+
+
+# -------------------------------------------------------- what the layers and functions accept
+
+
+@pytest.mark.parametrize("clip", [0.0, -6.0, float("nan"), float("inf")])
+def test_quant_relu_clip_is_validated_as_the_config_does(clip):
+  """``--clip`` must be positive; ``QuantReLU(clip=-6)`` gave ``jnp.clip(x, 0, -6)``: -6."""
+  x = jax.random.normal(jax.random.key(0), (4, 3))
+  with pytest.raises(ValueError, match=r"QuantReLU clip=.* is not accepted: use a positive "
+                                       r"finite number, or None"):
+    quant.QuantReLU(bits=2, clip=clip).init(jax.random.key(0), x)
+
+
+def test_ranges_and_axes_are_validated():
+  x = jax.random.normal(jax.random.key(0), (4, 3))
+  with pytest.raises(ValueError, match=r"qn=2, qp=-2 is not an integer range"):
+    quant.lsq_quantize(x, 0.1, 2, -2, 1.0)
+  with pytest.raises(ValueError, match=r"channel_axes=\(2,\) is not accepted: use axes of the "
+                                       r"rank-2 x"):
+    quant.init_alpha(x, 3, (2,))  # wrapped to axis 0 without a word
+  np.testing.assert_array_equal(quant.init_alpha(x, 3, (-1,)), quant.init_alpha(x, 3, (1,)))
+
+
+def test_a_zero_kernel_and_a_relu_that_sees_no_positive_input_are_errors():
+  x = jax.random.normal(jax.random.key(0), (4, 3))
+  with pytest.raises(ValueError, match=r"layers_0: LSQ's init gives its kernel step size "
+                                       r"0: the kernel .* is all zero"):
+    nn.Sequential([quant.QuantDense(2, bits=2, kernel_init=nn.initializers.zeros)]).init(
+        jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"QuantReLU: the init batch gives its output no "
+                                       r"variation \(every value 0\)"):
+    quant.QuantReLU(bits=2).init(jax.random.key(0), -jnp.abs(x))
+
+
+def test_an_init_batch_with_nan_or_inf_is_an_error():
+  x = jax.random.normal(jax.random.key(0), (4, 3))
+  for bad in (jnp.nan, jnp.inf):
+    with pytest.raises(ValueError, match=r"QuantReLU: the init batch holds values that are not "
+                                         r"finite at its output .*pass a real batch"):
+      quant.QuantReLU(bits=2).init(jax.random.key(0), x.at[0, 0].set(bad))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 from absl.testing import parameterized
 import chex
@@ -15,9 +16,8 @@ import optax
 import pytest
 
 from brjax.models import plain as plain_models
+from brjax.quant import calibration, regularizer, sites
 from brjax.quant import lsq as quant
-from brjax.quant import regularizer
-from brjax.quant import sites
 from brjax.quant.quantize import quantize_model
 from brjax.quant.rules import QuantRule
 
@@ -38,7 +38,7 @@ def _batch(n=4):
   return x, jnp.arange(n) % 10
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(name):
   make, rules = MODELS[name]
   model = quantize_model(make(), rules)
@@ -273,3 +273,141 @@ class LoudFailureTest(parameterized.TestCase):
     model = quantize_model(plain_models.ResNet(), W4A4)
     with pytest.raises(ValueError, match="already quantized"):
       quantize_model(model, W4A4)
+
+
+class _MLP(nn.Module):
+  """Two dense layers; an auxiliary head only in training (``train=True``)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.relu(nn.Dense(8)(x))
+    out = nn.Dense(3)(h)
+    if train:
+      return out, nn.Dense(2, name="aux")(h)
+    return out
+
+
+def _signed_batch(n=16):
+  return jax.random.normal(jax.random.key(3), (n, 5))
+
+
+class InitBatchTest(parameterized.TestCase):
+  """What LSQ's init decides from the init batch, and the batches it cannot decide on."""
+
+  @parameterized.parameters(dict(act_signed=True), dict(act_signed=None))
+  def test_an_all_zero_init_batch_is_an_error(self, act_signed):
+    model = quantize_model(_MLP(), QuantRule(weight_bits=4, act_bits=4, act_signed=act_signed))
+    with pytest.raises(ValueError, match=r"Dense_0: the init batch gives its input .*every "
+                                         r"value 0.*pass a real batch"):
+      model.init(jax.random.key(0), jnp.zeros((4, 5)))
+
+  def test_a_jitted_init_on_a_degenerate_batch_warns(self):
+    model = quantize_model(_MLP(), W4A4)
+    with pytest.warns(calibration.DegenerateInitWarning) as caught:
+      variables = jax.block_until_ready(jax.jit(model.init)(jax.random.key(0),
+                                                            jnp.zeros((4, 5))))
+    assert any(re.match(r"Dense_0: .*every value 0.*pass a real batch", str(w.message))
+               for w in caught), [str(w.message) for w in caught]
+    assert float(variables["params"]["Dense_0"]["input_alpha"]) == 0.0
+
+  def test_inputs_that_all_clip_to_zero_are_an_error(self):
+    """A layer downstream of one whose outputs are all zero on the init batch."""
+    model = quantize_model(_MLP(), W4A4)
+    x = -jnp.abs(_signed_batch())  # all negative
+
+    class Negative(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        return nn.Dense(3)(nn.relu(x))  # relu of a negative batch: every input is 0
+
+    with pytest.raises(ValueError, match="Dense_0: the init batch gives its input"):
+      quantize_model(Negative(), W4A4).init(jax.random.key(0), x)
+    model.init(jax.random.key(0), x)  # the same batch, signed where it enters: fine
+
+  def test_a_constant_init_batch_is_an_error(self):
+    """``jnp.ones`` would decide "unsigned" for good: every later negative input -> 0."""
+    model = quantize_model(_MLP(), W4A4)
+    with pytest.raises(ValueError, match=r"Dense_0: .*no variation \(every value 1\).*input "
+                                         r"sign.*pass a real batch"):
+      model.init(jax.random.key(0), jnp.ones((4, 5)))
+
+  def test_unsigned_inputs_that_are_negative_are_an_error(self):
+    model = quantize_model(_MLP(), QuantRule("Dense_0", weight_bits=4, act_bits=4,
+                                             act_signed=False))
+    with pytest.raises(ValueError, match=r"Dense_0: act_signed=False, but the init batch gives "
+                                         r"its input negative values \(min -[\d.]+\).*"
+                                         r"act_signed=True"):
+      model.init(jax.random.key(0), _signed_batch())
+
+  def test_init_alphas_re_decides_the_input_sign(self):
+    model = quantize_model(_MLP(), W4A4)
+    with pytest.warns(calibration.DegenerateInitWarning):  # a jitted init on jnp.ones: a warning
+      variables = jax.block_until_ready(jax.jit(model.init)(jax.random.key(0),
+                                                            jnp.ones((4, 5))))
+    assert not bool(variables["quant_state"]["Dense_0"]["input_signed"])  # ones: unsigned
+    x = _signed_batch()
+    fresh = model.init(jax.random.key(0), x)
+    new = quant.init_alphas(model, variables, x)
+    assert jax.tree.map(bool, new["quant_state"]) == jax.tree.map(bool, fresh["quant_state"])
+    assert bool(new["quant_state"]["Dense_0"]["input_signed"])
+    chex.assert_trees_all_close(new["params"], fresh["params"])
+    np.testing.assert_array_equal(model.apply(new, x), model.apply(fresh, x))
+
+  @parameterized.parameters(False, True)
+  def test_conv_transpose_per_channel_is_per_output_channel(self, transpose_kernel):
+    layer = nn.ConvTranspose(8, (3, 3), transpose_kernel=transpose_kernel)
+    model = quantize_model(layer, QuantRule(weight_bits=4, per_channel=True))
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+    params = model.init(jax.random.key(1), x)["params"]
+    axis = 2 if transpose_kernel else 3  # kernel (3, 3, out, in) with transpose_kernel
+    assert params["kernel"].shape[axis] == 8
+    assert params["alpha"].shape == tuple(8 if a == axis else 1 for a in range(4))
+    _, qp = quant.qrange(4, signed=True)
+    np.testing.assert_allclose(params["alpha"], quant.init_alpha(params["kernel"], qp, (axis,)),
+                               rtol=1e-6)
+
+  def test_a_train_only_head_does_not_fail_eval(self):
+    model = quantize_model(_MLP(), W4A4)
+    x = _signed_batch()
+    variables = model.init(jax.random.key(0), x, train=True)
+    assert "input_alpha" in variables["params"]["aux"]
+    out = model.apply(variables, x)  # eval: the head is not called, its step sizes unused
+    assert out.shape == (16, 3)
+    _, recorded = model.apply(variables, x, mutable=["quant"])
+    assert "aux" not in recorded["quant"]
+    # A layer that runs but is not quantized the way its step sizes say still fails.
+    with pytest.raises(ValueError, match="step sizes that no quantized call used: "
+                                         "Dense_0/alpha, Dense_0/input_alpha"):
+      quantize_model(_MLP(), QuantRule("Dense_1|aux", weight_bits=4, act_bits=4)).apply(
+          variables, x)
+
+
+class RuleInputTest(parameterized.TestCase):
+  """What QuantRule and quantize_model accept, and what they say when they refuse."""
+
+  def test_numpy_scalars_are_accepted_as_python_values(self):
+    rule = QuantRule(weight_bits=np.int64(4), act_bits=np.int32(4), act_signed=np.bool_(True))
+    assert (rule.weight_bits, rule.act_bits, rule.act_signed) == (4, 4, True)
+    assert type(rule.weight_bits) is int and type(rule.act_bits) is int
+    assert rule.act_signed is True
+
+  @parameterized.parameters(0, 1, "yes", np.int64(1))
+  def test_act_signed_must_be_a_bool_or_none(self, value):
+    with pytest.raises(ValueError, match=r"QuantRule act_signed=.* is not accepted: use True, "
+                                         r"False or None"):
+      QuantRule(act_bits=4, act_signed=value)
+
+  def test_per_channel_needs_weight_bits(self):
+    with pytest.raises(ValueError, match=r"QuantRule per_channel=True needs weight_bits: .*"
+                                         r"one step size per layer"):
+      QuantRule(act_bits=4, per_channel=True)
+    with pytest.raises(ValueError, match=r"per_channel=1 is not accepted: use True or False"):
+      QuantRule(weight_bits=4, per_channel=1)
+
+  def test_a_rule_that_matches_nothing_lists_the_layers(self):
+    x = _signed_batch()
+    with pytest.raises(ValueError, match=r"rules\[0\] \(module_path='Dense'\) matched no "
+                                         r"quantizable layer: module_path must match the whole "
+                                         r"module path \(re.fullmatch\); the quantizable layers "
+                                         r"called are Dense_0, Dense_1"):
+      quantize_model(_MLP(), QuantRule("Dense", weight_bits=4)).init(jax.random.key(0), x)

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from brjax.quant import lsq as quant
-from brjax.quant import regularizer
-from brjax.quant import sites
+from brjax.quant import regularizer, sites
 
 
 def _loop_reference(v, alpha, qn, qp, clipped="include"):
@@ -323,3 +322,43 @@ def test_weight_br_alpha_grad_options(per_channel):
   np.testing.assert_array_equal(out["none"][1][1], 0)
   with pytest.raises(ValueError, match="alpha_grad='scaled' is not accepted"):
     loss(kernel, alpha, "scaled")
+
+
+@pytest.mark.parametrize("value", ["true", "yes", "full", 1, 0, None])
+def test_activation_alpha_grad_is_a_bool(value):
+  """``alpha_grad_a`` is validated as strictly as ``alpha_grad_w``: ``"yes"`` silently meant
+  off, ``1`` and ``"full"`` on."""
+  col = _collection()
+  with pytest.raises(ValueError, match=f"alpha_grad_a={value!r} is not accepted: use True or "
+                                       "False"):
+    regularizer.br_losses(col, alpha_grad_a=value)
+  with pytest.raises(ValueError, match=f"alpha_grad={value!r} is not accepted: use True or "
+                                       "False"):
+    regularizer.activation_br(col, alpha_grad=value)
+  with pytest.raises(ValueError, match=f"alpha_grad={value!r} is not accepted: use True or "
+                                       "False"):
+    regularizer.bin_regularization(jnp.ones(4), 0.5, 0, 3, alpha_grad=value)
+  for ok in (True, False, np.bool_(True)):
+    regularizer.br_losses(col, alpha_grad_a=ok)
+
+
+def test_abr_layers_is_a_regular_expression():
+  col = _collection()
+  with pytest.raises(ValueError, match=r"abr_layers='\(' is not accepted: use a regular "
+                                       "expression"):
+    regularizer.br_losses(col, abr_layers="(")
+  with pytest.raises(ValueError, match=r"layers=3 is not accepted: use a regular expression"):
+    regularizer.activation_br(col, layers=3)
+
+
+def test_bin_regularization_validates_what_layer_metrics_does():
+  """The sibling of ``metrics.layer_metrics`` takes the same ``(v, alpha, qn, qp)``: a range
+  with ``qn >= qp`` or a step size that does not fit ``v`` failed deep in a segment sum."""
+  v = jnp.ones((4, 3))
+  with pytest.raises(ValueError, match=r"qn=1, qp=1 is not an integer range"):
+    regularizer.bin_regularization(v, 0.5, 1, 1)
+  with pytest.raises(ValueError, match=r"qn=-2.0, qp=1 is not an integer range"):
+    regularizer.bin_regularization(v, 0.5, -2.0, 1)
+  with pytest.raises(ValueError, match=r"alpha of shape \(4,\) does not broadcast to v of "
+                                       r"shape \(4, 3\)"):
+    regularizer.bin_regularization(v, jnp.ones(4), -2, 1)

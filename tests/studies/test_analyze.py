@@ -1,4 +1,5 @@
-"""Tests of scripts/analyze.py and brjax.studies.analysis on the shared tiny W2A2 run (``tiny_run``).
+"""Tests of scripts/analyze.py and brjax.studies.analysis on the shared tiny W2A2 run
+(``tiny_run``).
 
 One run of the command line end to end; the comparison of two runs calls
 ``brjax.studies.analysis.analyze`` in this process (same outputs, no second interpreter); the
@@ -16,13 +17,12 @@ import struct
 import subprocess
 import sys
 
+from conftest import run_main
 import numpy as np
 from PIL import Image
 import pytest
 
-from brjax.studies import analysis
-from brjax.studies import plots
-from conftest import run_main
+from brjax.studies import analysis, plots
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "analyze.py"
@@ -34,11 +34,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def recomputed(tiny_run) -> dict:
   """``metrics.quant_metrics`` of the tiny run's checkpoint on its first EXAMPLES test images."""
   import jax  # pylint: disable=g-import-not-at-top
+
+  from brjax.data import input_pipeline
+  from brjax.models import cifar as models
+  from brjax.quant import metrics
+
   # pylint: disable=g-import-not-at-top
   from brjax.training import checkpoint
-  from brjax.data import input_pipeline
-  from brjax.quant import metrics
-  from brjax.models import cifar as models
   variables, meta = checkpoint.restore_pretrained(tiny_run[0], prefer="latest")
   config = meta["config"]
   ds = input_pipeline.load_dataset(config["dataset"], config["data_dir"], 1, EXAMPLES)
@@ -178,7 +180,7 @@ def test_analyze_compare(tiny_run, recomputed, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_dir", "no_metrics", "no_flag", "bad_compare",
-                                  "bad_examples", "bad_json", "no_checkpoint",
+                                  "bad_examples", "bad_json", "not_utf8", "no_checkpoint",
                                   "unreadable_checkpoint", "extra_arg"])
 def test_bad_input_is_one_line_error(case, tmp_path, capsys):
   bad = tmp_path / "run"  # passes every check before orbax, whose restore then fails
@@ -192,12 +194,15 @@ def test_bad_input_is_one_line_error(case, tmp_path, capsys):
                       "--compare="),
       "bad_examples": ([f"--workdir={bad}", "--examples=0"], "--examples=0"),
       "bad_json": ([f"--workdir={bad}"], "line 2 is not JSON"),
+      "not_utf8": ([f"--workdir={bad}"], "metrics.jsonl line 2 is not UTF-8 text (byte 0xff"),
       "no_checkpoint": ([f"--workdir={bad}"], "has no checkpoint"),
       "unreadable_checkpoint": ([f"--workdir={bad}"], "could not be read"),
       "extra_arg": ([f"--workdir={bad}", "stray"], "unexpected arguments"),
   }[case]
   if case == "bad_json":
     (bad / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2,\n')
+  if case == "not_utf8":
+    (bad / "metrics.jsonl").write_bytes(b'{"epoch": 1}\n{"epoch": 2, "x": "\xff"}\n')
   if case == "no_checkpoint":
     (bad / "checkpoints" / "best" / "3").rmdir()
   args = [*args, f"--out={tmp_path / 'out'}"]
@@ -212,3 +217,39 @@ def test_bad_input_is_one_line_error(case, tmp_path, capsys):
   assert lines[0].startswith("error: ") and expect in lines[0], lines[0]
   assert out == ""
   assert not (tmp_path / "out").exists()
+
+
+def test_load_run_normalizes_as_the_run_did(tmp_path):
+  """A ``--normalization=reference`` run: its activations are those of images normalized
+  with the statistics it stored, not the dataset's own (metrics.md reported act_init mse
+  0.0218 where the run logged 0.0552)."""
+  # pylint: disable=g-import-not-at-top
+  import dataclasses
+
+  import jax
+
+  from brjax.data import input_pipeline, synthetic_images
+  from brjax.models import cifar as models
+  from brjax.quant import metrics, sites
+  from brjax.training import checkpoint, recipes
+  from brjax.training.config import Config
+  data = str(synthetic_images.write_image_folder(tmp_path / "data", classes=2,
+                                                 train_per_class=4, eval_per_class=4,
+                                                 sizes=(32,), eval_folder="test"))
+  config = Config(bits_w=2, bits_a=2, normalization="reference", data_dir=data)
+  model = models.from_run_config(config, 2)
+  raw = input_pipeline.load_dataset("cifar10", data, 1, 8)
+  ds = dataclasses.replace(raw, mean=np.float32(recipes.REFERENCE_MEAN),
+                           std=np.float32(recipes.REFERENCE_STD))
+  images = next(input_pipeline.eval_batches(ds, 8))["image"]
+  variables = model.init(jax.random.key(0), images, train=False)
+  ckpts = checkpoint.RunCheckpoints(str(tmp_path / "run"))
+  ckpts.save(1, variables, {"epoch": 1, "config": dataclasses.asdict(config),
+                            "data": {"mean": ds.mean.tolist(), "std": ds.std.tolist(),
+                                     "class_names": list(ds.class_names), "image_size": 32}},
+             is_best=True)
+  ckpts.close()
+  run = analysis.load_run(str(tmp_path / "run"), "workdir", [{"epoch": 1}], None, 8, {})
+  want = sites.named(metrics.recorded_sites(model, variables, images), (sites.OUTPUT,))
+  np.testing.assert_allclose(run["activations"]["act_init"],
+                             np.asarray(want["act_init"].values).ravel(), rtol=1e-5, atol=1e-6)

@@ -21,10 +21,10 @@ import shutil
 import subprocess
 import sys
 
+from conftest import once_per_session
 import pytest
 
 from brjax.studies import study as study_lib
-from conftest import once_per_session
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "experiments.py"

@@ -1,4 +1,5 @@
-"""brjax.studies.plots and brjax.studies.analysis's pure parts on synthetic runs: no checkpoint, no model."""
+"""brjax.studies.plots and brjax.studies.analysis's pure parts on synthetic runs: no
+checkpoint, no model."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from brjax.studies import analysis
-from brjax.studies import plots
+from brjax.studies import analysis, plots
 
 
 def synthetic_run(workdir="runs/lsq_br_s0", epochs=2, warmup=1):

@@ -6,23 +6,21 @@ from __future__ import annotations
 import functools
 import json
 
+import chex
+from conftest import run_main
 import flax
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import chex
 import optax
 import pytest
 
-from brjax.training import checkpoint
-from brjax.training import optim
 from brjax.quant import lsq as quant
 from brjax.studies import step_size_trace
+from brjax.training import checkpoint, optim
 from brjax.training.config import Config
 from brjax.training.steps import BRSettings, TrainState, loss_terms
-
-from conftest import run_main
 
 
 def test_run_config_takes_br_phase_overrides_only():
@@ -50,7 +48,8 @@ def test_step_size_paths_select_by_regex_or_refuse():
   params = {"conv": {"kernel": 1, "alpha": 2}, "relu": {"alpha": 3}, "dense": {"bias": 4}}
   assert step_size_trace.step_size_paths(params, None) == ["conv/alpha", "relu/alpha"]
   assert step_size_trace.step_size_paths(params, "^relu") == ["relu/alpha"]
-  with pytest.raises(ValueError, match="--layers=bn is not accepted: it selects no step size; the run's are "
+  with pytest.raises(ValueError, match="--layers=bn is not accepted: it selects no step size; "
+                                       "the run's are "
                                        "conv/alpha, relu/alpha"):
     step_size_trace.step_size_paths(params, "bn")
 
@@ -84,7 +83,8 @@ def test_decay_gradients_are_the_optimizers_coupled_weight_decay():
 def test_decay_rate_is_what_the_optimizer_adds(decay_alphas):
   """The recipe's optimizer, on a zero gradient with lr 1 and no momentum, moves each
   parameter by ``-optim.decay_rate(config, label) * param``: the trace reads the same rule."""
-  config = Config(optimizer="sgd", momentum=0.0, lr=1.0, schedule="step", epochs=10, warmup_epochs=1,
+  config = Config(optimizer="sgd", momentum=0.0, lr=1.0, schedule="step", epochs=10,
+                  warmup_epochs=1,
                   weight_decay=1e-4, decay_alphas=decay_alphas)
   params = {"conv": {"kernel": jnp.full((2,), 0.5), "alpha": jnp.float32(0.02)},
             "relu": {"alpha": jnp.float32(0.1)}}

@@ -9,15 +9,17 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
 import pytest
 
-from brjax.studies import study
 from brjax.studies import results as study_results
 from brjax.studies import runner as study_runner
+from brjax.studies import study
 from brjax.studies import summary as study_summary
+from brjax.training import history
 from brjax.training.config import BR_PHASE_FIELDS, Config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -353,7 +355,7 @@ def test_execute_streams_and_logs_without_progress_redraws(tmp_path):
   multithreaded one would warn)."""
   log = tmp_path / "train.log"
   child = "import sys; print('a\\rb'); print('last'); sys.exit(3)"
-  driver = ("import json, sys; from brjax import study_runner; "
+  driver = ("import json, sys; from brjax.studies import runner as study_runner; "
             f"r = study_runner.execute([sys.executable, '-c', {child!r}], {str(log)!r}, "
             f"{str(tmp_path)!r}); print(json.dumps(r))")
   proc = subprocess.run([sys.executable, "-c", driver], capture_output=True, cwd=REPO,
@@ -364,6 +366,38 @@ def test_execute_streams_and_logs_without_progress_redraws(tmp_path):
   assert streamed == "a\rb\nlast"  # the terminal sees the redraws
   lines = log.read_text().splitlines()
   assert lines[0].startswith("# ") and lines[1:] == ["b", "last"]
+
+
+def test_execute_passes_a_signal_on_once_and_stops_the_study(tmp_path):
+  """The run has its own session (a terminal's Ctrl-C reaches the study alone): the study
+  passes SIGTERM on once, waits for the run to save and exit, then stops
+  (``Interrupted``)."""
+  log = tmp_path / "train.log"
+  child = ("import signal, sys, time\n"
+           "def stop(signum, frame):\n  print('got', signal.Signals(signum).name); sys.exit(75)\n"
+           "signal.signal(signal.SIGTERM, stop)\nprint('ready', flush=True)\ntime.sleep(60)")
+  driver = ("import sys; from brjax.studies import runner\n"
+            "from brjax.training import run_control\n"
+            "try:\n"
+            f"  runner.execute([sys.executable, '-c', {child!r}], {str(log)!r}, "
+            f"{str(tmp_path)!r})\n"
+            "except run_control.Interrupted as e:\n  print('stopped by', e.signal)")
+  proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, cwd=REPO,
+                          text=True)
+  assert proc.stdout.readline() == "ready\n"
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 0 and out.splitlines() == ["got SIGTERM", "stopped by SIGTERM"]
+
+
+def test_a_run_stopped_inside_an_epoch_resumes_there(tmp_path):
+  run, _ = study.plan(str(tmp_path), flags(seeds=["0"]), share_warmup=False)
+  steps = pathlib.Path(run.workdir, "checkpoints", "steps", "5", "meta")
+  steps.mkdir(parents=True)
+  (steps / "metadata").write_text(json.dumps({"input": {"epoch": 2, "step_in_epoch": 1}}))
+  assert history.mid_epoch_position(run.workdir) == (2, 1) and run.state() == "resume"
+  pathlib.Path(run.workdir, "checkpoints", "latest", "2").mkdir(parents=True)
+  assert history.mid_epoch_position(run.workdir) is None  # older than epoch 2's end
 
 
 def test_paths_in_and_beside_the_repository_are_recorded_relative_to_it():

@@ -7,8 +7,8 @@ import pathlib
 
 import pytest
 
-from brjax.studies import study
 from brjax.studies import plan as study_plan
+from brjax.studies import study
 from brjax.training.config import Config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

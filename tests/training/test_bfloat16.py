@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from brjax.data import synthetic_images
 from brjax.models import cifar as models
 from brjax.quant import lsq as quant
-from brjax.quant import regularizer
-from brjax.quant import sites
-from brjax.data import synthetic_images
+from brjax.quant import regularizer, sites
 from brjax.training import train
 from brjax.training.config import Config
 

@@ -1,5 +1,5 @@
-"""Tests of scripts/train.py: bad flags stop before any work; Ctrl-C stops cleanly and the
-run resumes."""
+"""Tests of scripts/train.py: bad flags stop before any work; Ctrl-C and SIGTERM stop
+cleanly, saving where they stop, and the run resumes."""
 
 import importlib.util
 import json
@@ -112,29 +112,37 @@ def _start(argv):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_cleanly_and_resume_gives_the_uninterrupted_metrics(cifar_tar, tiny_run,
-                                                                        tmp_path, capsys):
+# SIGINT (exit 130) is the same path: tests/training/test_multidevice.py and the
+# leaked-shared-memory test below send it.
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 75)])
+def test_a_signal_saves_where_the_run_stops_and_resume_gives_the_uninterrupted_metrics(
+    cifar_tar, tiny_run, tmp_path, capsys, signum, code):
+  """Ctrl-C exits 130, SIGTERM 75 (EX_TEMPFAIL: run it again with --resume), each after
+  saving where it stopped; the message names the command that continues the run."""
   workdir = tmp_path / "run"
-  argv = _tiny_flags(cifar_tar, workdir)
+  argv = _tiny_flags(cifar_tar, workdir) + ["--checkpoint_every_steps=2"]
   proc = _start(argv)
-  first = workdir / "checkpoints" / "latest" / "1"
+  first_save = workdir / "checkpoints" / "steps" / "2"  # epoch 1, step 2 of 4
   deadline = time.time() + 300
-  while not first.exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGINT)  # in epoch 2, or while epoch 1 is still being saved
+  while not first_save.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  sent = time.time()
+  proc.send_signal(signum)
   out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 130, out[-2000:] + err[-2000:]
+  assert time.time() - sent < 30  # well under 30 s on this CPU (a step, a save, the exit)
+  assert proc.returncode == code, out[-2000:] + err[-2000:]
   command = shlex.join(["python", str(SCRIPT), *argv[2:], "--resume"])
-  assert err.rstrip().endswith(f"interrupted: the checkpoint of epoch 1 is kept in {workdir}; "
-                               f"continue with\n  {command}"), err[-2000:]
-  assert "Traceback" not in out + err and "Epoch 2/2 [" not in out
+  last_line = err.rstrip().splitlines()
+  assert last_line[-1] == f"  {command}", err[-2000:]
+  assert last_line[-2].startswith("interrupted: ") and last_line[-2].endswith(
+      f" in {workdir}; continue with"), err[-2000:]
+  assert "Traceback" not in out + err
   assert not list(workdir.rglob("*orbax-checkpoint-tmp*"))
-  assert sorted(os.listdir(workdir / "checkpoints" / "latest")) == ["1"]
 
   # Without --resume the run refuses to overwrite the interrupted one (found before any
   # work: in this process).
   assert cli.main(["train.py", *argv[2:]]) == 2
-  assert "already holds checkpoints (epoch 1 of 2): pass --resume" in capsys.readouterr().err
+  assert "pass --resume" in capsys.readouterr().err
 
   resumed = subprocess.run([sys.executable, *shlex.split(command)[1:]], capture_output=True,
                            text=True, timeout=600)
@@ -146,7 +154,7 @@ def test_ctrl_c_stops_cleanly_and_resume_gives_the_uninterrupted_metrics(cifar_t
   expected = tiny_run[1]
   for key in ("train_acc", "test_acc", "train_loss", "ce", "br_w", "br_a", "test_loss", "lr",
               "step"):
-    assert lines[-1][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+    assert lines[-1][key] == expected[key], key
 
 
 def test_help_lists_every_flag_and_exits_zero(capsys):
@@ -173,3 +181,32 @@ def test_a_diverged_run_exits_3_with_its_one_line(monkeypatch, capsys, tmp_path)
   assert code == run_control.EXIT_DIVERGED == 3
   assert err.startswith("error: epoch 2 diverged: its mean training loss is nan; the epoch "
                         "was not saved, the checkpoint of epoch 1 is kept") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_a_streamed_run_stopped_by_ctrl_c_resumes_and_its_normal_end_leaks_nothing(tmp_path):
+  """Ctrl-C in a terminal reaches the whole process group, Grain's workers too: the run
+  saves and exits 130 without a traceback; the resumed run's normal end leaves no
+  multiprocessing "leaked shared_memory" warning. (The stop itself can leave a few of
+  Grain's in-flight batches behind, which the resource tracker reports and removes: seen
+  in some runs, not in others; issue 33's note.)"""
+  from brjax.data import synthetic_images  # pylint: disable=g-import-not-at-top
+  data = synthetic_images.write_image_folder(tmp_path / "data", classes=4, train_per_class=48,
+                                             eval_per_class=8)
+  workdir = tmp_path / "run"
+  argv = [sys.executable, str(SCRIPT), "--bits=2", "--epochs=1", "--warmup_epochs=1",
+          "--batch_size=32", f"--data_dir={data}", "--image_size=32", "--data_workers=2",
+          "--checkpoint_every_steps=1", f"--workdir={workdir}"]
+  proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)  # its own process group, as a terminal's
+  deadline = time.time() + 300
+  while (not (workdir / "checkpoints" / "steps" / "2").exists() and proc.poll() is None
+         and time.time() < deadline):
+    time.sleep(0.02)
+  os.killpg(proc.pid, signal.SIGINT)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 130, err[-2000:]
+  assert "Traceback" not in err and "interrupted: saved at epoch" in err, err[-2000:]
+  resumed = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "leaked" not in resumed.stderr and "Epoch 1/1 [WARMUP]" in resumed.stdout

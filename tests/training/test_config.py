@@ -59,8 +59,8 @@ def test_paper_models_keep_their_own_activations():
 
 
 def test_choices_without_jax_are_the_libraries():
-  from brjax.training import config
   from brjax.quant import regularizer  # pylint: disable=g-import-not-at-top
+  from brjax.training import config
   assert config.ABR_CLIPPED == regularizer.CLIPPED
   assert config.ALPHA_GRADS_W == regularizer.ALPHA_GRADS_W
   fields = {f.name for f in dataclasses.fields(Config)}
@@ -84,6 +84,7 @@ def test_warmup_bound_applies_to_quantized_runs_only():
 def test_a_checkpoint_from_before_a_field_existed_resumes():
   """Configs saved before the recipe and A-BR site fields resume as the brjax recipe."""
   import dataclasses  # pylint: disable=g-import-not-at-top
+
   from brjax.training import checkpoint  # pylint: disable=g-import-not-at-top
   old = dataclasses.asdict(Config())
   for newer in ("recipe", "optimizer", "schedule", "abr_layers", "abr_exclude_first"):
@@ -98,3 +99,38 @@ def test_a_checkpoint_from_before_a_field_existed_resumes():
 def test_abr_layers_must_be_a_regex():
   with pytest.raises(ValueError, match=r"--abr_layers=\( is not accepted: use a regular"):
     Config(abr_layers="(")
+
+
+@pytest.mark.parametrize("field", ["br_alpha_grad_a", "freeze_alpha_w", "freeze_alpha_a",
+                                   "per_channel", "abr_exclude_first", "abr_exclude_last"])
+@pytest.mark.parametrize("value", ["yes", "false", 1, None])
+def test_switches_are_bools(field, value):
+  """A switch given ``"false"`` or ``1`` (a config built in code, a JSON file) was taken for
+  its truth value without a word; ``br_losses`` validates the same switch."""
+  with pytest.raises(ValueError, match=rf"^--{field}={value} is not accepted: use true or "
+                                       "false"):
+    Config(**{field: value})
+
+
+def test_per_channel_needs_quantized_weights():
+  with pytest.raises(ValueError, match=r"^--per_channel=True is not accepted: .*quantized "
+                                       r"weights \(--bits_w=32 keeps them float\)"):
+    Config(bits_w=32, per_channel=True)
+  assert Config(bits_w=4, per_channel=True).per_channel
+
+
+def test_br_lambdas_are_what_the_run_computes():
+  assert Config().br_lambdas == (1.0, 1.0)
+  assert Config(bits_a=32, lambda_a=1.0).br_lambdas == (1.0, 0.0)
+  assert Config(bits_w=32, lambda_w=0.5, lambda_a=2.0).br_lambdas == (0.0, 2.0)
+
+
+def test_numpy_numbers_are_taken_as_python_numbers():
+  """``--bits_w=4 is not accepted: use an integer in 1..8`` said a config given
+  ``np.int64(4)``; the values are stored as Python numbers (the meta is JSON)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  config = Config(bits_w=np.int64(4), lambda_a=np.float32(0.5), epochs=np.int32(3),
+                  warmup_epochs=1)
+  assert (config.bits_w, config.lambda_a, config.epochs) == (4, 0.5, 3)
+  assert (type(config.bits_w), type(config.lambda_a), type(config.epochs)) == (int, float, int)
+  assert Config(per_channel=np.bool_(True)).per_channel is True

@@ -11,16 +11,13 @@ import shlex
 import subprocess
 import sys
 
+from conftest import run_main, tiny_config
 import numpy as np
 import pytest
 
-from brjax.training import checkpoint
-from brjax.training import evaluation
 from brjax.data import input_pipeline
 from brjax.models import cifar as models
-from brjax.training import train
-from conftest import run_main
-from conftest import tiny_config
+from brjax.training import checkpoint, evaluation, train
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = str(REPO / "scripts" / "evaluate.py")
@@ -88,8 +85,11 @@ def _run_script(*args):
 
 @pytest.mark.parametrize("args, message", [
     ([], "--workdir is required"),
-    (["--workdir=/nonexistent"], "--workdir=/nonexistent is not accepted: it holds no "
-     "checkpoints/"),
+    (["--workdir=/nonexistent"], "--workdir=/nonexistent is not accepted: no such folder "
+     "(use the --workdir of a training run)"),
+    (["--workdir=tests"], "--workdir=tests is not accepted: it holds no checkpoints/"),
+    (["--workdir=README.md"], "--workdir=README.md is not accepted: it is a file, not a "
+     "folder"),
     (["--workdir=.", "--checkpoint=first"], "--checkpoint"),
     (["--workdir=.", "--batch_size=0"],
      "--batch_size=0 is not accepted"),
@@ -120,7 +120,7 @@ def test_script_prints_the_tiny_runs_accuracy(tiny_run, tmp_path):
   assert printed["test_acc"] == pytest.approx(_logged(workdir, meta["epoch"]), abs=1e-9)
   text = _run_script(f"--workdir={workdir}")
   assert text.returncode == 0, text.stderr
-  assert re.fullmatch(rf"{re.escape(workdir)} \(best checkpoint, epoch \d+\): Test Acc="
+  assert re.fullmatch(rf"{re.escape(workdir)} \(latest checkpoint, epoch \d+\): Test Acc="
                       r"\d+\.\d\d% on 128 test images, loss \d+\.\d{4} \(logged by the run: "
                       r"\d+\.\d\d%\)", text.stdout.strip()), text.stdout
 

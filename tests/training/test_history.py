@@ -1,4 +1,5 @@
-"""brjax.training.history: reading a run's metrics.jsonl and listing its checkpoints, without JAX."""
+"""brjax.training.history: reading a run's metrics.jsonl and listing its checkpoints, without
+JAX."""
 
 from __future__ import annotations
 
@@ -49,6 +50,25 @@ def test_a_damaged_line_is_an_error_naming_it(tmp_path, text, message):
   with pytest.raises(history.HistoryError, match=message) as e:
     history.read_history(str(tmp_path))
   assert str(tmp_path / "metrics.jsonl") in str(e.value) and isinstance(e.value, ValueError)
+
+
+def test_a_line_that_is_not_utf8_is_an_error_naming_it(tmp_path):
+  """A stray byte said only ``'utf-8' codec can't decode byte 0xff``, naming no file."""
+  tmp_path.mkdir(exist_ok=True)
+  (tmp_path / "metrics.jsonl").write_bytes(b'{"epoch": 1}\n{"epoch": 2, "x": "\xff"}\n')
+  with pytest.raises(history.HistoryError, match=r"metrics.jsonl line 2 is not UTF-8 text "
+                                                 r"\(byte 0xff at column 20\)") as e:
+    history.read_history(str(tmp_path))
+  assert str(tmp_path / "metrics.jsonl") in str(e.value)
+
+
+def test_a_damaged_checkpoint_meta_is_an_error_naming_it(tmp_path):
+  folder = tmp_path / "checkpoints" / "latest" / "3" / "meta"
+  folder.mkdir(parents=True)
+  (folder / "metadata").write_bytes(b'{"epoch": \xff}')
+  with pytest.raises(ValueError, match=r"checkpoints/latest/3/meta/metadata is not a JSON "
+                                       r"object"):
+    history.read_checkpoint_meta(str(tmp_path))
 
 
 def test_checkpoint_epochs(tmp_path):

@@ -10,18 +10,20 @@ this machine, over localhost and gloo), and accelerators.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import chex
+from conftest import once_per_session
 import numpy as np
 import pytest
-
-from conftest import once_per_session
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -273,3 +275,55 @@ def test_quantized_plain_models_on_two_devices_equal_one(tmp_path):
   assert {k.split("/")[0] for k in one} == {"mobilenet_v2", "vit_scan"}
   assert all(v.dtype == np.float64 for v in one.values())
   chex.assert_trees_all_close(two, one, rtol=1e-9, atol=1e-12)
+
+
+def _two_processes(argv: list[str], port: int) -> list[subprocess.Popen]:
+  env = {k: v for k, v in _env().items() if k != "XLA_FLAGS"}  # one device per process
+  return [subprocess.Popen([sys.executable, "scripts/train.py", "--distributed", *argv],
+                           cwd=REPO, env={**env, **_slurm_env(2, i, port)},
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for i in range(2)]
+
+
+def _finish(procs: list[subprocess.Popen], timeout: int = 300) -> list[tuple[int, str]]:
+  try:
+    return [(proc.returncode, proc.communicate(timeout=timeout)[0]) for proc in procs
+            if proc.wait(timeout=timeout) is not None]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_and_resume_is_exact(
+    cifar_tar, tmp_path):
+  """A Ctrl-C to process 1 alone: both processes save one checkpoint at the same step and
+  exit (no hang); resumed on two processes, the run gives the uninterrupted run's metrics."""
+  flags = ["--train_examples=96", "--test_examples=32", "--batch_size=32", "--epochs=1",
+           "--warmup_epochs=1", f"--data_dir={cifar_tar}"]
+  whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+  procs = _two_processes([*flags, f"--workdir={whole}"], _free_port())
+  assert [code for code, _ in _finish(procs)] == [0, 0]
+
+  argv = [*flags, f"--workdir={stopped}", "--checkpoint_every_steps=1"]
+  procs = _two_processes(argv, _free_port())
+  first = stopped / "checkpoints" / "steps" / "1"
+  deadline = time.time() + 300
+  while not first.exists() and procs[1].poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  procs[1].send_signal(signal.SIGINT)
+  results = _finish(procs)
+  assert [code for code, _ in results] == [130, 130], results
+  assert "interrupted: saved at epoch" in results[0][1], results[0][1][-2000:]
+  assert not list(stopped.rglob("*orbax-checkpoint-tmp*"))
+  assert len(os.listdir(stopped / "checkpoints" / "steps")) == 1
+
+  procs = _two_processes([*argv, "--resume"], _free_port())
+  results = _finish(procs)
+  assert [code for code, _ in results] == [0, 0], results[0][1][-2000:]
+  assert "Resumed from" in results[0][1]
+  timing = ("epoch_time_s", "step_time_s")
+  read = lambda workdir: [{k: v for k, v in json.loads(line).items() if k not in timing}
+                          for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert read(stopped) == read(whole)

@@ -16,9 +16,7 @@ import optax
 import pytest
 
 from brjax.models import cifar as models
-from brjax.training import optim
-from brjax.training import recipes
-from brjax.training import train
+from brjax.training import optim, recipes, train
 from brjax.training.config import Config
 
 

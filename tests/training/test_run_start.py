@@ -11,16 +11,12 @@ import dataclasses
 import json
 import os
 
+from conftest import tiny_config
 import numpy as np
 import pytest
 
-from brjax.training import checkpoint
-from brjax.training import history
-from brjax.training import run_start
-from brjax.training import train
+from brjax.training import checkpoint, history, run_start, train
 from brjax.training.config import BR_PHASE_FIELDS
-
-from conftest import tiny_config
 
 TIMING = ("epoch_time_s", "step_time_s")
 

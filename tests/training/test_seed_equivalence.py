@@ -11,7 +11,8 @@ The replay uses nothing but brjax's public pieces, as the CLI does: the model
 ``brjax.export.torch_import`` (on numpy arrays: torch is not needed), the ``reference`` recipe
 (``Config``, ``optim.create_optimizer``, ``optim.learning_rate_schedule``), the LSQ init of
 the first training step (``quant.init_alphas(..., train=True)``) and ``steps.train_step``
-with ``steps.br_settings`` and the phase switch of ``brjax.training.train.train_and_evaluate``. Every
+with ``steps.br_settings`` and the phase switch of
+``brjax.training.train.train_and_evaluate``. Every
 setting comes from the file's own ``args``.
 
 Tolerances (float64 on both sides): every logged value and every final array within
@@ -34,11 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from brjax.models import cifar as models
-from brjax.training import optim
-from brjax.quant import lsq as quant
-from brjax.training import steps
 from brjax.export import torch_import
+from brjax.models import cifar as models
+from brjax.quant import lsq as quant
+from brjax.training import optim, steps
 from brjax.training.config import Config
 
 pytestmark = pytest.mark.slow  # a whole replay: the slow tier
@@ -122,7 +122,7 @@ def replay(path: pathlib.Path, epochs: int | None = None, **overrides) -> dict:
       state, m = step_fn(state, batch)
       per_batch.append(jax.device_get(m))
     # The reference logs means over batches of the per-batch means.
-    mean = lambda k: float(np.mean([b[k] / b["count"] for b in per_batch]))
+    mean = lambda k: float(np.mean([b[k] / b["count"] for b in per_batch]))  # noqa: B023
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     sd = torch_import.to_state_dict(jax.device_get(variables))
     epochs.append({

@@ -2,10 +2,8 @@
 
 import pytest
 
-from brjax.data import datasets
-from brjax.training import evaluation
-from brjax.data import synthetic_images
-from brjax.training import train
+from brjax.data import datasets, synthetic_images
+from brjax.training import evaluation, train
 from brjax.training.config import Config
 
 

@@ -9,27 +9,19 @@ import re
 import shutil
 
 import chex
+from conftest import tiny_config
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from brjax.training import checkpoint
-from brjax.training import evaluation
 from brjax.data import input_pipeline
 from brjax.models import cifar as models
-from brjax.training import optim
-from brjax.training import parallel
 from brjax.quant import lsq as quant
-from brjax.quant import regularizer
-from brjax.training import report
-from brjax.quant import sites
-from brjax.training import steps
-from brjax.training import train
+from brjax.quant import regularizer, sites
+from brjax.training import checkpoint, evaluation, optim, parallel, report, steps, train
 from brjax.training.config import Config
-
-from conftest import tiny_config
 
 EPOCH_LINE = re.compile(
     r"^Epoch (\d+)/(\d+) \[(WARMUP|BR|FLOAT)\] \(LR=\d+\.\d{6}\): Train Acc=\d+\.\d{2}%, "
@@ -77,6 +69,51 @@ def test_banner_names_the_start_and_shows_only_settings_in_use():
   text = banner(Config(pretrained=baseline))
   assert (f"Start: weights of --pretrained={baseline} (best checkpoint, epoch 10, best test acc "
           "82.03%), step sizes initialized the LSQ way") in text
+
+
+def test_banner_says_what_the_run_computes():
+  """A BR term whose side is float (32 bits) is not computed: the banner says so, as every
+  epoch line does (``BR_A=off``); flags that the run will not use are named."""
+  banner = functools.partial(report.banner, topology=parallel.Topology.create(),
+                             ds=_synthetic_dataset())
+  text = banner(Config(bits_a=32, lambda_a=1.0))
+  assert "A-BR (activations): lambda=1 [DISABLED: --bits_a=32, activations are float]" in text
+  assert "W-BR (weights): lambda=1 [ENABLED]" in text and "--br_alpha_grad_a" not in text
+  text = banner(Config(bits_w=32, lambda_w=1.0))
+  assert "W-BR (weights): lambda=1 [DISABLED: --bits_w=32, weights are float]" in text
+  text = banner(Config(epochs=3, warmup_epochs=3))
+  assert "W-BR (weights): lambda=1 [DISABLED: no BR phase (--warmup_epochs=3)]" in text
+  text = banner(Config(lambda_a=0.0, abr_layers="NOMATCH", abr_exclude_last=True))
+  assert ("    └─> not used: --abr_layers=NOMATCH, --abr_exclude_last (A-BR is off)"
+          in text), text
+  text = banner(Config(freeze_alpha_w=True, warmup_epochs=0))
+  assert ("    └─> --warmup_epochs=0: the frozen step sizes keep their LSQ init from step 1 "
+          "(they never learn)") in text
+  assert "never learn" not in banner(Config(freeze_alpha_w=True, warmup_epochs=1))
+
+
+def test_banner_says_a_quantized_pretrained_run_loses_its_step_sizes(tmp_path):
+  ckpts = checkpoint.RunCheckpoints(str(tmp_path / "qat"))
+  config = Config(bits_w=2, bits_a=4)
+  ckpts.save(3, {"params": {"x": np.zeros(2, np.float32)}},
+             {"epoch": 3, "best_test_acc": 50.0, "config": dataclasses.asdict(config)},
+             is_best=True)
+  ckpts.close()
+  text = report.banner(Config(pretrained=str(tmp_path / "qat")), parallel.Topology.create(),
+                       _synthetic_dataset())
+  assert ("(best checkpoint, epoch 3, best test acc 50.00%; a W2A4 run: its step sizes are "
+          "not used), step sizes initialized the LSQ way") in text, text
+
+
+def test_banner_of_a_pth_start(tmp_path):
+  """``--pretrained=X.pth`` is no workdir: the banner names the file, not a checkpoint (it
+  raised "holds no checkpoint" after the whole setup)."""
+  path = tmp_path / "baseline.pth"
+  path.write_bytes(b"")
+  text = report.banner(Config(model="resnet18_reference", pretrained=str(path)),
+                       parallel.Topology.create(), _synthetic_dataset())
+  assert (f"Start: weights of --pretrained={path} (a PyTorch state_dict), step sizes from it "
+          "if it holds every one, else initialized the LSQ way") in text
 
 
 def _scatter_count(fn, *args):
@@ -232,6 +269,7 @@ def test_unfinished_saves_are_removed_and_finished_checkpoints_kept(tmp_path):
   (latest / "2.orbax-checkpoint-tmp-1234" / "state").mkdir(parents=True)  # a kill mid-save
   ckpts = checkpoint.RunCheckpoints(str(tmp_path))  # orbax removes stale ones before a save
   ckpts.save(2, {"x": np.ones(2, np.float32)}, {"epoch": 2}, is_best=False)
+  ckpts.wait()  # saves are asynchronous
   assert sorted(os.listdir(latest)) == ["1", "2"]
   stale = latest / "3.orbax-checkpoint-tmp-5678"  # as a second Ctrl-C within a save leaves it
   stale.mkdir()
