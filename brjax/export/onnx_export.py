@@ -375,6 +375,9 @@ def to_onnx(model: Any, *args, integer_ops: bool = True, codes_outputs: bool = F
   for value in outs:
     if isinstance(value, Failed):
       raise ExportError(value.message)
+  if not graph.kernel_inits and not ex.activations:  # a float graph named a quantized one
+    raise ExportError("the model records no brjax quantizer: nothing is quantized (quantize "
+                      "it with brjax.quantize_model or brjax's layers first)")
   out_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
   outputs = []
   for name, value, var in zip(out_names, outs, jaxpr.outvars):

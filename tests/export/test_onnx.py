@@ -278,3 +278,11 @@ def test_run_accuracy_in_onnxruntime(tiny_run, cifar_tar, tmp_path):
   assert result["top1_agreement"] == 1.0
   assert result["onnx_acc"] == result["brjax_acc"]
   assert result["max_logit_diff"] <= 1e-3 * max(1.0, result["logit_scale"])
+
+
+def test_a_model_without_quantizers_is_an_error_not_a_float_graph():
+  model = nn.Dense(4)
+  x = jnp.ones((2, 8))
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(onnx_export.ExportError, match="records no brjax quantizer"):
+    onnx_export.to_onnx(model, variables, x)
