@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from absl import flags
 import grain
+from grain._src.python.ipc import shared_memory_array
 import numpy as np
 
 from brjax.data.image_data import normalize, open_image, reason
@@ -151,6 +152,9 @@ class BatchIterator(Iterator[dict]):
     iterator, self._iterator = self._iterator, None
     if iterator is not None and hasattr(iterator, "close"):
       iterator.close()
+      del iterator
+      if self._ds.worker_count:
+        finish_shared_memory_deletes()
 
   def __enter__(self) -> BatchIterator:
     return self
@@ -174,6 +178,25 @@ def pipeline(ds: StreamingDataset, plan: np.ndarray, example: Example) -> grain.
     out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=ds.worker_count),
                           worker_init_fn=_ignore_sigint)
   return out
+
+
+def finish_shared_memory_deletes() -> None:
+  """Runs Grain's pending unlinks of shared memory now, before the process may exit.
+
+  Grain unlinks the shared memory of a batch it received from a worker when the batch is
+  garbage-collected, on a thread pool: those of batches read ahead and not used (a stop
+  mid-epoch, the end of an epoch) are still pending when ``close()`` returns. A process that
+  exits then leaves them to Python's resource tracker, which warns "There appear to be N
+  leaked shared_memory objects". Closing and joining the pool runs them; the next batches
+  from workers start a new pool. (Grain has no public call for this: the attribute is
+  checked, and ``tests/data/test_streaming.py`` fails if none of this happens.)
+  """
+  array_type = shared_memory_array.SharedMemoryArray
+  pool = getattr(array_type, "_del_thread_pool", None)
+  if pool is not None:
+    array_type._del_thread_pool = None  # later deletes run synchronously, in __del__
+    pool.close()
+    pool.join()
 
 
 def _ignore_sigint(worker_index: int, worker_count: int) -> None:

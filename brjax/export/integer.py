@@ -62,6 +62,7 @@ from brjax.data import datasets
 from brjax.export import packing
 from brjax.models import cifar as models
 from brjax.quant import lsq as quant
+from brjax.quant import step_size
 from brjax.training import checkpoint
 
 FORMAT = "brjax.export"
@@ -185,7 +186,7 @@ def export_model(variables: Mapping[str, Any], *, model: str, bits_w: int, bits_
   check_exportable(bits_w, bits_a, model)
   if clip is not None and not (math.isfinite(clip) and clip > 0):
     raise ValueError(f"clip={clip!r} is not accepted: use a positive number or None")
-  params = variables.get("params", {})
+  params = step_size.linear_params(variables.get("params", {}))  # log step sizes as alpha
   stats = variables.get("batch_stats", {})
   flat = {"params": traverse_util.flatten_dict(params, sep="/"),
           "batch_stats": traverse_util.flatten_dict(stats, sep="/")}
@@ -315,6 +316,11 @@ def export_run(workdir: str, *, data_dir: str | None = None, prefer: str = "best
     raise ValueError(f"the checkpoint meta in {workdir} lacks config {missing}: it was not "
                      "written by brjax.training.train")
   check_exportable(config["bits_w"], config["bits_a"], config["model"])
+  edge = config.get("first_last_bits")
+  if edge is not None and edge not in {config["bits_w"]} & {config["bits_a"]}:
+    raise ValueError(f"--first_last_bits={edge}: the run's first and last layers are not at "
+                     f"W{config['bits_w']}A{config['bits_a']}, and the integer format has one bit "
+                     "width for every layer: use --format=onnx or --format=quantized")
   stats, how = datasets.stored_stats(meta), "stored by the run"
   if stats is None:  # a meta from before the statistics were stored
     data_dir = data_dir or config.get("data_dir")

@@ -39,6 +39,7 @@ import numpy as np
 
 from brjax.export import packing
 from brjax.export.packed import FORMAT, VERSION, QuantizedExport, _join, _nbytes, _nnx_state
+from brjax.quant import step_size
 
 
 def to_variables(exported: QuantizedExport) -> dict:
@@ -51,7 +52,7 @@ def to_variables(exported: QuantizedExport) -> dict:
     name = _join(entry["path"])
     if "bits" in entry:
       value = packing.dequantize(exported.codes[name],
-                                 exported.floats[_join(entry["step_size"])],
+                                 _alpha(entry, exported.floats),
                                  entry["dtype"], entry["stack_axes"])
     else:
       value = exported.floats[name]
@@ -125,11 +126,17 @@ def load(path: str) -> QuantizedExport:
         floats[name] = raw.view(jnp.dtype(entry["dtype"])).reshape(entry["shape"]).copy()
     for entry in header["kernels"]:
       name = _join(entry["path"])
-      packing.broadcastable_alpha(floats[_join(entry["step_size"])], entry["shape"],
+      packing.broadcastable_alpha(_alpha(entry, floats), entry["shape"],
                                   entry["stack_axes"])
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{path}: {name} is unreadable ({type(e).__name__}: {e})") from e
   return QuantizedExport(header, codes, floats)
+
+
+def _alpha(entry: dict, floats: dict) -> np.ndarray:
+  """A kernel entry's step size: its ``step_size`` variable (``exp`` of a ``log_*`` one)."""
+  step = tuple(entry["step_size"])
+  return np.asarray(step_size.alpha_of(step, floats[_join(step)]))
 
 
 def load_variables(path: str) -> dict:

@@ -21,7 +21,8 @@ Quantizers
 ----------
 Every call of brjax's LSQ quantizer (``brjax.quant.lsq.lsq_quantize``, a ``custom_vjp``
 whose forward is ``round(clip(x / max(alpha, floor), qn, qp)) * alpha``) is recognised
-in the jaxpr, its step size found as the variable it reads (``alpha``, ``input_alpha``):
+in the jaxpr, its step size found as the variable it reads (``alpha``, ``input_alpha``, or
+``exp`` of ``log_alpha``, ``log_input_alpha``):
 
 * a kernel (a constant): its codes, computed with the quantizer's own float operations,
   become an int8 initializer, dequantized with scale = the step size (per output channel
@@ -53,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from brjax.export import onnx_ops
-from brjax.export.onnx_graph import Const, Graph, Quant, Tensor
+from brjax.export.onnx_graph import Const, Graph, Quant, Tensor, log_step_size
 from brjax.quant import lsq
 
 INLINED = ("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call",
@@ -216,6 +217,9 @@ class Exporter:
       if found is not None:
         _check_used(ins[found[0]:found[0] + 2])
         return self.lsq(eqn, ins, found)
+      log = log_step_size(ins)
+      if log is not None:
+        return [log]
       inner, consts = _jaxpr(eqn.params)
       return self.run(inner, [Const(np.asarray(c), np.shape(c)) for c in consts], ins, where)
     if prim == "scan":

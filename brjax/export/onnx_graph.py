@@ -23,7 +23,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+
+from brjax.quant import step_size
 
 OPSET = 21
 IR_VERSION = 10
@@ -204,3 +207,18 @@ class Graph:
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     return model
+
+
+def log_step_size(ins: list) -> Const | None:
+  """``alpha = exp(theta)`` of a ``log`` step size (``step_size.exp_step_size`` on its
+  variable ``log_alpha``/``log_input_alpha``): a constant under the linear name, so the
+  quantizer that reads it finds its step size as a variable."""
+  if len(ins) != 1 or not (isinstance(ins[0], Const) and ins[0].path):
+    return None
+  path = list(ins[0].path)
+  i = max(k for k, p in enumerate(path) if not isinstance(p, int))
+  if not step_size.is_log_name(str(path[i])):
+    return None
+  path[i] = step_size.linear_name(str(path[i]))
+  value = np.asarray(jnp.exp(jnp.asarray(ins[0].value)))
+  return Const(value, tuple(ins[0].shape), tuple(path))

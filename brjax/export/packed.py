@@ -12,7 +12,8 @@ jitted) lists the model's quantizers as sites (``brjax.quant.sites``). Each ``"w
 a quantized kernel with its step size and integer range, whatever the rules: per-channel
 step sizes, bits per layer, ``nn.scan`` stacks (leading layer axes, a grid per layer).
 brjax's quantizers read a kernel as the variable ``kernel`` of the site's module and keep
-its step size beside it (``alpha``; a layer input's ``input_alpha``); export checks that
+its step size beside it (``alpha``; a layer input's ``input_alpha``; their ``log_*`` forms,
+stored as they are, read as ``alpha = exp(theta)``); export checks that
 these variables hold exactly the tensors the site recorded, so nothing is taken from a
 name alone. A kernel is stored as its codes ``round(clip(kernel / alpha, qn, qp))``
 (``packing.weight_codes``: the quantizer's own float operations) packed at its bit width;
@@ -57,7 +58,7 @@ import numpy as np
 from brjax.export import packing
 from brjax.models import cifar as models
 from brjax.quant import lsq as quant
-from brjax.quant import sites
+from brjax.quant import sites, step_size
 from brjax.training import checkpoint
 
 FORMAT = "brjax.quantized"
@@ -188,6 +189,13 @@ def _variable(names: dict[str, tuple], prefix: tuple, module: str, name: str, ki
   return names[joined]
 
 
+def _step_variable(names: dict[str, tuple], prefix: tuple, module: str, name: str,
+                   kind: str) -> tuple:
+  """The path of a site's step size: ``name``, or its ``log_*`` form (``step_size``)."""
+  log = _join([*prefix, *([module] if module else []), step_size.param_name(name, "log")])
+  return names[log] if log in names else _variable(names, prefix, module, name, kind)
+
+
 def _check_recorded(name: str, value: np.ndarray, recorded: Any, what: str) -> None:
   if not np.all(np.isfinite(value)):
     raise ValueError(f"{name} holds non-finite values: the run diverged")
@@ -221,7 +229,8 @@ def _kernel(flat: dict, names: dict, prefix: tuple, module: str, site: sites.Sit
   qn, lead = int(qn[0]), kernel.ndim - site.ndim
   bits = _bits(qn, qn + site.levels - 1, name)
   try:
-    alpha = packing.broadcastable_alpha(flat[step], kernel.shape, lead)
+    alpha = packing.broadcastable_alpha(np.asarray(step_size.alpha_of(step, flat[step])),
+                                        kernel.shape, lead)
   except ValueError as e:
     raise ValueError(f"{_join(step)}: {e}") from None
   entry = {"path": list(path), "module": module, "shape": list(kernel.shape),
@@ -278,8 +287,9 @@ def from_sites(variables: Mapping[str, Any], collection: Any, *, framework: str 
   names = {_join(p): p for p in flat}
   kernels, codes, acts, used = [], {}, {}, set()
   for module, kind, site in sites.iterate(collection):
-    step = _variable(names, prefix, module, _STEP_SIZE[kind], kind)
-    _check_recorded(_join(step), flat[step], site.alpha, "step size")
+    step = _step_variable(names, prefix, module, _STEP_SIZE[kind], kind)
+    _check_recorded(_join(step), np.asarray(step_size.alpha_of(step, flat[step])), site.alpha,
+                    "step size")
     used.add(step)
     if kind == sites.WEIGHT:
       entry, kernel_codes = _kernel(flat, names, prefix, module, site, step)

@@ -33,6 +33,7 @@ from flax import traverse_util
 import numpy as np
 
 from brjax.quant import lsq as quant
+from brjax.quant import step_size
 
 IGNORED_SUFFIXES = ("num_batches_tracked", "init_state")
 
@@ -118,6 +119,8 @@ def load_state_dict(variables: Mapping[str, Any], state_dict: Mapping[str, Any],
     ValueError: naming the first key that has no place in the model, has the wrong shape,
       or is missing; or when only some step sizes are given.
   """
+  given_variables = variables  # log step sizes (brjax.quant.step_size) travel as alpha
+  variables = {**variables, "params": step_size.linear_params(variables["params"])}
   flat = {c: traverse_util.flatten_dict(variables[c]) for c in variables
           if c in ("params", "batch_stats")}
   out = {c: dict(v) for c, v in flat.items()}
@@ -152,9 +155,10 @@ def load_state_dict(variables: Mapping[str, Any], state_dict: Mapping[str, Any],
     raise ValueError(f"{source} holds {len(given)} of the model's {len(alphas)} step sizes: "
                      f"it has no {_torch_key(*missing, None)!r} (use a float baseline or a "
                      "QAT checkpoint of the same bit widths)")
-  new = dict(variables)
+  new = dict(given_variables)
   for collection, f in out.items():
     new[collection] = traverse_util.unflatten_dict(f)
+  new["params"] = step_size.like(new["params"], given_variables["params"])
   return new, bool(alphas) and len(given) == len(alphas)
 
 
@@ -174,10 +178,11 @@ def to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
   Adds the buffers PyTorch expects: ``num_batches_tracked`` (0) per BatchNorm and
   ``init_state`` (1: already initialized, so the reference keeps the step sizes) per
-  quantizer. Arrays come back as numpy arrays in their own dtype.
+  quantizer. ``log`` step sizes are written as ``alpha = exp(theta)`` (and read back into
+  a ``log`` template as ``log(alpha)``). Arrays come back as numpy arrays in their own dtype.
   """
   out: dict[str, np.ndarray] = {}
-  flat_params = traverse_util.flatten_dict(variables["params"])
+  flat_params = step_size.linear_params(traverse_util.flatten_dict(variables["params"]))
   for path, value in flat_params.items():
     value = np.asarray(value)
     key = _torch_key("params", path, value)

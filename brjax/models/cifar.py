@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from brjax.models import paper as paper_models
 from brjax.models import reference_resnet
 from brjax.quant import lsq as quant
+from brjax.quant import step_size
 
 ModuleDef = Any
 BN_EPSILON = 1e-5
@@ -39,6 +40,7 @@ class BasicBlock(nn.Module):
   act: ModuleDef
   strides: int = 1
   shortcut: str = "projection"
+  out_act: ModuleDef | None = None  # the block's output ReLU, if not ``act`` (last block)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -57,7 +59,7 @@ class BasicBlock(nn.Module):
     elif residual.shape != y.shape:
       residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
       residual = self.norm(name="norm_proj")(residual)
-    return self.act()(residual + y)
+    return (self.out_act or self.act)()(residual + y)
 
 
 BasicBlockOptionA = functools.partial(BasicBlock, shortcut="option_a")
@@ -78,20 +80,25 @@ class CifarResNet(nn.Module):
   act: ModuleDef = quant.QuantReLU
   dtype: Any = jnp.float32
   block: ModuleDef = BasicBlock
+  stem_conv: ModuleDef | None = None  # the first conv, if not ``conv``
+  last_act: ModuleDef | None = None  # the last block's output ReLU (the dense's input)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-    conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype, padding="SAME",
-                             kernel_init=nn.initializers.kaiming_normal())
+    layer = functools.partial(functools.partial, use_bias=False, dtype=self.dtype,
+                              padding="SAME", kernel_init=nn.initializers.kaiming_normal())
+    conv = layer(self.conv)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
                              epsilon=BN_EPSILON, dtype=self.dtype)
-    x = conv(self.stage_filters[0], (3, 3), name="conv_init")(x)
+    x = layer(self.stem_conv or self.conv)(self.stage_filters[0], (3, 3), name="conv_init")(x)
     x = norm(name="bn_init")(x)
     x = self.act(name="act_init")(x)
     for i, (blocks, filters) in enumerate(zip(self.stage_sizes, self.stage_filters)):
       for j in range(blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = self.block(filters, conv=conv, norm=norm, act=self.act, strides=strides)(x)
+        last = i == len(self.stage_sizes) - 1 and j == blocks - 1
+        x = self.block(filters, conv=conv, norm=norm, act=self.act, strides=strides,
+                       out_act=self.last_act if last else None)(x)
     x = jnp.mean(x, axis=(1, 2))
     x = self.dense(self.num_classes, dtype=self.dtype)(x)
     return jnp.asarray(x, jnp.float32)
@@ -120,7 +127,8 @@ ACT_GRAD_SCALES = ("example", "batch")
 def create_model(name: str, *, bits_w: int = 32, bits_a: int = 32, clip: float | None = None,
                  num_classes: int = 10, dtype: Any = jnp.float32, width: int | None = None,
                  act_grad_scale: str = "example", per_channel: bool = False,
-                 param_dtype: Any = jnp.float32) -> nn.Module:
+                 param_dtype: Any = jnp.float32, alpha_param: str = "linear",
+                 first_last_bits: int | None = None) -> nn.Module:
   """A CIFAR ResNet with ``bits_w``-bit weights and ``bits_a``-bit activations.
 
   Args:
@@ -139,6 +147,14 @@ def create_model(name: str, *, bits_w: int = 32, bits_a: int = 32, clip: float |
       layer (else one per kernel).
     param_dtype: ``resnet18_reference`` only: dtype of its parameters (float64 to replay
       a float64 PyTorch run).
+    alpha_param: ``"linear"`` or ``"log"``: how every step size is stored
+      (``brjax.quant.step_size``).
+    first_last_bits: the literature's setting (LSQ, APoT, LQ-Net): the first conv's and
+      the dense layer's kernels, and the dense layer's input (the last block's output
+      ReLU), at these bits (1..8; 32 keeps them float); a float side (``bits_w`` or
+      ``bits_a`` of 32) stays float. None: like every other layer. The first conv's input
+      is the normalized image, not quantized: an affine map of 8-bit pixels, so 8-bit data
+      already. Not for ``resnet18_reference`` (its ReLUs are shared within a block).
   """
   if name not in MODELS:
     raise ValueError(f"model={name!r} is not supported: use one of {sorted(MODELS)}")
@@ -147,11 +163,17 @@ def create_model(name: str, *, bits_w: int = 32, bits_a: int = 32, clip: float |
                      f"{ACT_GRAD_SCALES}")
   quant.check_layer_bits(bits_w)
   quant.check_layer_bits(bits_a)
+  step_size.check_alpha_param(alpha_param)
   act = functools.partial(quant.QuantReLU, bits=bits_a, clip=clip,
-                          batch_grad_scale=act_grad_scale == "batch")
-  layers = dict(conv=functools.partial(quant.QuantConv, bits=bits_w, per_channel=per_channel),
-                dense=functools.partial(quant.QuantDense, bits=bits_w, per_channel=per_channel))
+                          batch_grad_scale=act_grad_scale == "batch", alpha_param=alpha_param)
+  kernel = dict(bits=bits_w, per_channel=per_channel, alpha_param=alpha_param)
+  layers = dict(conv=functools.partial(quant.QuantConv, **kernel),
+                dense=functools.partial(quant.QuantDense, **kernel))
   if name == "resnet18_reference":
+    if first_last_bits is not None:
+      raise ValueError(f"first_last_bits={first_last_bits!r} is not supported for "
+                       "model='resnet18_reference' (its ReLUs are shared within a block): "
+                       "leave it unset")
     if width is not None and (isinstance(width, bool) or not isinstance(width, int)
                               or width < 1):
       raise ValueError(f"width={width!r} is not supported: use an integer >= 1 (64 = the "
@@ -163,7 +185,16 @@ def create_model(name: str, *, bits_w: int = 32, bits_a: int = 32, clip: float |
   if width is not None:
     raise ValueError(f"width={width!r} is not supported for model={name!r}: only "
                      "resnet18_reference has a width option")
-  return MODELS[name](num_classes=num_classes, act=act, dtype=dtype, **layers)
+  edges = {}
+  if first_last_bits is not None:
+    quant.check_layer_bits(first_last_bits)
+    edge_w = first_last_bits if bits_w != quant.FLOAT_BITS else bits_w
+    edge_kernel = dict(kernel, bits=edge_w)
+    edges = dict(stem_conv=functools.partial(quant.QuantConv, **edge_kernel),
+                 dense=functools.partial(quant.QuantDense, **edge_kernel),
+                 last_act=functools.partial(
+                     act, bits=first_last_bits if bits_a != quant.FLOAT_BITS else bits_a))
+  return MODELS[name](num_classes=num_classes, act=act, dtype=dtype, **{**layers, **edges})
 
 
 def from_run_config(config: Any, num_classes: int, image_size: int | None = None) -> nn.Module:
@@ -186,9 +217,12 @@ def from_run_config(config: Any, num_classes: int, image_size: int | None = None
         bits_a=get("bits_a", quant.FLOAT_BITS), num_classes=num_classes, image_size=image_size,
         per_channel=bool(get("per_channel", False)),
         act_batch_grad_scale=get("act_grad_scale") == "batch", dtype=dtype,
-        remat=bool(get("remat", False)))
+        remat=bool(get("remat", False)), alpha_param=get("alpha_param") or "linear",
+        first_last_bits=get("first_last_bits") or paper_models.FIRST_LAST_BITS)
   return create_model(get("model"), bits_w=get("bits_w", quant.FLOAT_BITS),
                       bits_a=get("bits_a", quant.FLOAT_BITS), clip=get("clip"),
                       num_classes=num_classes, width=get("width"), dtype=dtype,
                       act_grad_scale=get("act_grad_scale") or "example",
-                      per_channel=bool(get("per_channel", False)))
+                      per_channel=bool(get("per_channel", False)),
+                      alpha_param=get("alpha_param") or "linear",
+                      first_last_bits=get("first_last_bits"))

@@ -204,12 +204,14 @@ FIRST_LAST_BITS = 8
 
 def paper_rules(name: str, bits_w: int, bits_a: int, *,
                 first_last_bits: int | None = FIRST_LAST_BITS, per_channel: bool = False,
-                act_batch_grad_scale: bool = False) -> tuple[QuantRule, ...]:
+                act_batch_grad_scale: bool = False,
+                alpha_param: str = "linear") -> tuple[QuantRule, ...]:
   """The quantization of the LSQ / BR papers for one of :data:`MODELS`.
 
   * every convolution's and dense layer's kernel at ``bits_w`` bits (signed), and its input
     at ``bits_a`` bits; the first layer (its input: the normalized image) and the last one
-    (the classifier) at ``first_last_bits`` (8, as both papers; None: like the others);
+    (the classifier) at ``first_last_bits`` (8, as both papers; 32: float; None: like
+    the others);
   * input signs fixed by the architecture, not decided from data: unsigned after a
     ReLU/ReLU6, signed for the image and for MobileNetV2's linear-bottleneck outputs (the
     inputs of ``expand`` and ``conv_last``);
@@ -218,7 +220,7 @@ def paper_rules(name: str, bits_w: int, bits_a: int, *,
     ``per_channel``;
   * ``bits_w`` or ``bits_a`` of 32 (``FLOAT_BITS``) keeps every kernel or input float.
 
-  ``act_batch_grad_scale``: see :class:`QuantRule` (the reference package's choice).
+  ``act_batch_grad_scale``, ``alpha_param``: see :class:`QuantRule`.
 
   Raises:
     ValueError: for an unknown ``name``; bits are checked by :class:`QuantRule`.
@@ -227,9 +229,15 @@ def paper_rules(name: str, bits_w: int, bits_a: int, *,
     raise ValueError(f"model={name!r} has no paper rules: use one of {sorted(MODELS)}")
   w = None if bits_w == FLOAT_BITS else bits_w
   a = None if bits_a == FLOAT_BITS else bits_a
-  edge = dict(weight_bits=w and (first_last_bits or w), act_bits=a and (first_last_bits or a),
+  if first_last_bits is None:  # like the other layers
+    edge_w, edge_a = w, a
+  elif first_last_bits == FLOAT_BITS:
+    edge_w = edge_a = None
+  else:  # a float side stays float
+    edge_w, edge_a = w and first_last_bits, a and first_last_bits
+  edge = dict(weight_bits=edge_w, act_bits=edge_a,
               per_channel=per_channel and w is not None,  # per_channel: a kernel's step sizes
-              act_batch_grad_scale=act_batch_grad_scale)
+              act_batch_grad_scale=act_batch_grad_scale, alpha_param=alpha_param)
   first = "stem" if name == "mobilenet_v2" else "conv_init"
   last = "classifier" if name == "mobilenet_v2" else "head"
   rules = [QuantRule(first, act_signed=True, **edge), QuantRule(last, act_signed=False, **edge)]
@@ -248,7 +256,9 @@ SMALL_INPUTS = 64
 
 def create_model(name: str, *, bits_w: int, bits_a: int, num_classes: int, image_size: int,
                  per_channel: bool = False, act_batch_grad_scale: bool = False,
-                 dtype: Any = jnp.float32, remat: bool = False) -> nn.Module:
+                 dtype: Any = jnp.float32, remat: bool = False,
+                 alpha_param: str = "linear",
+                 first_last_bits: int | None = FIRST_LAST_BITS) -> nn.Module:
   """One of :data:`MODELS`, quantized by :func:`paper_rules` (plain Flax when float).
 
   ``image_size``: the side of the input images; at most :data:`SMALL_INPUTS` (CIFAR) gives
@@ -262,4 +272,6 @@ def create_model(name: str, *, bits_w: int, bits_a: int, num_classes: int, image
   if bits_w == FLOAT_BITS and bits_a == FLOAT_BITS:
     return model
   return quantize_model(model, paper_rules(name, bits_w, bits_a, per_channel=per_channel,
-                                           act_batch_grad_scale=act_batch_grad_scale))
+                                           act_batch_grad_scale=act_batch_grad_scale,
+                                           alpha_param=alpha_param,
+                                           first_last_bits=first_last_bits))

@@ -86,11 +86,10 @@ class _ScanBlock(nn.Module):
 class ViT(nn.Module):
   """A small ViT: patch embedding conv, learned position embedding, encoder blocks, head.
 
-  With ``scan``, the blocks are one ``nn.scan`` over stacked parameters. For brjax, a scan
-  must carry the quantization collections along the layer axis: ``variable_axes`` lists
-  ``"quant"`` (the sites that BR reads) and ``"quant_state"`` (input signs decided at init)
-  beside ``"params"`` (``scan_axes``); without them ``quantize_model`` raises instead of
-  training with BR missing those layers.
+  With ``scan``, the blocks are one ``nn.scan`` over stacked parameters, whose
+  ``variable_axes`` lists the collections of ``scan_axes``: brjax's ``"quant"`` and
+  ``"quant_state"`` beside ``"params"`` by default; a scan that lists only ``"params"``
+  works as well (``quantize_model`` adds them, ``brjax.quant.lifted``).
   """
   patch: int = 4
   hidden: int = 32

@@ -6,6 +6,10 @@
 * :mod:`brjax.quant.bits`: bit widths and integer ranges (plain Python).
 * :mod:`brjax.quant.rules`, :mod:`brjax.quant.quantize`, :mod:`brjax.quant.nnx`:
   ``quantize_model`` of an unmodified Linen or NNX model, by rules on module paths.
+* :mod:`brjax.quant.intercept`, :mod:`brjax.quant.passes`, :mod:`brjax.quant.lifted`,
+  :mod:`brjax.quant.coverage`, :mod:`brjax.quant.names`: what ``quantize_model`` reaches
+  beyond the layer types (any module's products with its parameters, lifted transforms)
+  and what it left float; :mod:`brjax.quant.views`: NNX views.
 * :mod:`brjax.quant.sites`: what each quantizer records (no hooks).
 * :mod:`brjax.quant.calibration`: what LSQ's init decides from the init batch, and the
   batches it cannot decide on (all zero, constant, negative at an unsigned input).
@@ -24,6 +28,7 @@ from brjax import _lazy
 _EXPORTS = {
     **dict.fromkeys(("FLOAT_BITS", "MAX_BITS", "MIN_BITS", "qrange"), "bits"),
     **dict.fromkeys(("DegenerateInitWarning",), "calibration"),
+    **dict.fromkeys(("FloatOp", "left_float"), "coverage"),
     **dict.fromkeys(("QuantConv", "QuantDense", "QuantReLU", "STATE", "STEP_SIZE_NAMES",
                      "check_layer_bits", "grad_scale", "init_alpha", "init_alphas",
                      "input_range", "is_alpha_path", "is_weight_alpha_path", "lsq_quantize",
@@ -39,6 +44,7 @@ __getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # what static tools see: the eager imports the lazy ones stand for
   from brjax.quant.bits import FLOAT_BITS, MAX_BITS, MIN_BITS, qrange
   from brjax.quant.calibration import DegenerateInitWarning
+  from brjax.quant.coverage import FloatOp, left_float
   from brjax.quant.lsq import (
     STATE,
     STEP_SIZE_NAMES,

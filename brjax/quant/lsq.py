@@ -10,7 +10,9 @@ The math lives in pure functions:
 
 The layers :class:`QuantConv`, :class:`QuantDense` and :class:`QuantReLU` use them and are
 drop-in replacements for ``nn.Conv``, ``nn.Dense`` and ``nn.relu`` with one extra field,
-``bits`` (``32`` = not quantized). Every step size is a parameter named ``alpha``.
+``bits`` (``32`` = not quantized). Every step size is a parameter named ``alpha``
+(``input_alpha`` for a layer's input), or ``log_alpha`` with ``alpha_param="log"``
+(``brjax.quant.step_size``; ``init_alphas`` and the step-size names live there too).
 """
 
 from __future__ import annotations
@@ -19,14 +21,19 @@ import functools
 import math
 from typing import Any
 
-from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from brjax.quant import calibration, sites
+from brjax.quant import calibration, sites, step_size
 from brjax.quant.bits import FLOAT_BITS, MAX_BITS, MIN_BITS, check_range, qrange  # pylint: disable=unused-import
 from brjax.quant.calibration import check_init  # pylint: disable=unused-import
+from brjax.quant.step_size import (  # noqa: F401  # pylint: disable=unused-import
+  STEP_SIZE_NAMES,
+  init_alphas,
+  is_alpha_path,
+  is_weight_alpha_path,
+)
 
 STATE = "quant_state"
 """Variable collection of per-site decisions fixed at init (a data-decided input sign)."""
@@ -209,7 +216,8 @@ _lsq_traced.defvjp(_lsq_traced_fwd, _lsq_traced_bwd)
 
 
 def quantize_kernel(module: nn.Module, kernel: jax.Array, bits: int, *,
-                    channel_axes: tuple[int, ...] = ()) -> jax.Array:
+                    channel_axes: tuple[int, ...] = (), alpha_param: str = "linear"
+                    ) -> jax.Array:
   """Fake-quantizes a layer's kernel (signed, ``bits`` bits) on the layer's own scope.
 
   Creates the step size ``alpha`` beside the kernel (LSQ init from the kernel; one per
@@ -222,13 +230,14 @@ def quantize_kernel(module: nn.Module, kernel: jax.Array, bits: int, *,
     kernel: its float kernel, as read from ``params``.
     bits: 1..8 (1 = ternary).
     channel_axes: kernel axes with one step size per index (per-channel).
+    alpha_param: ``linear`` or ``log`` (``brjax.quant.step_size``).
 
   Returns:
     The quantized kernel, same shape and dtype.
   """
   qn, qp = qrange(bits, signed=True)
-  alpha = module.param("alpha", lambda _: check_init(
-      _path(module), "kernel", init_alpha(kernel, qp, channel_axes), kernel))
+  alpha = step_size.create(module, "alpha", lambda _: check_init(
+      _path(module), "kernel", init_alpha(kernel, qp, channel_axes), kernel), alpha_param)
   sites.sow(module, sites.WEIGHT, sites.record(kernel, alpha, qn, qp), keep_last=True)
   return lsq_quantize(kernel, alpha, qn, qp, grad_scale(kernel.size // alpha.size, qp))
 
@@ -249,16 +258,18 @@ def input_range(module: nn.Module, x: jax.Array, bits: int, signed: bool | None
                      "1-bit signed range has 3 levels, an unsigned one 2)")
   if not (module.has_variable(STATE, "input_signed") or module.is_mutable_collection(STATE)):
     raise ValueError(
-        f"{_path(module)}: its input sign (act_signed=None) was decided at init and kept in "
-        f"the {STATE!r} collection, which the variables given to apply lack: pass every "
-        f"collection that init returned (under nn.scan/nn.vmap, list {STATE!r} in "
-        "variable_axes), or set act_signed=True/False in the rule")
+        f"{_path(module)}: its input sign (act_signed=None) is decided at init and kept in "
+        f"the {STATE!r} collection, which "
+        + ("this init cannot create: make it mutable in model.init (mutable=True), or set "
+           "act_signed=True/False in the rule" if module.is_initializing() else
+           "the variables given to model.apply lack: pass every collection that init "
+           "returned, or set act_signed=True/False in the rule"))
   flag = module.variable(STATE, "input_signed", lambda: jnp.any(x < 0))
   return calibration.decided_range(bits, flag.value)
 
 
 def quantize_input(module: nn.Module, x: jax.Array, bits: int, signed: bool | None, *,
-                   batch_grad_scale: bool = False) -> jax.Array:
+                   batch_grad_scale: bool = False, alpha_param: str = "linear") -> jax.Array:
   """Fake-quantizes a layer's input on the layer's own scope (the step size ``input_alpha``).
 
   LSQ init from the first batch (a batch it cannot calibrate on fails loudly, see
@@ -267,8 +278,8 @@ def quantize_input(module: nn.Module, x: jax.Array, bits: int, signed: bool | No
   ``x.size`` (the whole batch, as the reference package) with ``batch_grad_scale``.
   """
   qn, qp = input_range(module, x, bits, signed)
-  alpha = module.param("input_alpha",
-                       lambda _: check_init(_path(module), "input", init_alpha(x, qp), x, signed))
+  alpha = step_size.create(module, "input_alpha", lambda _: check_init(
+      _path(module), "input", init_alpha(x, qp), x, signed), alpha_param)
   qn_any, qp_any = qrange(bits, signed is not False)  # the same number of levels either way
   sites.sow(module, sites.INPUT,
             sites.Site(values=x, alpha=alpha, qn=jnp.asarray(qn, jnp.int32),
@@ -292,7 +303,8 @@ class _QuantizedKernel:
     value = super().param(name, init_fn, *init_args, **init_kwargs)
     if name != "kernel" or self.bits == FLOAT_BITS:
       return value
-    return quantize_kernel(self, value, self.bits, channel_axes=(-1,) if self.per_channel else ())
+    return quantize_kernel(self, value, self.bits, channel_axes=(-1,) if self.per_channel else (),
+                           alpha_param=self.alpha_param)
 
 
 class QuantConv(_QuantizedKernel, nn.Conv):
@@ -301,10 +313,12 @@ class QuantConv(_QuantizedKernel, nn.Conv):
   Same fields as ``nn.Conv`` plus ``bits`` (1..8, or 32 for a plain float ``nn.Conv``) and
   ``per_channel`` (one step size per output feature: ``alpha`` of shape ``(1, .., 1, F)``;
   else a scalar). Parameters: ``kernel``, ``bias`` (if ``use_bias``) and, when quantized,
-  the step size ``alpha``, initialized the LSQ way from the initial kernel.
+  the step size ``alpha``, initialized the LSQ way from the initial kernel (``log_alpha``,
+  its logarithm, with ``alpha_param="log"``: ``brjax.quant.step_size``).
   """
   bits: int = FLOAT_BITS
   per_channel: bool = False
+  alpha_param: str = "linear"
 
 
 class QuantDense(_QuantizedKernel, nn.Dense):
@@ -315,6 +329,7 @@ class QuantDense(_QuantizedKernel, nn.Dense):
   """
   bits: int = FLOAT_BITS
   per_channel: bool = False
+  alpha_param: str = "linear"
 
 
 class QuantReLU(nn.Module):
@@ -338,11 +353,13 @@ class QuantReLU(nn.Module):
     keep_last_call: when one instance is called several times (weight sharing of the
       step size, as the reference ResNet-18's one ``relu`` per block), sow only the last
       call's input, as the reference's forward hooks see it; else every call's.
+    alpha_param: ``linear`` (the parameter ``alpha``) or ``log`` (``log_alpha``).
   """
   bits: int = FLOAT_BITS
   clip: float | None = None
   batch_grad_scale: bool = False
   keep_last_call: bool = False
+  alpha_param: str = "linear"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -353,69 +370,8 @@ class QuantReLU(nn.Module):
     if self.bits == FLOAT_BITS:
       return y
     qn, qp = qrange(self.bits, signed=False)
-    alpha = self.param("alpha", lambda _: check_init(_path(self), "output", init_alpha(y, qp),
-                                                     y, False))
+    alpha = step_size.create(self, "alpha", lambda _: check_init(
+        _path(self), "output", init_alpha(y, qp), y, False), self.alpha_param)
     sites.sow(self, sites.OUTPUT, sites.record(y, alpha, qn, qp), keep_last=self.keep_last_call)
     n = y.size if self.batch_grad_scale else y[0].size
     return lsq_quantize(y, alpha, qn, qp, grad_scale(n, qp))
-
-
-STEP_SIZE_NAMES = ("alpha", "input_alpha")
-"""Parameter names of step sizes: a kernel's or a ReLU's ``alpha``, a layer input's
-``input_alpha``."""
-
-
-def is_alpha_path(path: tuple[str, ...]) -> bool:
-  """Whether a flattened parameter path names a step size (``alpha`` or ``input_alpha``)."""
-  return bool(path) and path[-1] in STEP_SIZE_NAMES
-
-
-def is_weight_alpha_path(path: tuple[str, ...], flat_params: dict) -> bool:
-  """Whether ``path`` is a kernel's step size: an ``alpha`` beside a ``kernel``."""
-  return bool(path) and path[-1] == "alpha" and path[:-1] + ("kernel",) in flat_params
-
-
-def init_alphas(model: nn.Module, variables: Any, *args, rng: jax.Array | None = None,
-                rngs: dict[str, jax.Array] | None = None, **apply_kwargs) -> Any:
-  """Re-initializes every ``alpha`` the LSQ way from the current weights and one batch.
-
-  Weight step sizes come from their kernels; activation step sizes from the activations
-  of the batch, in one forward pass, so each layer sees inputs quantized with the step
-  sizes already set upstream (the data-driven init of LSQ's first training step). Every
-  other decision init took from data is taken again from this batch: the data-decided
-  input signs (``act_signed=None``, the ``"quant_state"`` collection). Works by dropping
-  every ``alpha`` and every input sign and letting the layers create them again in
-  ``model.apply``; a batch LSQ cannot calibrate on fails as at init
-  (``brjax.quant.calibration``).
-
-  The forward pass may run in training mode (``train=True``: LSQ's init is a training
-  forward, the right choice for a model that has not been trained, whose running
-  BatchNorm statistics mean nothing yet) or in eval mode (``train=False``: after loading
-  trained float weights). Every collection is mutable during the pass, and everything but
-  the new step sizes is discarded: BatchNorm statistics, sown values and other state come
-  back as they went in.
-
-  Args:
-    model: a Flax module built from the layers above.
-    variables: its variables, e.g. ``{"params": ..., "batch_stats": ...}``; every other
-      parameter (kernels, biases, BatchNorm) is kept as it is.
-    *args: the model's inputs, as ``model.apply`` takes them (one batch).
-    rng: the ``"params"`` rng (default ``key(0)``): the step-size initializers use none,
-      but Flax wants one to create parameters.
-    rngs: other rngs the forward pass needs (e.g. ``{"dropout": key}``).
-    **apply_kwargs: passed to ``model.apply`` (e.g. ``train=True``).
-
-  Returns:
-    ``variables`` with new ``alpha`` values and input signs (a new dict; the input is not
-    modified).
-  """
-  flat = traverse_util.flatten_dict(variables["params"])
-  kept = {p: v for p, v in flat.items() if not is_alpha_path(p)}
-  others = {k: v for k, v in variables.items() if k not in ("params", STATE)}
-  rngs = dict(rngs or {})
-  rngs["params"] = jax.random.key(0) if rng is None else rng
-  _, updated = model.apply(
-      {**others, "params": traverse_util.unflatten_dict(kept)}, *args,
-      rngs=rngs, mutable=True, **apply_kwargs)
-  signs = {STATE: updated[STATE]} if updated.get(STATE) else {}
-  return {**others, "params": updated["params"], **signs}

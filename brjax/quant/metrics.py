@@ -9,6 +9,8 @@ gives
 * ``near_frac = mean(|v - q(v)| <= 0.1 * alpha)``: the fraction of elements within a tenth
   of a step of their level (clipped elements far beyond the range are not near);
 * ``occupancy[k - qn] = mean(m == k)`` for ``k = qn..qp``: the fraction per level;
+* ``clipped_top = mean(v / alpha > qp + 1/2)``: the fraction clipped at the top level
+  (beyond its bin; A-BR's ``clipped`` values);
 * ``alpha``: the step size itself.
 
 All in one pass over the tensor: one bin-count histogram (a segment sum), O(N) whatever
@@ -60,8 +62,9 @@ def layer_metrics(v: jax.Array, alpha: jax.Array, qn: int, qp: int, *,
     where: optional bool array broadcastable to ``v``: the elements to count.
 
   Returns:
-    ``{"alpha": (), "mse": (), "near_frac": (), "occupancy": (qp - qn + 1,)}``, float
-    arrays; ``occupancy`` sums to 1, entry ``i`` is level ``qn + i`` (all channels pooled).
+    ``{"alpha": (), "mse": (), "near_frac": (), "clipped_top": (),
+    "occupancy": (qp - qn + 1,)}``, float arrays; ``occupancy`` sums to 1, entry ``i``
+    is level ``qn + i`` (all channels pooled).
 
   Raises:
     ValueError: on an empty ``v``, a step size that does not broadcast, or a bad range.
@@ -86,9 +89,11 @@ def _metrics(v, alpha, qn, levels: int, where) -> LayerMetrics:
   near = (jnp.abs(err) <= NEAR_TOLERANCE * step).astype(dtype)
   level_index = jnp.broadcast_to(bins - qn, v.shape).astype(jnp.int32).reshape(-1)
   per_level = jax.ops.segment_sum(weight.reshape(-1), level_index, num_segments=levels)
+  clipped = (v / step > qn + (levels - 1) + 0.5).astype(dtype)
   return {"alpha": jnp.mean(alpha),
           "mse": jnp.sum(weight * err**2) / count,
           "near_frac": jnp.sum(weight * near) / count,
+          "clipped_top": jnp.sum(weight * clipped) / count,
           "occupancy": per_level / count}
 
 

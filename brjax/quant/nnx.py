@@ -86,7 +86,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from brjax.quant import calibration, sites
+from brjax.quant import calibration, sites, step_size, views
 from brjax.quant import lsq as quant
 from brjax.quant.rules import QuantRule, check_rules, first_match
 
@@ -155,10 +155,9 @@ class _Quantized(nnx.Module):
     qn, qp = quant.qrange(rule.weight_bits, signed=True)
     if isinstance(mode, _Init):
       _check_concrete(raw, self.brjax_path, "kernel")
-      if not hasattr(self, "alpha"):
-        axes = _channel_axes(self, raw.ndim, args, kwargs) if rule.per_channel else ()
-        self.alpha = nnx.Param(quant.init_alpha(raw, qp, axes))
-        calibration.check_init(self.brjax_path, "kernel", self.alpha[...], raw)
+      axes = _channel_axes(self, raw.ndim, args, kwargs) if rule.per_channel else ()
+      step_size.nnx_create(self, "alpha", rule.alpha_param, lambda: calibration.check_init(
+          self.brjax_path, "kernel", quant.init_alpha(raw, qp, axes), raw))
     alpha = self._brjax_step_size("alpha")
     if isinstance(mode, _Recording):
       mode.log.append((self, sites.WEIGHT, sites.record(raw, alpha, qn, qp)))
@@ -171,11 +170,13 @@ class _Quantized(nnx.Module):
 
   def _brjax_step_size(self, name: str) -> jax.Array:
     """The value of the step size (or input sign) ``name``, which the init created."""
+    form = "linear" if name == "input_signed" else self.brjax_rule.alpha_param
+    name = step_size.param_name(name, form)  # log_alpha, log_input_alpha with "log"
     if not hasattr(self, name):
       raise ValueError(f"{self.brjax_path}: the quantized layer has no {name!r}: "
                        "it was removed after quantize_nnx (restore it, or quantize the model "
                        "again from float)")
-    return getattr(self, name).get_value()
+    return step_size.value(getattr(self, name).get_value(), form)
 
   def _brjax_quantize_input(self, mode, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     rule, path = self.brjax_rule, self.brjax_path
@@ -193,10 +194,10 @@ class _Quantized(nnx.Module):
       _check_concrete(x, path, "input")
       if rule.act_signed is None and not hasattr(self, "input_signed"):
         self.input_signed = QuantState(jnp.any(x < 0))
-      if not hasattr(self, "input_alpha"):
-        signed = rule.act_signed if rule.act_signed is not None else bool(self.input_signed[...])
-        self.input_alpha = nnx.Param(quant.init_alpha(x, quant.qrange(rule.act_bits, signed)[1]))
-        calibration.check_init(path, "input", self.input_alpha[...], x, rule.act_signed)
+      signed = rule.act_signed if rule.act_signed is not None else bool(self.input_signed[...])
+      qp_in = quant.qrange(rule.act_bits, signed)[1]
+      step_size.nnx_create(self, "input_alpha", rule.alpha_param, lambda: calibration.check_init(
+          path, "input", quant.init_alpha(x, qp_in), x, rule.act_signed))
     alpha = self._brjax_step_size("input_alpha")
     if rule.act_signed is not None:
       qn, qp = quant.qrange(rule.act_bits, rule.act_signed)
@@ -357,7 +358,7 @@ def quantize_nnx(model: nnx.Module, rules: QuantRule | Sequence[QuantRule], *sam
   except BaseException:
     _restore(model, snapshot, before, swapped, keep_step_sizes=False)
     raise
-  return model
+  return views.register(model, _Quantized)
 
 
 def _restore(model: nnx.Module, snapshot: Any, before: set, swapped: list, *,
@@ -406,7 +407,7 @@ def record_sites(model: nnx.Module, *args, **kwargs) -> tuple[Any, dict]:
     ValueError: if a quantized layer ran on an object that is not one of ``model``'s
       modules (a copy made by a transform inside the model's forward).
   """
-  paths = {id(m): p for p, m in nnx.iter_modules(model) if isinstance(m, _Quantized)}
+  paths = views.checked_paths(model, _Quantized)  # none, or a stale nnx.view: an error
   with _mode(_Recording()) as recording:
     out = model(*args, **kwargs)
   collection: dict = {}

@@ -10,6 +10,11 @@ matches a :class:`~brjax.quant.rules.QuantRule` is quantized on the layer's own 
 * its kernel (``weight_bits``): ``quant.quantize_kernel`` as the layer reads it with
   ``self.param("kernel", ...)``, step size ``alpha`` beside the kernel.
 
+In any other module a quantizing rule matches, every product of a parameter
+(``dot_general``, ``einsum``, ``conv_general_dilated``, ``@``) is quantized at the operation
+(``brjax.quant.intercept``, run by ``brjax.quant.passes``), and what could not be is reported
+(``brjax.quant.coverage``); lifted transforms need no edits (``brjax.quant.lifted``).
+
 Parameter paths are unchanged; the step sizes are added beside the kernels. Each quantizer
 records a site (see ``brjax.quant.sites``) for Bin Regularization and metrics when ``"quant"`` is
 mutable. For NNX models, see ``brjax.quant.nnx``.
@@ -18,10 +23,10 @@ Failures are loud, with the module paths named: a rule that matches no quantizab
 (at ``apply``: nor any layer whose step sizes ``variables`` hold, as a head only called in
 training), a model in which nothing was quantized, step sizes in ``variables`` of a layer
 that ran without using them (the rules changed since the variables were made; a layer that
-did not run, as that head in eval, is no error), and sites that a lifted transform dropped
-(``nn.scan``/``nn.vmap`` without ``"quant"`` in their ``variable_axes``: A-BR and W-BR
-would silently miss those layers). An init batch LSQ cannot calibrate on fails too (see
-``brjax.quant.calibration``).
+did not run, as that head in eval, is no error), products left float (unless
+``allow_float_ops``), and sites that did not come back (a transform brjax does not lift,
+which A-BR and W-BR would silently miss). An init batch LSQ cannot calibrate on fails too
+(see ``brjax.quant.calibration``).
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ from flax.core.scope import in_filter
 import flax.linen as nn
 import jax
 
-from brjax.quant import calibration, sites
+from brjax.quant import calibration, intercept, lifted, names, passes, sites
 from brjax.quant import lsq as quant
 from brjax.quant.rules import QuantRule, check_rules, first_match
+from brjax.quant.step_size import param_name
 
 QUANTIZABLE = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral, nn.Einsum)
 """The Linen layer types ``quantize_model`` quantizes (subclasses included)."""
@@ -48,7 +54,7 @@ _BRJAX_LAYERS = (quant.QuantConv, quant.QuantDense, quant.QuantReLU)
 
 
 def quantize_model(model: Any, rules: QuantRule | Sequence[QuantRule], *sample_inputs,
-                   **sample_kwargs) -> Any:
+                   allow_float_ops: bool = False, **sample_kwargs) -> Any:
   """Quantizes an unmodified Flax model (Linen or NNX) by ``rules``.
 
   Args:
@@ -57,6 +63,9 @@ def quantize_model(model: Any, rules: QuantRule | Sequence[QuantRule], *sample_i
       module path decides how it is quantized.
     *sample_inputs: NNX only: inputs of one call (a real batch: step sizes are
       initialized from it the LSQ way).
+    allow_float_ops: Linen: accept operations that multiply a parameter in a module a
+      quantizing rule matches but stay float (``brjax.quant.coverage``); by default they
+      are an error at ``init``/``apply`` that lists them.
     **sample_kwargs: NNX only: keyword arguments of that call (e.g. ``train=True``).
 
   Returns:
@@ -68,6 +77,8 @@ def quantize_model(model: Any, rules: QuantRule | Sequence[QuantRule], *sample_i
       listed in the module docstring.
   """
   rules = check_rules(rules)
+  if not isinstance(allow_float_ops, bool):
+    raise ValueError(f"allow_float_ops={allow_float_ops!r} is not accepted: use True or False")
   from flax import nnx  # pylint: disable=g-import-not-at-top
   if isinstance(model, nnx.Module):
     from brjax.quant import nnx as brjax_nnx  # pylint: disable=g-import-not-at-top
@@ -83,25 +94,31 @@ def quantize_model(model: Any, rules: QuantRule | Sequence[QuantRule], *sample_i
                      "apply/bind): quantize the outermost model")
   if getattr(type(model), "_brjax_rules", None) is not None:
     raise ValueError(f"{type(model).__name__} is already quantized by quantize_model")
-  cls = _quantized_class(type(model), rules)
+  cls = _quantized_class(type(model), rules, allow_float_ops)
   fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
             if f.init and f.name not in ("parent", "name")}
   return cls(**fields, name=model.name)
 
 
 @functools.cache
-def _quantized_class(cls: type, rules: tuple[QuantRule, ...]) -> type:
-  """A subclass of ``cls`` with the same name whose ``init``/``apply`` intercept."""
+def _quantized_class(cls: type, rules: tuple[QuantRule, ...], allow_float_ops: bool = False
+                     ) -> type:
+  """A subclass of ``cls`` with the same name whose ``init``/``apply`` intercept (the passes
+  of ``brjax.quant.passes``)."""
+  left_float = [()]
+  make_log = functools.partial(_Interception, rules)
 
   def init_with_output(self, rngs, *args, **kwargs):
-    with _Interception(rules) as log:
-      out = cls.init_with_output(self, rngs, *args, **kwargs)
-    log.check(variables=None, returned=out[1], recording=False)  # init records no site
-    return out
+    out, log = passes.run(rules, make_log, functools.partial(cls.init_with_output, self, rngs),
+                          args, kwargs, left_float, allow_float_ops, self)
+    variables = passes.calibrate(rules, make_log, functools.partial(cls.apply, self),
+                                 out[1], log, rngs, args, kwargs)
+    log.check(variables=None, returned=variables, recording=False)  # init records no site
+    return out[0], variables
 
   def apply(self, variables, *args, **kwargs):
-    with _Interception(rules) as log:
-      out = cls.apply(self, variables, *args, **kwargs)
+    out, log = passes.run(rules, make_log, functools.partial(cls.apply, self, variables),
+                          args, kwargs, left_float, allow_float_ops, self)
     mutable = kwargs.get("mutable", False)
     log.check(variables=variables, returned=out[1] if mutable is not False else {},
               recording=in_filter(mutable, sites.COLLECTION))
@@ -109,7 +126,7 @@ def _quantized_class(cls: type, rules: tuple[QuantRule, ...]) -> type:
 
   return type(cls.__name__, (cls,), {
       "__qualname__": cls.__qualname__, "__module__": cls.__module__,
-      "__doc__": cls.__doc__, "_brjax_rules": rules,
+      "__doc__": cls.__doc__, "_brjax_rules": rules, "_brjax_left_float": left_float,
       "init_with_output": init_with_output, "apply": apply})
 
 
@@ -124,6 +141,8 @@ class _Interception:
     self.sites = set()        # (module path, kind) of every quantizer that ran
     self.called = set()       # module path of every module called
     self.quantizable = set()  # module path of every quantizable layer called
+    self.deferred = {}        # (module path, step size): inputs initialized after init
+    self.plan = None
     self._context = None
 
   def __enter__(self) -> _Interception:
@@ -136,6 +155,15 @@ class _Interception:
 
   def _intercept(self, next_fun, args, kwargs, context):
     module = context.module
+    frame = intercept.push(module, "/".join(module.path),
+                           isinstance(module, QUANTIZABLE + _BRJAX_LAYERS), context.method_name)
+    try:
+      return self._intercept_call(next_fun, args, kwargs, context)
+    finally:
+      intercept.pop(frame)
+
+  def _intercept_call(self, next_fun, args, kwargs, context):
+    module = context.module
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
     path = "/".join(module.path)
@@ -144,7 +172,7 @@ class _Interception:
       self.quantizable.add(path)
     if isinstance(module, _BRJAX_LAYERS):  # quantized by its own fields, not by the rules
       if module.bits != quant.FLOAT_BITS:
-        self.step_sizes.add(_join(path, "alpha"))
+        self.step_sizes.add(_join(path, param_name("alpha", module.alpha_param)))
       return next_fun(*args, **kwargs)
     hit = first_match(self.rules, path)
     if hit is None:
@@ -156,11 +184,11 @@ class _Interception:
     self.matched[index].add(path)
     if rule.act_bits is not None:
       args, kwargs = _quantize_first_input(module, rule, path, args, kwargs)
-      self.step_sizes.add(_join(path, "input_alpha"))
+      self.step_sizes.add(_join(path, param_name("input_alpha", rule.alpha_param)))
       self.sites.add((path, sites.INPUT))
     if rule.weight_bits is None:
       return next_fun(*args, **kwargs)
-    self.step_sizes.add(_join(path, "alpha"))
+    self.step_sizes.add(_join(path, param_name("alpha", rule.alpha_param)))
     self.sites.add((path, sites.WEIGHT))
     with _kernel_quantized(module, rule, args, kwargs):
       return next_fun(*args, **kwargs)
@@ -171,7 +199,7 @@ class _Interception:
     back. At ``apply`` (``variables`` given), a rule or a model whose quantized layers did
     not run in this call (a head called only in training) is no error: ``variables`` hold
     their step sizes."""
-    held = {"/".join(p[:-1]) for p in _flat_params(variables) if quant.is_alpha_path(p)}
+    held = {"/".join(p[:-1]) for p in _flat_params(variables) if _is_step_size(p)}
     for i, rule in enumerate(self.rules):
       if rule.quantizes and not self.matched[i] and not any(map(rule.matches, held)):
         raise ValueError(self._matched_nothing(i, rule))
@@ -192,13 +220,14 @@ class _Interception:
               f"{' ...' if len(layers) > 8 else ''}" if layers else "")
     return (f"rules[{i}] (module_path={rule.module_path!r}) matched no quantizable layer: "
             f"module_path must match the whole module path (re.fullmatch){called}{found} "
-            f"(quantizable: {', '.join(t.__name__ for t in QUANTIZABLE)})")
+            f"(quantizable: {', '.join(t.__name__ for t in QUANTIZABLE)}, and any module's "
+            "dot_general/einsum/conv that multiplies one of its parameters)")
 
   def _check_step_sizes(self, variables: Any) -> None:
     """Step sizes of a layer that ran in this call without using them; a layer that did not
     run (a training-only head in eval) uses none, and is no error."""
     unused = sorted("/".join(p) for p in _flat_params(variables)
-                    if quant.is_alpha_path(p) and "/".join(p) not in self.step_sizes
+                    if _is_step_size(p) and "/".join(p) not in self.step_sizes
                     and "/".join(p[:-1]) in self.called)
     if unused:
       raise ValueError(
@@ -216,6 +245,10 @@ class _Interception:
           f"nn.vmap, ...) that does not carry the {sites.COLLECTION!r} collection; add it "
           f"to the transform's variable_axes (e.g. variable_axes={{'params': 0, "
           f"'{sites.COLLECTION}': 0}}), or BR would miss those layers")
+
+
+def _is_step_size(path: tuple) -> bool:
+  return quant.is_alpha_path(path) or (bool(path) and names.is_alpha_name(path[-1]))
 
 
 def _join(path: str, name: str) -> str:
@@ -240,8 +273,7 @@ def _quantize_first_input(module: nn.Module, rule: QuantRule, path: str,
   if not jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
     raise ValueError(f"{path}: act_bits={rule.act_bits} quantizes float inputs, but the "
                      f"input is {x.dtype}")
-  q = quant.quantize_input(module, x, rule.act_bits, rule.act_signed,
-                           batch_grad_scale=rule.act_batch_grad_scale)
+  q = lifted.quantize_input(module, x, rule)
   if args:
     return (q, *rest), kwargs
   return rest, {**kwargs, "inputs": q}
@@ -261,7 +293,8 @@ def _kernel_quantized(module: nn.Module, rule: QuantRule, args: tuple, kwargs: d
     if name != "kernel":
       return value
     axes = _channel_axes(module, value.ndim, args, kwargs) if rule.per_channel else ()
-    return quant.quantize_kernel(module, value, rule.weight_bits, channel_axes=axes)
+    return quant.quantize_kernel(module, value, rule.weight_bits, channel_axes=axes,
+                                 alpha_param=rule.alpha_param)
 
   object.__setattr__(module, "param", param)
   try:

@@ -37,6 +37,10 @@ _LANES = 16
 _MAX_LANE_TABLE = 4096
 
 
+_WHERE_SITES = (f"read the sites a quantized call records (Linen: model.apply(..., "
+                f"mutable=[{sites.COLLECTION!r}, ...]); NNX: brjax.nnx.record_sites(model, "
+                "...))")
+
 CLIPPED = ("include", "exclude")
 """What A-BR does with values clipped above the top level (``v / alpha > qp + 0.5``):
 ``include`` them in the top bin (the BR paper's and the reference package's binning), or
@@ -201,8 +205,8 @@ def weight_br(collection: Any, *, alpha_grad: str = "full") -> jax.Array:
   found = [site_br(s, alpha_grad=alpha_grad)
            for _, _, s in sites.iterate(collection, (sites.WEIGHT,))]
   if not found:
-    raise ValueError(f"W-BR found no quantized kernel: pass mutable=[{sites.COLLECTION!r}, "
-                     "...] to model.apply, and quantize at least one layer's weights")
+    raise ValueError(f"W-BR found no quantized kernel: {_WHERE_SITES}, and quantize at "
+                     "least one layer's weights")
   return sum(found[1:], found[0])
 
 
@@ -242,9 +246,8 @@ def activation_br(collection: Any, *, alpha_grad: bool = False,
            if layers is None or re.search(layers, path)]
   if not found:
     which = "" if layers is None else f" whose path matches {layers!r}"
-    raise ValueError(f"A-BR found no quantized activation{which}: pass "
-                     f"mutable=[{sites.COLLECTION!r}, ...] to model.apply, and quantize at "
-                     "least one activation")
+    raise ValueError(f"A-BR found no quantized activation{which}: {_WHERE_SITES}, and "
+                     "quantize at least one activation")
   return sum(found[1:], found[0])
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import re
 
 from brjax.quant import lsq as quant
+from brjax.quant import step_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,9 @@ class QuantRule:
     act_batch_grad_scale: the input step size's gradient scale counts the whole batch
       (``1/sqrt(x.size * qp)``, the reference package's choice) instead of one example
       (``1/sqrt(x[0].size * qp)``, the LSQ paper's).
+    alpha_param: how the step sizes are stored: ``"linear"`` (``alpha``, LSQ's) or
+      ``"log"`` (``log_alpha = log(alpha)``: positive by construction; see
+      ``brjax.quant.step_size``).
   """
   module_path: str = ".*"
   weight_bits: int | None = None
@@ -45,6 +49,7 @@ class QuantRule:
   act_signed: bool | None = None
   per_channel: bool = False
   act_batch_grad_scale: bool = False
+  alpha_param: str = "linear"
 
   def __post_init__(self):
     for field in dataclasses.fields(self):  # numpy scalars: the Python values they stand for
@@ -71,6 +76,7 @@ class QuantRule:
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"QuantRule {name}={getattr(self, name)!r} is not accepted: use True "
                          "or False")
+    step_size.check_alpha_param(self.alpha_param, "QuantRule alpha_param")
     if self.per_channel and self.weight_bits is None:
       raise ValueError("QuantRule per_channel=True needs weight_bits: it gives the kernel one "
                        "step size per output channel (an input has one step size per layer)")

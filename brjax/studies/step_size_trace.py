@@ -17,6 +17,11 @@ recipe) and is traced beside them (``decay``).
 With Adam a small gradient of constant sign moves a step size by about the learning rate
 per step whatever its size, so the sign of each term over many steps matters more than
 its size.
+
+Both parametrizations (``brjax.quant.step_size``): a ``log`` step size (``log_alpha``) is
+traced under its parameter's path, its value shown as ``alpha = exp(theta)`` and its
+gradients those of ``theta`` (``G / alpha`` for the gradient ``G`` on ``alpha``: the same
+sign, so positive still lowers the step size); ``decay`` is the weight decay on ``theta``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import numpy as np
 
 from brjax.data import datasets, streaming
 from brjax.quant import lsq as quant
+from brjax.quant import step_size
 from brjax.training import checkpoint, optim, train
 from brjax.training.config import BR_PHASE_FIELDS, Config
 from brjax.training.parallel import Topology, device_batches, jit_train_step
@@ -143,9 +149,12 @@ def check_overrides_act(phase: str, overrides: dict[str, Any]) -> None:
                      "end of the warmup")
 
 
-def _means(tree: Any, paths: list[str]) -> dict[str, float]:
+def _means(tree: Any, paths: list[str], as_alpha: bool = False) -> dict[str, float]:
+  """The mean of each path's leaf; with ``as_alpha``, of ``alpha = exp(theta)`` for a
+  ``log`` step size's."""
   flat = flax.traverse_util.flatten_dict(tree, sep="/")
-  return {p: float(np.mean(np.asarray(flat[p], np.float64))) for p in paths}
+  value = lambda p: step_size.alpha_of(tuple(p.split("/")), flat[p]) if as_alpha else flat[p]
+  return {p: float(np.mean(np.asarray(value(p), np.float64))) for p in paths}
 
 
 def trace(workdir: str, *, epoch: int | None = None, steps: int = 100, every: int = 5,
@@ -199,7 +208,7 @@ def trace(workdir: str, *, epoch: int | None = None, steps: int = 100, every: in
     abr_sites = select_abr_sites(traced, activation_sites(
         model, variables, jnp.asarray(next(streaming.train_batches(
             ds, config.batch_size, seed=config.seed, epoch=start + 1))["image"])))
-  br = br_settings(traced, phase, abr_sites)
+  br = br_settings(traced, phase, abr_sites, steps_per_epoch)
   if phase == BR:  # as train._enter_phase: the BR optimizer freezes the chosen step sizes
     state = state.replace(tx=optim.create_optimizer(traced, steps_per_epoch,
                                                     optim.frozen_labels(traced)))
@@ -216,15 +225,16 @@ def trace(workdir: str, *, epoch: int | None = None, steps: int = 100, every: in
   for i, batch in zip(range(steps), batches):
     if i % every == 0:
       grads = jax.device_get(grads_fn(state, batch))
-      values = _means(jax.device_get(state.params), paths)
+      params = jax.device_get(state.params)
+      values = _means(params, paths, as_alpha=True)
       by_term = {t: _means(grads[t], paths) for t in TERMS}
-      by_term["decay"] = decay_gradients(traced, values, labels)
+      by_term["decay"] = decay_gradients(traced, _means(params, paths), labels)
       sample = Sample(i, values, {p: {t: by_term[t][p] for t in PUSHES} for p in paths})
       samples.append(sample)
       log(sample)
     state, _ = step_fn(state, batch)
   return Trace(workdir, start, phase, traced, samples,
-               _means(jax.device_get(state.params), paths), steps)
+               _means(jax.device_get(state.params), paths, as_alpha=True), steps)
 
 
 def format_sample(sample: Sample) -> list[str]:

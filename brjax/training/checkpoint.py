@@ -31,10 +31,14 @@ import jax
 import orbax.checkpoint as ocp
 
 from brjax.quant.bits import FLOAT_BITS
+from brjax.training import config as config_lib
 from brjax.training.config import Config
 
 # Flags that may differ between a run and the run it resumes.
 RESUMABLE_CHANGES = frozenset({"pretrained", "data_dir", "data_workers"})
+QUANTIZATION_FIELDS = config_lib.BR_PHASE_FIELDS | {"alpha_param", "alpha_lr_scale",
+                                                    "alpha_weight_decay"}
+"""Fields a float run does not read: its resume ignores them."""
 
 
 class CheckpointError(ValueError):
@@ -293,12 +297,16 @@ def config_diffs(saved: dict, config: Config, allowed=RESUMABLE_CHANGES) -> list
   ``config`` differs from the saved one.
 
   A field the saved config lacks (written before the field existed) counts as the value
-  that run used: the default of a ``Config()``, whose recipe is the only one there was.
+  that run used: ``config_lib.saved_defaults`` for the step-size fields and the BR
+  schedule, else the default of a ``Config()``, whose recipe is the only one there was.
+  Two float runs do not differ in the fields only quantization reads (BR, step sizes).
   """
-  saved = {**dataclasses.asdict(Config()), **saved}
+  saved = {**dataclasses.asdict(Config()), **config_lib.saved_defaults(saved), **saved}
+  both_float = not config.quantized and saved["bits_w"] == saved["bits_a"] == FLOAT_BITS
+  unused = QUANTIZATION_FIELDS if both_float else frozenset()
   return [f"--{k}={saved.get(k)!r} there, --{k}={v!r} here"
           for k, v in dataclasses.asdict(config).items()
-          if k not in allowed and saved.get(k) != v]
+          if k not in allowed and k not in unused and saved.get(k) != v]
 
 
 def check_compatible(saved: dict, config: Config, path: str) -> None:

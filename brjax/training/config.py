@@ -21,10 +21,11 @@ PRETRAINED_SUFFIXES = (".pth", ".pt")
 DTYPES = ("float32", "bfloat16")  # computation dtypes; parameters stay float32
 INPUT_MODES = ("auto", "memory", "streaming")  # brjax.data.streaming.INPUT_MODES
 ALPHA_GRADS_W = ("full", "lsq", "none")  # brjax.quant.regularizer.ALPHA_GRADS_W, without JAX
-ABR_CLIPPED = ("include", "exclude")  # brjax.quant.regularizer.CLIPPED, without JAX
+ABR_CLIPPED = recipes.ABR_CLIPPED  # brjax.quant.regularizer.CLIPPED, without JAX
 BR_PHASE_FIELDS = frozenset({
     "lambda_w", "lambda_a", "freeze_alpha_w", "freeze_alpha_a", "br_alpha_grad_a",
-    "br_alpha_grad_w", "abr_layers", "abr_exclude_first", "abr_exclude_last", "abr_clipped"})
+    "br_alpha_grad_w", "abr_layers", "abr_exclude_first", "abr_exclude_last", "abr_clipped",
+    "br_schedule", "br_ramp_epochs"})
 """The fields that act only in the BR phase: two runs that differ only in them train the
 same warmup, bit for bit (``--branch_from`` and the study's shared warmups rely on it)."""
 SWITCHES = ("per_channel", "freeze_alpha_w", "freeze_alpha_a", "br_alpha_grad_a",
@@ -48,6 +49,7 @@ class Config:
   width: int | None = None
   bits_w: int = 2
   bits_a: int = 2
+  first_last_bits: int | None = None
   clip: float | None = None
   per_channel: bool = False
   dtype: str = "float32"
@@ -63,7 +65,9 @@ class Config:
   abr_layers: str | None = None
   abr_exclude_first: bool = False
   abr_exclude_last: bool = False
-  abr_clipped: str = "include"
+  abr_clipped: str | None = None
+  br_schedule: str | None = None
+  br_ramp_epochs: int | None = None
   # Optimization: a recipe (brjax.training.recipes), each part overridable.
   recipe: str = "brjax"
   epochs: int = 100
@@ -78,6 +82,9 @@ class Config:
   alpha_init: str | None = None
   normalization: str | None = None
   adam_eps: float | None = None
+  alpha_param: str | None = None
+  alpha_lr_scale: float | None = None
+  alpha_weight_decay: float | None = None
   seed: int = 42
   # Data.
   dataset: str = "cifar10"
@@ -104,6 +111,8 @@ class Config:
     _check(self.recipe in recipes.RECIPES, "recipe", self.recipe,
            f"use one of {', '.join(recipes.RECIPES)}")
     recipe = recipes.RECIPES[self.recipe]
+    if self.lr is None and self.optimizer == "adam" and recipe.optimizer != "adam":
+      object.__setattr__(self, "lr", recipes.ADAM_LR)  # the recipe's lr is SGD's
     for name in recipes.FIELDS:  # None: the recipe's value
       if getattr(self, name) is None:
         object.__setattr__(self, name, getattr(recipe, name))
@@ -115,8 +124,17 @@ class Config:
              f"use one of {', '.join(accepted)}")
     _check(self.br_alpha_grad_w in ALPHA_GRADS_W, "br_alpha_grad_w", self.br_alpha_grad_w,
            f"use one of {', '.join(ALPHA_GRADS_W)}")
-    _check(self.abr_clipped in ABR_CLIPPED, "abr_clipped", self.abr_clipped,
-           f"use one of {', '.join(ABR_CLIPPED)}")
+    for name, accepted in (("abr_clipped", ABR_CLIPPED), ("alpha_param", recipes.ALPHA_PARAMS),
+                           ("br_schedule", recipes.BR_SCHEDULES)):
+      _check(getattr(self, name) in accepted, name, getattr(self, name),
+             f"use one of {', '.join(accepted)}")
+    _check(_is_int(self.br_ramp_epochs) and self.br_ramp_epochs >= 0
+           and (self.br_ramp_epochs >= 1 or self.br_schedule == "constant"), "br_ramp_epochs",
+           self.br_ramp_epochs, "use an integer >= 1 with --br_schedule=cosine (>= 0 with "
+           "constant, where it is unused)")
+    _check(_is_finite(self.alpha_lr_scale) and self.alpha_lr_scale >= 0, "alpha_lr_scale",
+           self.alpha_lr_scale, "use a finite number >= 0 (the step sizes' lr as a multiple "
+           "of --lr)")
     for name in ("decay_alphas",) + SWITCHES:
       _check(isinstance(getattr(self, name), bool), name, getattr(self, name),
              "use true or false")
@@ -134,6 +152,14 @@ class Config:
       bits = getattr(self, name)
       _check(_is_int(bits) and (1 <= bits <= 8 or bits == FLOAT_BITS), name, bits,
              f"use an integer in 1..8, or {FLOAT_BITS} for float")
+    if self.first_last_bits is not None:
+      _check(_is_int(self.first_last_bits)
+             and (1 <= self.first_last_bits <= 8 or self.first_last_bits == FLOAT_BITS)
+             and self.quantized and self.model != "resnet18_reference",
+             "first_last_bits", self.first_last_bits,
+             f"use an integer in 1..8, or {FLOAT_BITS} for float, with a quantized run of a "
+             "model other than resnet18_reference; or leave it unset (like the other layers; "
+             "the papers' models: 8)")
     _check(not self.per_channel or self.bits_w != FLOAT_BITS, "per_channel", self.per_channel,
            f"one step size per output channel needs quantized weights (--bits_w={FLOAT_BITS} "
            "keeps them float)")
@@ -141,7 +167,10 @@ class Config:
       _check(_is_finite(self.clip) and self.clip > 0 and self.model in CIFAR_MODELS, "clip",
              self.clip, "use a positive number with a CIFAR ResNet (the papers' models keep "
              "their own ReLU/ReLU6), or leave it unset for a plain ReLU")
-    for name in ("lambda_w", "lambda_a", "weight_decay"):
+    if self.alpha_weight_decay is None:  # the recipe's: --weight_decay with decay_alphas
+      object.__setattr__(self, "alpha_weight_decay",
+                         self.weight_decay if self.decay_alphas else 0.0)
+    for name in ("lambda_w", "lambda_a", "weight_decay", "alpha_weight_decay"):
       value = getattr(self, name)
       _check(_is_finite(value) and value >= 0, name, value, "use a finite number >= 0")
     _check(_is_finite(self.lr) and self.lr > 0, "lr", self.lr, "use a number > 0")
@@ -195,6 +224,8 @@ class Config:
     """A short run name, e.g. ``resnet20_W2A2_lw1_la1_s42``."""
     bits = "float" if not self.quantized else f"W{_bits_tag(self.bits_w)}A{_bits_tag(self.bits_a)}"
     br = f"_lw{self.lambda_w:g}_la{self.lambda_a:g}" if self.quantized else ""
+    if self.quantized and self.first_last_bits is not None:
+      bits += f"_fl{_bits_tag(self.first_last_bits)}"
     recipe = "" if self.recipe == "brjax" else f"_{self.recipe}"
     return f"{self.model}_{bits}{br}{recipe}_s{self.seed}"
 
@@ -211,6 +242,16 @@ def br_lambdas(config: dict) -> tuple[float, float]:
   the banner and the analysis read."""
   return tuple(config.get(lam, 0.0) if config.get(bits, FLOAT_BITS) != FLOAT_BITS else 0.0
                for bits, lam in (("bits_w", "lambda_w"), ("bits_a", "lambda_a")))
+
+
+def saved_defaults(saved: dict) -> dict:
+  """What a run whose saved config predates a field used for it: the step-size fields
+  (``alpha_param``, ``alpha_lr_scale``, ``alpha_weight_decay``) and the BR schedule did
+  not exist, and every run trained linear step sizes at ``--lr``, decayed with
+  ``--weight_decay`` under ``decay_alphas``, at a constant BR weight."""
+  decayed = saved.get("weight_decay") if saved.get("decay_alphas") else 0.0
+  return {"alpha_param": "linear", "alpha_lr_scale": 1.0, "alpha_weight_decay": decayed,
+          "br_schedule": "constant", "br_ramp_epochs": 0}
 
 
 def _bits_tag(bits: int) -> str:

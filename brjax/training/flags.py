@@ -40,6 +40,10 @@ def define(values: flags.FlagValues) -> flags.FlagValues:
   flags.DEFINE_integer("bits_w", None, "Weight bit width (default: --bits).", flag_values=values)
   flags.DEFINE_integer("bits_a", None, "Activation bit width (default: --bits).",
                        flag_values=values)
+  flags.DEFINE_integer("first_last_bits", None, "The literature's setting: the first conv and "
+                       "the last dense layer (its kernel and its input) at these bits (1..8; 32 "
+                       "keeps them float); a float side stays float. Unset: like every other "
+                       "layer (the papers' models: 8).", flag_values=values)
   flags.DEFINE_float("clip", None, "Clip ReLU at this value (6 = ReLU6); unset: plain ReLU.",
                      flag_values=values)
   flags.DEFINE_float("lambda_w", _D.lambda_w, "W-BR weight (0 disables).", flag_values=values)
@@ -69,10 +73,27 @@ def define(values: flags.FlagValues) -> flags.FlagValues:
                     "order) out of A-BR.", flag_values=values)
   flags.DEFINE_bool("abr_exclude_last", False, "Leave the last activation site out of A-BR.",
                     flag_values=values)
-  flags.DEFINE_enum("abr_clipped", _D.abr_clipped, list(ABR_CLIPPED), "A-BR's activations "
+  flags.DEFINE_enum("abr_clipped", None, list(ABR_CLIPPED), "A-BR's activations "
                     "above the top level (value/alpha > qp + 0.5, clipped by the quantizer): "
-                    "include = counted in the top bin (the paper's), exclude = left out of "
-                    "every bin.", flag_values=values)
+                    "include = counted in the top bin (the paper's, the reference recipe's), "
+                    "exclude = left out of every bin (default: the recipe's).",
+                    flag_values=values)
+  flags.DEFINE_enum("br_schedule", None, list(recipes.BR_SCHEDULES), "The BR terms' weight: "
+                    "constant = lambda from the first BR step (the reference's); cosine = a "
+                    "half-cosine ramp from 0 to lambda over the first --br_ramp_epochs BR "
+                    "epochs (default: the recipe's).", flag_values=values)
+  flags.DEFINE_integer("br_ramp_epochs", None, "With --br_schedule=cosine: the ramp's length "
+                       "in BR epochs (default: the recipe's).", flag_values=values)
+  flags.DEFINE_enum("alpha_param", None, list(recipes.ALPHA_PARAMS), "Step sizes stored as "
+                    "themselves (linear, LSQ's and the reference's) or as log(alpha) (log: "
+                    "positive by construction, LSQ's first updates) (default: the recipe's).",
+                    flag_values=values)
+  flags.DEFINE_float("alpha_lr_scale", None, "The step sizes' learning rate as a multiple of "
+                     "--lr (their own optimizer group) (default: the recipe's).",
+                     flag_values=values)
+  flags.DEFINE_float("alpha_weight_decay", None, "L2 weight decay on the step sizes (default: "
+                     "--weight_decay with decay_alphas, as the reference recipe; else 0).",
+                     flag_values=values)
   flags.DEFINE_enum("recipe", _D.recipe, list(recipes.RECIPES), "Training recipe: brjax (SGD "
                     "0.1, per-step cosine, ...), reference (the reference package's QAT: Adam "
                     "0.01, constant-then-cosine per epoch, ...), reference_baseline (its float "
@@ -176,7 +197,8 @@ def config_from_flags(values: flags.FlagValues) -> Config:
     raise ValueError(f"--bits={values.bits} is not accepted: use an integer in 1..8, or 32 "
                      "for float")
   return Config(
-      model=values.model, width=values.width, bits_w=bits_w, bits_a=bits_a, clip=values.clip,
+      model=values.model, width=values.width, bits_w=bits_w, bits_a=bits_a,
+      first_last_bits=values.first_last_bits, clip=values.clip,
       # dtype unset: default_dtype(), after --distributed
       per_channel=values.per_channel, dtype=values.dtype or "float32",
       remat=values.remat,
@@ -187,7 +209,9 @@ def config_from_flags(values: flags.FlagValues) -> Config:
       br_alpha_grad_a=values.br_alpha_grad_a, br_alpha_grad_w=values.br_alpha_grad_w,
       abr_layers=values.abr_layers,
       abr_exclude_first=values.abr_exclude_first, abr_exclude_last=values.abr_exclude_last,
-      abr_clipped=values.abr_clipped,
+      abr_clipped=values.abr_clipped, br_schedule=values.br_schedule,
+      br_ramp_epochs=values.br_ramp_epochs, alpha_param=values.alpha_param,
+      alpha_lr_scale=values.alpha_lr_scale, alpha_weight_decay=values.alpha_weight_decay,
       recipe=values.recipe, lr=values.lr,
       optimizer=values.optimizer, schedule=values.schedule, decay_alphas=values.decay_alphas,
       act_grad_scale=values.act_grad_scale, alpha_init=values.alpha_init,

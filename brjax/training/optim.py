@@ -2,11 +2,14 @@
 
 The optimizer and schedule are the run's recipe (``brjax.training.recipes``, resolved into the
 Config): SGD with momentum or Adam, with coupled weight decay (``g + wd * w``, as PyTorch's
-``weight_decay``) on the weights and, if ``decay_alphas``, on the step sizes too.
+``weight_decay``). The step sizes are an optimizer group of their own: the same optimizer
+at ``alpha_lr_scale`` times the learning rate, with their own weight decay
+(``alpha_weight_decay``: by default ``weight_decay`` with ``decay_alphas``, the reference
+recipe's, else 0).
 
 Every parameter gets one of three labels: ``alpha_w`` (a weight step size: an ``alpha``
-beside a ``kernel``), ``alpha_a`` (any other ``alpha``: an activation step size), or
-``weights`` (everything else). ``optax.multi_transform`` gives each label the optimizer;
+or ``log_alpha`` beside a ``kernel``), ``alpha_a`` (any other step size: an activation's),
+or ``weights`` (everything else). ``optax.multi_transform`` gives each label the optimizer;
 a frozen label's updates are then zeroed by ``optax.set_to_zero`` (after the weight decay
 and the optimizer: a frozen step size moves by exactly 0). Unfrozen labels end in
 ``optax.identity`` instead, so the optimizer state has the same structure in both training
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from brjax.quant.lsq import STEP_SIZE_NAMES
+from brjax.quant import step_size
 from brjax.training.config import Config
 
 WEIGHTS, ALPHA_W, ALPHA_A = "weights", "alpha_w", "alpha_a"
@@ -37,8 +40,9 @@ def param_labels(params: Any) -> Any:
   ``params`` is any pytree of parameters: a Linen ``params`` dict or FrozenDict, or an NNX
   ``nnx.State`` (of ``nnx.Variable``s, as ``nnx.Optimizer`` passes to ``tx.init``, or of
   arrays, as it passes to ``tx.update``); an ``nnx.Variable`` is one parameter. A weight
-  step size is an ``alpha`` beside a ``kernel``; any other step size (``alpha``,
-  ``input_alpha``) is an activation step size.
+  step size is an ``alpha`` beside a ``kernel`` (or an operation's ``<name>_alpha`` beside
+  ``<name>``); any other step size (``alpha``, ``input_alpha``, ``input_alpha_<k>``) is an
+  activation step size (``brjax.quant.step_size.is_weight_alpha_path``).
   """
   is_param = lambda x: isinstance(x, nnx.Variable)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_param)
@@ -46,9 +50,9 @@ def param_labels(params: Any) -> Any:
   names = set(paths)
 
   def label(path):
-    if not path or path[-1] not in STEP_SIZE_NAMES:
+    if not step_size.is_alpha_path(path):
       return WEIGHTS
-    return ALPHA_W if path[-1] == "alpha" and path[:-1] + ("kernel",) in names else ALPHA_A
+    return ALPHA_W if step_size.is_weight_alpha_path(path, names) else ALPHA_A
 
   return jax.tree_util.tree_unflatten(treedef, [label(p) for p in paths])
 
@@ -110,23 +114,25 @@ def frozen_labels(config: Config) -> frozenset[str]:
 
 def decay_rate(config: Config, label: str) -> float:
   """The coupled weight decay on parameters of ``label``: ``config.weight_decay`` for the
-  weights, and for the step sizes only with ``config.decay_alphas`` (the reference recipe),
-  0 otherwise. ``create_optimizer`` adds ``rate * param`` to each gradient."""
-  return config.weight_decay if label == WEIGHTS or config.decay_alphas else 0.0
+  weights, ``config.alpha_weight_decay`` for the step sizes (``weight_decay`` with
+  ``decay_alphas``, the reference recipe's, unless set). ``create_optimizer`` adds
+  ``rate * param`` to each gradient (to ``theta = log(alpha)`` for ``log`` step sizes)."""
+  return config.weight_decay if label == WEIGHTS else config.alpha_weight_decay
 
 
 def create_optimizer(config: Config, steps_per_epoch: int,
                      frozen: Iterable[str] = ()) -> optax.GradientTransformation:
   """The recipe's optimizer (SGD with momentum, or Adam) with its schedule and weight decay.
 
-  ``chain(add_decayed_weights, sgd | adam, identity | set_to_zero)`` per label. Weight
-  decay reaches the step sizes only with ``config.decay_alphas`` (the reference recipe):
-  otherwise it would pull every quantization grid towards zero. Adam is PyTorch's
-  (``b1=0.9, b2=0.999``, ``eps`` added to ``sqrt(v_hat)``).
+  ``chain(add_decayed_weights, sgd | adam, identity | set_to_zero)`` per label. The step
+  sizes' chain has its own weight decay (:func:`decay_rate`; brjax's recipe: 0, which
+  otherwise pulls every quantization grid towards zero) and its optimizer runs at
+  ``config.alpha_lr_scale`` times the schedule. Adam is PyTorch's (``b1=0.9, b2=0.999``,
+  ``eps`` added to ``sqrt(v_hat)``).
 
   Args:
-    config: the run's configuration (optimizer, lr, momentum, weight_decay, decay_alphas,
-      adam_eps, schedule, epochs).
+    config: the run's configuration (optimizer, lr, momentum, weight_decay,
+      alpha_weight_decay, alpha_lr_scale, adam_eps, schedule, epochs).
     steps_per_epoch: optimizer steps in one epoch.
     frozen: labels whose updates are zeroed (``optax.set_to_zero``).
   """
@@ -135,14 +141,20 @@ def create_optimizer(config: Config, steps_per_epoch: int,
   if unknown:
     raise ValueError(f"unknown labels {sorted(unknown)}: use {LABELS}")
   schedule = learning_rate_schedule(config, steps_per_epoch)
-  if config.optimizer == "adam":
-    opt = optax.adam(schedule, b1=0.9, b2=0.999, eps=config.adam_eps)
-  else:
-    opt = optax.sgd(schedule, momentum=config.momentum)
+
+  def optimizer(lr):
+    if config.optimizer == "adam":
+      return optax.adam(lr, b1=0.9, b2=0.999, eps=config.adam_eps)
+    return optax.sgd(lr, momentum=config.momentum)
+
+  scale = config.alpha_lr_scale
+  opts = {WEIGHTS: optimizer(schedule)}
+  opts[ALPHA_W] = opts[ALPHA_A] = (opts[WEIGHTS] if scale == 1.0 else
+                                   optimizer(lambda step: schedule(step) * scale))
 
   def transform(label):
     decay = optax.add_decayed_weights(decay_rate(config, label))
     last = optax.set_to_zero() if label in frozen else optax.identity()
-    return optax.chain(decay, opt, last)
+    return optax.chain(decay, opts[label], last)
 
   return optax.multi_transform({label: transform(label) for label in LABELS}, param_labels)

@@ -44,6 +44,12 @@ SCHEDULES = ("cosine", "constant_cosine", "step")
 ACT_GRAD_SCALES = ("example", "batch")
 ALPHA_INITS = ("calibrate", "first_step")
 NORMALIZATIONS = ("dataset", "reference", "imagenet")
+ADAM_LR = 1e-3
+"""The learning rate of ``--optimizer=adam`` without ``--lr`` in a recipe whose optimizer is
+SGD (brjax's 0.1 is SGD's: Adam at 0.1 diverges)."""
+ALPHA_PARAMS = ("linear", "log")  # brjax.quant.step_size.ALPHA_PARAMS, without JAX
+BR_SCHEDULES = ("constant", "cosine")
+ABR_CLIPPED = ("include", "exclude")  # brjax.quant.regularizer.CLIPPED, without JAX
 REFERENCE_MEAN = (0.4914, 0.4822, 0.4465)
 REFERENCE_STD = (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet constants
@@ -68,6 +74,16 @@ class Recipe:
     normalization: one of :data:`NORMALIZATIONS`: the input normalization's mean and std
       come from the training set, or are the reference's constants.
     adam_eps: Adam's epsilon, added to ``sqrt(v_hat)``.
+    alpha_param: one of :data:`ALPHA_PARAMS`: step sizes stored as themselves, or as their
+      logarithm (positive by construction; ``brjax.quant.step_size``).
+    alpha_lr_scale: the step sizes' learning rate, as a multiple of ``lr`` (their own
+      optimizer group; ``brjax.training.optim``).
+    abr_clipped: one of :data:`ABR_CLIPPED`: A-BR's activations above the top level
+      counted in the top bin (the paper's), or left out.
+    br_schedule: one of :data:`BR_SCHEDULES`: the BR terms' weight is ``lambda`` from the
+      first BR step (``constant``, the reference's), or ramps from 0 to ``lambda`` on a
+      half cosine over the first ``br_ramp_epochs`` BR epochs (``cosine``).
+    br_ramp_epochs: the length of the ``cosine`` ramp, in epochs (>= 1 with ``cosine``).
   """
   optimizer: str
   lr: float
@@ -79,11 +95,17 @@ class Recipe:
   alpha_init: str
   normalization: str
   adam_eps: float = 1e-8
+  alpha_param: str = "linear"
+  alpha_lr_scale: float = 1.0
+  abr_clipped: str = "include"
+  br_schedule: str = "constant"
+  br_ramp_epochs: int = 0
 
   def __post_init__(self):
     for name, accepted in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
                            ("act_grad_scale", ACT_GRAD_SCALES), ("alpha_init", ALPHA_INITS),
-                           ("normalization", NORMALIZATIONS)):
+                           ("normalization", NORMALIZATIONS), ("alpha_param", ALPHA_PARAMS),
+                           ("abr_clipped", ABR_CLIPPED), ("br_schedule", BR_SCHEDULES)):
       if getattr(self, name) not in accepted:
         raise ValueError(f"--{name}={getattr(self, name)} is not accepted: use one of "
                          f"{', '.join(accepted)}")
@@ -91,7 +113,8 @@ class Recipe:
 
 BRJAX = Recipe(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, decay_alphas=False,
                schedule="cosine", act_grad_scale="example", alpha_init="calibrate",
-               normalization="dataset")
+               normalization="dataset", alpha_param="log", alpha_lr_scale=0.1,
+               abr_clipped="exclude", br_schedule="cosine", br_ramp_epochs=5)
 REFERENCE = Recipe(optimizer="adam", lr=0.01, momentum=0.9, weight_decay=1e-4,
                    decay_alphas=True, schedule="constant_cosine", act_grad_scale="batch",
                    alpha_init="first_step", normalization="reference")
@@ -123,7 +146,15 @@ def describe(recipe: Recipe, name: str | None = None) -> str:
   return (f"{head}{opt}, lr {recipe.lr:g}, weight decay {recipe.weight_decay:g} (L2, "
           f"{'alphas included' if recipe.decay_alphas else 'not on alphas'}), schedule "
           f"{recipe.schedule}, act. alpha grad scale per {recipe.act_grad_scale}, alpha init "
-          f"{recipe.alpha_init}, normalization {recipe.normalization}")
+          f"{recipe.alpha_init}, normalization {recipe.normalization}, step sizes "
+          f"{recipe.alpha_param} (lr x{recipe.alpha_lr_scale:g}), A-BR clipped values "
+          f"{recipe.abr_clipped}, BR weight {_br_schedule(recipe)}")
+
+
+def _br_schedule(recipe: Recipe) -> str:
+  if recipe.br_schedule == "constant":
+    return "constant"
+  return f"cosine ramp over {recipe.br_ramp_epochs} BR epochs"
 
 
 def normalize_dataset(ds, normalization: str):

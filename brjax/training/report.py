@@ -7,9 +7,10 @@ logs these lines.
 from __future__ import annotations
 
 from brjax.data import datasets, streaming
+from brjax.models.paper import FIRST_LAST_BITS as PAPER_FIRST_LAST_BITS
 from brjax.quant.bits import FLOAT_BITS
 from brjax.training import checkpoint, recipes, run_control
-from brjax.training.config import PRETRAINED_SUFFIXES, Config
+from brjax.training.config import PAPER_MODELS, PRETRAINED_SUFFIXES, Config
 from brjax.training.parallel import Topology
 from brjax.training.steps import BR, br_settings
 
@@ -21,6 +22,27 @@ _WBR_ALPHA = {"full": "full (paper-faithful)", "lsq": "scaled by LSQ's g = 1/sqr
 _ABR_CLIPPED = {"include": "counted in the top bin (the paper's)",
                 "exclude": "left out of every bin"}
 
+def layers_line(config: Config) -> str:
+  """Which layers run at which bits (--bits_w/--bits_a, --first_last_bits), in words."""
+  first, last = (("stem", "classifier") if config.model == "mobilenet_v2" else
+                 ("conv_init", "head") if config.model in PAPER_MODELS else
+                 ("conv_init", "the dense layer"))
+  edge = config.first_last_bits
+  if edge is None and config.model in PAPER_MODELS:
+    edge = PAPER_FIRST_LAST_BITS
+  body = f"W{config.bits_w}A{config.bits_a}"
+  if edge is None:
+    return f"every layer {body} (the image input of {first} float)"
+  tag = lambda prefix, bits: "float" if bits == FLOAT_BITS else f"{prefix}{bits}"
+  # A float side stays float.
+  kernel = tag("W", edge if config.bits_w != FLOAT_BITS else FLOAT_BITS)
+  act = tag("A", edge if config.bits_a != FLOAT_BITS else FLOAT_BITS)
+  image = (f"its input, the image, {act}" if config.model in PAPER_MODELS
+           else "its input, the image, float")
+  return (f"{first} {kernel} ({image}), {last} {kernel} with its input {act} "
+          f"(--first_last_bits); the rest {body}")
+
+
 def banner(config: Config, topology: Topology, ds: datasets.Dataset,
            abr_line: str | None = None) -> str:
   """The run's opening lines: model, stages, BR and alpha settings, start, recipe, data,
@@ -31,6 +53,7 @@ def banner(config: Config, topology: Topology, ds: datasets.Dataset,
     lines.append(f"Float training: {config.model}, epochs 1-{config.epochs}")
   else:
     lines.append(f"2-stage QAT+BR training: {config.model}, W{config.bits_w}A{config.bits_a}")
+    lines.append(f"Layers: {layers_line(config)}")
     lines.append(f"Stage 1 (Warmup): epochs 1-{config.warmup_epochs} (LSQ only)"
                  if config.warmup_epochs else "Stage 1 (Warmup): none")
     lines.append(f"Stage 2 (BR): epochs {config.warmup_epochs + 1}-{config.epochs}"

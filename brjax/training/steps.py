@@ -1,8 +1,10 @@
 """The training state, the phases, and the two step functions (train and eval).
 
 Phase 1 (``WARMUP``, ``warmup_epochs``): cross-entropy only; LSQ learns the grids.
-Phase 2 (``BR``): ``CE + lambda_w * BR_W + lambda_a * BR_A``; at the switch the weight
-and/or activation step sizes may be frozen (``optax.set_to_zero`` on their labels).
+Phase 2 (``BR``): ``CE + r * (lambda_w * BR_W + lambda_a * BR_A)``; at the switch the
+weight and/or activation step sizes may be frozen (``optax.set_to_zero`` on their labels).
+``r`` is 1 (``--br_schedule=constant``) or a half-cosine ramp from 0 to 1 over the first
+``--br_ramp_epochs`` BR epochs (``cosine``, :func:`br_weight`).
 A float run (32-bit weights and activations) is one plain phase (``FLOAT``).
 
 The steps are written on global arrays and are not jitted here: ``brjax.training.parallel``
@@ -43,6 +45,21 @@ class BRSettings:
   alpha_grad_w: str = struct.field(pytree_node=False, default="full")
   abr_layers: str | None = struct.field(pytree_node=False, default=None)
   abr_clipped: str = struct.field(pytree_node=False, default="include")
+  ramp_start: int = struct.field(pytree_node=False, default=0)
+  ramp_steps: int = struct.field(pytree_node=False, default=0)
+
+
+def br_weight(br: BRSettings, step: jax.Array) -> jax.Array:
+  """``r``, the BR terms' weight at optimizer step ``step`` (0-based, as ``state.step``).
+
+  ``ramp_steps == 0`` (constant): 1. Else ``(1 - cos(pi * min((k + 1) / R, 1))) / 2`` for
+  the ``k``-th BR step ``k = step - ramp_start`` and ``R = ramp_steps``: above 0 from the
+  first BR step, 1 from step ``R - 1`` on.
+  """
+  if br.ramp_steps == 0:
+    return jnp.ones((), jnp.float32)
+  t = jnp.clip((jnp.asarray(step) - br.ramp_start + 1) / br.ramp_steps, 0.0, 1.0)
+  return ((1.0 - jnp.cos(jnp.pi * t)) / 2.0).astype(jnp.float32)
 
 
 def phase_of(config: Config, epoch: int) -> str:
@@ -52,12 +69,14 @@ def phase_of(config: Config, epoch: int) -> str:
   return WARMUP if epoch <= config.warmup_epochs else BR
 
 
-def br_settings(config: Config, phase: str,
-                abr_sites: Sequence[str] | None = None) -> BRSettings:
+def br_settings(config: Config, phase: str, abr_sites: Sequence[str] | None = None,
+                steps_per_epoch: int | None = None) -> BRSettings:
   """The loss terms of a phase: none outside BR; a zero lambda drops its term entirely.
 
   ``abr_sites``: the activation sites A-BR sums over (see :func:`select_abr_sites`);
-  None means every site.
+  None means every site. ``steps_per_epoch``: needed for ``--br_schedule=cosine``'s ramp
+  (:func:`br_weight`), which starts at the first BR step; without it the weight is
+  constant (what timing a step needs).
   """
   if phase != BR:
     return BRSettings()
@@ -68,7 +87,15 @@ def br_settings(config: Config, phase: str,
   return BRSettings(
       lambda_w=lambda_w, lambda_a=lambda_a,
       alpha_grad_a=config.br_alpha_grad_a, alpha_grad_w=config.br_alpha_grad_w,
-      abr_layers=pattern, abr_clipped=config.abr_clipped)
+      abr_layers=pattern, abr_clipped=config.abr_clipped,
+      **_ramp(config, steps_per_epoch))
+
+
+def _ramp(config: Config, steps_per_epoch: int | None) -> dict:
+  if config.br_schedule == "constant" or steps_per_epoch is None:
+    return {}
+  return {"ramp_start": config.warmup_epochs * steps_per_epoch,
+          "ramp_steps": config.br_ramp_epochs * steps_per_epoch}
 
 
 def activation_sites(model: flax.linen.Module, variables: dict, images: jax.Array) -> list[str]:
@@ -134,7 +161,8 @@ def loss_terms(state: TrainState, params: Any, batch: dict,
 
 
 def train_step(state: TrainState, batch: dict, br: BRSettings) -> tuple[TrainState, dict]:
-  """One optimizer step on ``CE + br.lambda_w * BR_W + br.lambda_a * BR_A``.
+  """One optimizer step on ``CE + r * (br.lambda_w * BR_W + br.lambda_a * BR_A)``
+  (``r``: :func:`br_weight`, 1 unless the BR weight ramps).
 
   Args:
     state: the replicated training state.
@@ -145,9 +173,15 @@ def train_step(state: TrainState, batch: dict, br: BRSettings) -> tuple[TrainSta
     The new state and per-step sums: ``loss``, ``ce``, ``br_w``, ``br_a`` (each times B, so
     that epoch sums divided by ``count`` are means), ``correct`` and ``count``.
   """
+  r = br_weight(br, state.step)
+
   def loss_fn(params):
     terms, logits, batch_stats = loss_terms(state, params, batch, br)
-    loss = terms["ce"] + br.lambda_w * terms["br_w"] + br.lambda_a * terms["br_a"]
+    if br.ramp_steps == 0:  # the constant weight: the reference's loss, as it sums it
+      loss = terms["ce"] + br.lambda_w * terms["br_w"] + br.lambda_a * terms["br_a"]
+    else:
+      r_ = r.astype(terms["ce"].dtype)
+      loss = terms["ce"] + r_ * (br.lambda_w * terms["br_w"] + br.lambda_a * terms["br_a"])
     return loss, (logits, batch_stats, terms["ce"], terms["br_w"], terms["br_a"])
 
   (loss, (logits, batch_stats, ce, br_w, br_a)), grads = jax.value_and_grad(

@@ -18,7 +18,7 @@ import numpy as np
 from tensorboardX import SummaryWriter
 
 from brjax.quant import lsq as quant
-from brjax.quant import sites
+from brjax.quant import sites, step_size
 
 SCALARS = ("train_acc", "test_acc", "train_loss", "test_loss", "ce", "br_w", "br_a", "lr")
 
@@ -33,11 +33,16 @@ def _name(path: tuple[str, ...]) -> str:
 
 def write_scalars(writer: SummaryWriter, epoch: int, metrics: dict, params: Any) -> None:
   """The epoch's metrics (see ``SCALARS``) and every step size as ``alpha/<layer>`` (an
-  input's as ``input_alpha/<layer>``; per-channel step sizes as their mean)."""
+  input's as ``input_alpha/<layer>``; per-channel step sizes as their mean; a ``log`` step
+  size as ``alpha = exp(theta)``), and the step-size health (``health/<kind>/<key>``)."""
   for key in SCALARS:
     if metrics.get(key) is not None:  # BR terms are None when not computed
       writer.add_scalar(f"metrics/{key}", metrics[key], epoch)
-  for path, value in traverse_util.flatten_dict(jax.device_get(params)).items():
+  for kind, h in (metrics.get("step_size_health") or {}).items():
+    for key in ("min_ratio", "clipped_top", "clipped_top_max"):
+      writer.add_scalar(f"health/{kind}/{key}", h[key], epoch)
+  flat = step_size.linear_params(traverse_util.flatten_dict(jax.device_get(params)))
+  for path, value in flat.items():
     if quant.is_alpha_path(path):
       writer.add_scalar(f"{path[-1]}/{_name(path[:-1])}", float(np.mean(value)), epoch)
   write_reference_metrics(writer, epoch, metrics)

@@ -32,8 +32,8 @@ import numpy as np
 
 from brjax.data import datasets, streaming
 from brjax.quant import lsq as quant
-from brjax.quant import metrics
-from brjax.training import checkpoint, history, optim, report, run_control, run_start
+from brjax.quant import metrics, step_size
+from brjax.training import checkpoint, health, history, optim, report, run_control, run_start
 from brjax.training import epoch as epoch_lib
 from brjax.training import tensorboard as summary
 from brjax.training.config import Config
@@ -150,6 +150,8 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   writer = summary.create_writer(workdir) if tensorboard and is_chief else None
   schedule = optim.learning_rate_schedule(config, run.steps_per_epoch)
   clock, step_fns, last = RunClock(last_epoch, run.steps_per_epoch), {}, {}
+  first_quant = (health.first_epoch_quant(history.read_history(workdir, missing_ok=True))
+                 if start_epoch > 0 and is_chief else None)
   try:
     with StopOnSignal() as stop:
       control = epoch_lib.Control(stop, save_every, functools.partial(_save_mid_epoch, run,
@@ -173,9 +175,12 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
         control = epoch_lib.Control(stop, save_every, functools.partial(
             _save_mid_epoch, run, ckpts, best_acc))
         m.update(best_test_acc=best_acc, epoch_time_s=time.time() - start)
+        first_quant = _add_health(run, m, first_quant)
         _save_epoch(run, ckpts, state, m, is_best)
         _write_summaries(run, writer, state, m, probe, histogram_every)
         log(report.format_epoch_line(m, config.epochs) + report.time_note(m, clock))
+        for line in health.warnings(m.get("step_size_health", {})):
+          log(line)
         last = m
         if epoch < last_epoch:
           control.check()
@@ -202,9 +207,20 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
   return last
 
 
+def _add_health(run: _Run, m: dict, first_quant: dict | None) -> dict | None:
+  """Adds ``step_size_health`` to a quantized run's epoch record (``brjax.training.health``);
+  returns the first epoch's ``quant`` metrics, the reference (this one's in epoch 1)."""
+  if "quant" not in m:
+    return first_quant
+  first_quant = first_quant or m["quant"]
+  m["step_size_health"] = health.step_size_health(m["quant"], first_quant)
+  return first_quant
+
+
 def _smallest_step_sizes(state: TrainState) -> dict[str, float]:
-  """``{path: smallest entry}`` of every step size (``alpha``, ``input_alpha``) in ``state``."""
-  flat = flax.traverse_util.flatten_dict(state.params)
+  """``{path: smallest entry}`` of every step size (``alpha``, ``input_alpha``; a ``log``
+  one as ``alpha = exp(theta)``, under its linear name) in ``state``."""
+  flat = step_size.linear_params(flax.traverse_util.flatten_dict(state.params))
   step_sizes = jax.device_get({path: value for path, value in flat.items()
                                if quant.is_alpha_path(path)})  # one transfer
   return {"/".join(path): float(np.min(value)) for path, value in step_sizes.items()}
@@ -307,7 +323,8 @@ def _enter_phase(run: _Run, state: TrainState, epoch: int, phase: str, step_fns:
                                                     optim.frozen_labels(config)))
   compiles = phase not in step_fns
   if compiles:
-    step_fns[phase] = jit_train_step(run.topology, br_settings(config, phase, abr_sites))
+    step_fns[phase] = jit_train_step(run.topology, br_settings(config, phase, abr_sites,
+                                                               run.steps_per_epoch))
   return state, step_fns[phase], compiles
 
 

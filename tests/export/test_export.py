@@ -182,6 +182,7 @@ class _CNN(nnx.Module):
     return self.head(self.drop(x))
 
 
+@pytest.mark.slow
 def test_nnx_model_round_trip(tmp_path):
   model = _CNN(nnx.Rngs(0))
   brjax.quantize_model(model, [
@@ -250,6 +251,7 @@ def test_export_fails_loudly(mlp):
     export.from_sites(variables, {})
 
 
+@pytest.mark.slow
 def test_export_refuses_what_it_cannot_pack():
   act_only = brjax.quantize_model(plain_models.ViT(hidden=8, depth=1, mlp_dim=8),
                                   [brjax.QuantRule(".*", act_bits=4, act_signed=True)])

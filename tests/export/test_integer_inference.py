@@ -290,6 +290,22 @@ def test_export_run_refuses_a_float_checkpoint(tmp_path):
     integer_export.export_run(str(tmp_path))
 
 
+def test_export_run_refuses_first_and_last_layers_at_other_bits(tmp_path):
+  """The integer format has one bit width for every layer: a --first_last_bits=8 run would
+  be packed wrong, so it is refused (the ONNX and quantized formats keep each layer's)."""
+  model = models.create_model("resnet20", bits_w=2, bits_a=2, first_last_bits=8)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          jnp.zeros((1, 32, 32, 3)))
+  variables = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes)
+  config = dataclasses.asdict(Config(first_last_bits=8))
+  ckpts = checkpoint.RunCheckpoints(str(tmp_path))
+  ckpts.save(1, variables, {"epoch": 1, "config": config}, is_best=True)
+  ckpts.close()
+  with pytest.raises(ValueError, match=r"^--first_last_bits=8: .* use --format=onnx or "
+                                       "--format=quantized$"):
+    integer_export.export_run(str(tmp_path))
+
+
 def test_export_run_needs_a_checkpoint(tmp_path):
   (tmp_path / "checkpoints" / "best").mkdir(parents=True)
   with pytest.raises(ValueError, match=r"--workdir=.* holds no checkpoint \(checkpoints/best"):

@@ -40,12 +40,15 @@ def test_resnet18_shapes():
 def test_everything_but_batchnorm_is_quantized(bits_w, bits_a):
   model = models.create_model("resnet20", bits_w=bits_w, bits_a=bits_a)
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-  variables = model.init(jax.random.key(1), x, train=False)
+
+  def init_and_record(x):  # traced only (shapes and the sites' static fields suffice)
+    variables = model.init(jax.random.key(1), x, train=False)
+    return variables, model.apply(variables, x, train=False, mutable=["quant"])[1]
+  variables, state = jax.eval_shape(init_and_record, x)
   flat = flax.traverse_util.flatten_dict(variables["params"])
   kernels = [p[:-1] for p in flat if p[-1] == "kernel"]
   weight_alphas = [p[:-1] for p in flat if p[-1] == "alpha" and p[:-1] + ("kernel",) in flat]
   assert len(weight_alphas) == (len(kernels) if bits_w != 32 else 0)
-  _, state = model.apply(variables, x, train=False, mutable=["quant"])
   recorded = list(sites.iterate(state.get("quant", {})))
   outputs = [path for path, kind, _ in recorded if kind == "output"]
   assert len(outputs) == (19 if bits_a != 32 else 0)  # every ReLU, the first included
@@ -71,3 +74,49 @@ def test_bad_model_name_and_bits():
     models.create_model("vgg")
   with pytest.raises(ValueError, match="bits=16"):
     models.create_model("resnet20", bits_w=16)
+
+
+def _levels_by_site(model, x):
+  variables = model.init(jax.random.key(1), x, train=False)
+  logits, state = model.apply(variables, x, train=False, mutable=["quant"])
+  return variables, logits, {(path, kind): site.levels
+                             for path, kind, site in sites.iterate(state["quant"])}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["resnet20", "resnet20_option_a"])
+def test_first_last_bits_sets_the_first_conv_the_dense_layer_and_its_input(model_name):
+  """The literature's setting: conv_init's and the dense layer's kernels and the dense
+  layer's input (the last block's output ReLU) at 8 bits, the rest at 2; unset, the model
+  is the one without the option, variable for variable and logit for logit."""
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  base_vars, base_logits, base = _levels_by_site(
+      models.create_model(model_name, bits_w=2, bits_a=2), x)
+  _, same_logits, same = _levels_by_site(
+      models.create_model(model_name, bits_w=2, bits_a=2, first_last_bits=None), x)
+  np.testing.assert_array_equal(same_logits, base_logits)
+  assert same == base and set(base.values()) == {4}  # 2 bits: 4 levels
+  variables, _, levels = _levels_by_site(
+      models.create_model(model_name, bits_w=2, bits_a=2, first_last_bits=8), x)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, base_vars)
+  edges = {("conv_init", "weight"): 256, ("QuantDense_0", "weight"): 256,
+           ("BasicBlock_8/QuantReLU_1", "output"): 256}  # 8 bits
+  assert set(levels) == set(base)
+  for key, count in levels.items():
+    assert count == edges.get(key, base[key]), key
+
+
+def test_first_last_bits_32_keeps_them_float_and_a_float_side_stays_float():
+  x = jnp.ones((2, 16, 16, 3))
+  _, _, levels = _levels_by_site(
+      models.create_model("resnet20", bits_w=2, bits_a=2, first_last_bits=32), x)
+  assert not {("conv_init", "weight"), ("QuantDense_0", "weight"),
+              ("BasicBlock_8/QuantReLU_1", "output")} & set(levels)
+  assert len(levels) == 20 + 18  # the other kernels (22 - 2) and ReLUs (19 - 1)
+  _, _, levels = _levels_by_site(
+      models.create_model("resnet20", bits_w=32, bits_a=2, first_last_bits=8), x)
+  assert {kind for _, kind in levels} == {"output"}  # no kernel quantized
+  assert levels[("BasicBlock_8/QuantReLU_1", "output")] == 256
+  with pytest.raises(ValueError, match="first_last_bits=8 is not supported for "
+                                       "model='resnet18_reference'"):
+    models.create_model("resnet18_reference", bits_w=2, bits_a=2, first_last_bits=8)

@@ -59,6 +59,7 @@ def test_paper_rules_first_last_signs_and_depthwise():
     ("mobilenet_v2", paper_models.MobileNetV2(num_classes=10, width=0.25, small_inputs=True,
                                               stages=paper_models.MOBILENET_V2_STAGES[:2])),
 ])
+@pytest.mark.slow
 def test_one_quantized_br_step(name, model):
   """A W2A2 step with CE + BR_W + BR_A on a shortened model of each family: finite, BR > 0,
   every step size gets a gradient."""
@@ -84,6 +85,7 @@ def test_one_quantized_br_step(name, model):
       k for k, g in step_sizes.items() if not jnp.any(g != 0)]
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_loss_and_gradients():
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   results = []
@@ -100,3 +102,26 @@ def test_remat_gives_the_same_loss_and_gradients():
 
     results.append(jax.jit(jax.value_and_grad(loss_fn))(variables["params"]))
   chex.assert_trees_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("first_last_bits,bits", [(None, 2), (4, 4), (8, 8), (32, None)])
+def test_first_last_bits_rules_of_the_papers_models(first_last_bits, bits):
+  """The first layer's and the classifier's rules (kernels and inputs): at
+  ``first_last_bits`` (None: like the rest; 32: float); the rest at W2A2."""
+  rules = paper_models.paper_rules("mobilenet_v2", 2, 2, first_last_bits=first_last_bits)
+  assert [(r.module_path, r.weight_bits, r.act_bits) for r in rules[:2]] == [
+      ("stem", bits, bits), ("classifier", bits, bits)]
+  assert {(r.weight_bits, r.act_bits) for r in rules[2:]} == {(2, 2)}
+
+
+def test_first_last_bits_32_leaves_the_first_and_last_layers_float():
+  model = paper_models.create_model("resnet18_imagenet", bits_w=2, bits_a=2, num_classes=10,
+                                    image_size=32, first_last_bits=32)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  def record(x):  # traced only: the sites' levels are static
+    variables = model.init(jax.random.key(0), x, train=False)
+    return model.apply(variables, x, train=False, mutable=["quant"])[1]["quant"]
+  found = {(path, kind): site.levels
+           for path, kind, site in sites.iterate(jax.eval_shape(record, x))}
+  assert not {path for path, _ in found} & {"conv_init", "head"}
+  assert len(found) == 38 and set(found.values()) == {4}  # 19 kernels and inputs at 2 bits

@@ -29,12 +29,13 @@ def np_layer_metrics(v, alpha, qn, qp, where=None) -> dict:
   err = v - m * alpha
   return {"alpha": alpha, "mse": np.mean(err**2),
           "near_frac": np.mean(np.abs(err) <= 0.1 * alpha),
+          "clipped_top": np.mean(v / alpha > qp + 0.5),
           "occupancy": np.array([np.mean(m == k) for k in range(qn, qp + 1)])}
 
 
 def assert_metrics_close(got, want, **tol):
   tol = {"rtol": 1e-5, "atol": 1e-7, **tol}
-  base = {"alpha", "mse", "near_frac", "occupancy"}
+  base = {"alpha", "mse", "near_frac", "clipped_top", "occupancy"}
   # The collectors add the reference's metrics (tested below) to layer_metrics'.
   assert set(got) in (base, base | {"mean_distance", "effectiveness", "pct_near", "bins_used",
                                     "bin_count", "bin_mean", "bin_std"})
@@ -228,6 +229,7 @@ class CollectorsTest(parameterized.TestCase):
                                np.mean([m["mse"] for m in per_channel]), rtol=1e-5)
     np.testing.assert_allclose(got["QuantConv_0"]["alpha"], np.mean(conv["alpha"]), rtol=1e-6)
 
+  @pytest.mark.slow
   def test_activation_metrics_names_every_call(self):
     model, variables, x = tiny_model_and_variables()
     col = recorded(model, variables, x)

@@ -108,6 +108,7 @@ def test_every_kernel_is_quantized_and_paths_are_kept():
     assert isinstance(params[path.replace("kernel", "input_alpha")], nnx.Param)
 
 
+@pytest.mark.slow
 def test_init_is_lsq_from_the_kernels_and_the_sample_batch():
   x = _images()
   model = quantize_model(CNN(rngs=nnx.Rngs(0)), RULES, x)

@@ -222,6 +222,7 @@ class LsqGradientTest(chex.TestCase):
     da = jax.grad(lambda a: jnp.sum((quant.lsq_quantize(x, a, -2, 1, 0.1) - x)**2))(0.0)
     assert da < 0
 
+  @pytest.mark.slow
   def test_vmap_and_jit(self):
     x = jax.random.normal(jax.random.key(2), (3, 10))
     alphas = jnp.array([0.2, 0.3, 0.4])

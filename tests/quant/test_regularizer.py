@@ -103,6 +103,7 @@ class BinRegularizationTest(chex.TestCase):
       regularizer.bin_regularization(jnp.asarray(v), alpha, qn, qp, clipped="drop")
 
   @parameterized.parameters(True, False)
+  @pytest.mark.slow
   def test_exclude_differs_from_include_only_beyond_the_range(self, alpha_grad):
     """Bit-identical loss and gradients while no value passes the top edge; beyond it the
     excluded values get exactly zero gradient, and every gradient stays finite."""
@@ -209,6 +210,7 @@ def _collection(bits_w=2, bits_a=4):
   }
 
 
+@pytest.mark.slow
 def test_weight_br_bins_every_kernel_on_its_own_range():
   col = _collection()
   (k1, a1), (k2, a2) = [(s.values, s.alpha) for _, _, s in sites.iterate(col, ("weight",))]
@@ -298,6 +300,7 @@ def test_stacked_sites_bin_each_layer_on_its_own_grid():
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_weight_br_alpha_grad_options(per_channel):
   """``lsq`` scales W-BR's step-size gradient by g = 1/sqrt(N * qp) (N weights per step

@@ -219,6 +219,7 @@ def test_bad_input_is_one_line_error(case, tmp_path, capsys):
   assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_load_run_normalizes_as_the_run_did(tmp_path):
   """A ``--normalization=reference`` run: its activations are those of images normalized
   with the statistics it stored, not the dataset's own (metrics.md reported act_init mse

@@ -85,7 +85,7 @@ def test_decay_rate_is_what_the_optimizer_adds(decay_alphas):
   parameter by ``-optim.decay_rate(config, label) * param``: the trace reads the same rule."""
   config = Config(optimizer="sgd", momentum=0.0, lr=1.0, schedule="step", epochs=10,
                   warmup_epochs=1,
-                  weight_decay=1e-4, decay_alphas=decay_alphas)
+                  weight_decay=1e-4, decay_alphas=decay_alphas, alpha_lr_scale=1.0)
   params = {"conv": {"kernel": jnp.full((2,), 0.5), "alpha": jnp.float32(0.02)},
             "relu": {"alpha": jnp.float32(0.1)}}
   tx = optim.create_optimizer(config, steps_per_epoch=1)
@@ -114,6 +114,7 @@ class SmallModel(nn.Module):
     return quant.QuantDense(10, bits=2)(x.mean(axis=(1, 2)))
 
 
+@pytest.mark.slow
 def test_the_term_gradients_sum_to_the_training_gradient():
   """CE, lambda_w * BR_W and lambda_a * BR_A's gradients add up to the gradient of the
   loss the training step descends; A-BR reaches the first ReLU's step size only through

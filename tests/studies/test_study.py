@@ -189,7 +189,8 @@ def test_build_result_from_the_runs_history(tmp_path):
   assert result["device"] == {"platform": "cpu", "device_count": 1}
   assert result["jax_version"] == "0.x" and set(study.RESULT_KEYS) <= set(result)
   assert result["warmup_source"] is None  # no checkpoint meta with branched_from
-  assert result["br_flags"]["lambda_a"] == 1.0 and result["br_flags"]["abr_clipped"] == "include"
+  # brjax's recipe leaves A-BR's clipped values out (issue 29)
+  assert result["br_flags"]["lambda_a"] == 1.0 and result["br_flags"]["abr_clipped"] == "exclude"
   assert result["curve"] == [  # every epoch, warmup included, for the study's figure
       {"epoch": 1, "phase": "WARMUP", "train_acc": 5.0, "test_acc": 10.0, "test_loss": 2.0,
        "br_w": None, "br_a": None},

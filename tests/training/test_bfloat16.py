@@ -18,6 +18,7 @@ def _codes(site):
   return jnp.round(jnp.clip(values, site.qn, site.qp))
 
 
+@pytest.mark.slow
 def test_codes_and_br_of_a_bfloat16_forward_match_float32():
   images = jax.random.normal(jax.random.key(0), (16, 32, 32, 3))
   model32 = models.from_run_config(Config(), 10, 32)

@@ -37,6 +37,12 @@ def test_defaults_are_valid_and_named():
     ("clip", -6.0, "positive"),
     ("br_alpha_grad_w", "scaled", "full, lsq, none"),
     ("abr_clipped", "drop", "include, exclude"),
+    ("alpha_param", "exp", "linear, log"),
+    ("br_schedule", "linear", "constant, cosine"),
+    ("br_ramp_epochs", 0, ">= 1 with --br_schedule=cosine"),
+    ("br_ramp_epochs", -1, "integer >= 1"),
+    ("alpha_lr_scale", -0.5, ">= 0"),
+    ("alpha_weight_decay", -1.0, ">= 0"),
     ("data_dir", "/no/such/folder", "train/<class>/"),
     ("pretrained", "/no/such/run", "checkpoints/"),
 ])
@@ -134,3 +140,28 @@ def test_numpy_numbers_are_taken_as_python_numbers():
   assert (config.bits_w, config.lambda_a, config.epochs) == (4, 0.5, 3)
   assert (type(config.bits_w), type(config.lambda_a), type(config.epochs)) == (int, float, int)
   assert Config(per_channel=np.bool_(True)).per_channel is True
+
+
+@pytest.mark.parametrize("settings", [dict(first_last_bits=9), dict(first_last_bits=0),
+                                      dict(first_last_bits=8, bits_w=32, bits_a=32),
+                                      dict(first_last_bits=8, model="resnet18_reference")])
+def test_first_last_bits_is_checked(settings):
+  value = settings["first_last_bits"]
+  with pytest.raises(ValueError, match=rf"^--first_last_bits={value} is not accepted: use an "
+                                       r"integer in 1\.\.8, or 32 for float, with a quantized"):
+    Config(**settings)
+
+
+def test_first_last_bits_is_named_and_said_in_the_banner():
+  from brjax.training import report  # pylint: disable=g-import-not-at-top
+  assert Config().name == "resnet20_W2A2_lw1_la1_s42"  # unset: the names runs had
+  config = Config(first_last_bits=8)
+  assert config.name == "resnet20_W2A2_fl8_lw1_la1_s42"
+  assert report.layers_line(config) == (
+      "conv_init W8 (its input, the image, float), the dense layer W8 with its input A8 "
+      "(--first_last_bits); the rest W2A2")
+  assert report.layers_line(Config()) == "every layer W2A2 (the image input of conv_init float)"
+  assert report.layers_line(Config(model="mobilenet_v2")).startswith(
+      "stem W8 (its input, the image, A8), classifier W8")  # the papers' models: 8 unset
+  assert report.layers_line(Config(bits_w=32, first_last_bits=4)).startswith(
+      "conv_init float (its input, the image, float), the dense layer float with its input A4")

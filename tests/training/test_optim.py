@@ -48,8 +48,9 @@ def test_freezing_zeroes_exactly_the_frozen_labels(params, frozen):
                               jax.tree.leaves(labels)):
     if label in frozen:
       assert not np.any(u), path
-    else:
-      np.testing.assert_allclose(u, -config.lr, rtol=1e-6, err_msg=str(path))
+    else:  # step sizes at their own learning rate (--alpha_lr_scale)
+      lr = config.lr * (config.alpha_lr_scale if label != optim.WEIGHTS else 1.0)
+      np.testing.assert_allclose(u, -lr, rtol=1e-6, err_msg=str(path))
 
 
 def test_state_structure_is_the_same_in_both_phases(params):

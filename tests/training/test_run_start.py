@@ -77,7 +77,10 @@ def test_a_branch_may_differ_in_every_br_phase_field(tmp_path, no_data):
   branch = dataclasses.replace(
       config, lambda_w=0.5, lambda_a=0.1, freeze_alpha_w=True, freeze_alpha_a=True,
       br_alpha_grad_a=True, br_alpha_grad_w="lsq", abr_layers="Block", abr_exclude_first=True,
-      abr_exclude_last=True, abr_clipped="exclude", data_dir=str(tmp_path))
+      abr_exclude_last=True, data_dir=str(tmp_path),
+      abr_clipped="include" if config.abr_clipped == "exclude" else "exclude",
+      br_schedule="constant" if config.br_schedule == "cosine" else "cosine",
+      br_ramp_epochs=config.br_ramp_epochs + 1)
   changed = {f for f in BR_PHASE_FIELDS if getattr(branch, f) != getattr(config, f)}
   assert changed == BR_PHASE_FIELDS  # every one of them differs here
   start = run_start.check_branch(branch, str(source))

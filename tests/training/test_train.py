@@ -409,6 +409,7 @@ def test_abr_site_selection():
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_abr_clipped_reaches_the_step_and_the_banner():
   """--abr_clipped=exclude: the BR step's A-BR leaves values above the range out; the
   warmup step is the same for both settings; the banner says which."""
@@ -438,7 +439,11 @@ def test_abr_clipped_reaches_the_step_and_the_banner():
   assert ("    └─> values above the top level: left out of every bin (--abr_clipped)"
           in text)
   assert "counted in the top bin (the paper's) (--abr_clipped)" in report.banner(
+      Config(abr_clipped="include"), parallel.Topology.create(), _synthetic_dataset())
+  assert "left out of every bin" in report.banner(  # brjax's default (issue 29)
       Config(), parallel.Topology.create(), _synthetic_dataset())
+  assert ("step sizes log (lr x0.1)" in text
+          and "BR weight cosine ramp over 5 BR epochs" in text)  # the Recipe line
 
 
 def test_a_diverged_epoch_stops_the_run_with_the_remedies():

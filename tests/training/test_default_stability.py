@@ -1,0 +1,125 @@
+"""brjax's default recipe keeps step sizes alive: a few dozen steps of warmup and BR at the
+defaults' learning rates (SGD and Adam), with lambda_w = lambda_a = 1, on tiny data.
+
+Fails on a divergence (a non-finite loss or parameter) or on an activation step size that
+fell under ``MIN_RATIO`` (10%, the health warning's threshold, ``brjax.training.health``) of
+its value at the end of the first "epoch" (the warmup steps). The model zoo (every model
+of the issue, each compiling a training step of its own, 15-60 s on a 2-core CPU) and a
+small model through ``quantize_model`` at W2A2 and W1A2 (about 20 s) are in the slow tier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import brjax
+from brjax.models import cifar, paper, plain
+from brjax.quant import regularizer, sites, step_size
+from brjax.training import optim, steps
+from brjax.training.config import Config
+
+MIN_RATIO = 0.1
+WARMUP_STEPS, BR_STEPS = 8, 24
+
+
+def _train(model, config: Config, size: int = 16, classes: int = 10):
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (8, size, size, 3))
+  y = jnp.arange(8) % classes
+  variables = model.init(jax.random.key(1), x, train=True)
+  params = variables["params"]
+  stats = variables.get("batch_stats", {})
+  fixed = {k: v for k, v in variables.items() if k not in ("params", "batch_stats")}
+  config = dataclasses.replace(config, warmup_epochs=1, epochs=4)
+  tx = optim.create_optimizer(config, steps_per_epoch=WARMUP_STEPS)
+  br = steps.br_settings(config, steps.BR, steps_per_epoch=WARMUP_STEPS)
+
+  @functools.partial(jax.jit, static_argnums=4)
+  def step(params, stats, opt_state, i, with_br):
+    def loss_fn(params):
+      mutable = ["batch_stats", sites.COLLECTION] if stats else [sites.COLLECTION]
+      held = {"params": params, **fixed, **({"batch_stats": stats} if stats else {})}
+      logits, upd = model.apply(held, x, train=True, mutable=mutable)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      if not with_br:
+        return ce, upd
+      w, a = regularizer.br_losses(upd[sites.COLLECTION], abr_clipped=config.abr_clipped)
+      return ce + steps.br_weight(br, i) * (config.lambda_w * w + config.lambda_a * a), upd
+
+    (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), upd.get("batch_stats", {}), opt_state, loss
+
+  def act_alphas(params):
+    flat = step_size.linear_params(flax.traverse_util.flatten_dict(params))
+    return {p: float(np.min(v)) for p, v in flat.items()
+            if step_size.is_alpha_path(p) and not step_size.is_weight_alpha_path(p, flat)}
+
+  opt_state, losses = tx.init(params), []
+  for i in range(WARMUP_STEPS + BR_STEPS):
+    if i == WARMUP_STEPS:
+      after_first = act_alphas(params)
+    params, stats, opt_state, loss = step(params, stats, opt_state, i, i >= WARMUP_STEPS)
+    losses.append(float(loss))
+  assert all(np.isfinite(losses)), f"diverged: losses {losses}"
+  assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(params)), "non-finite parameters"
+  ratios = {p: a / after_first[p] for p, a in act_alphas(params).items()}
+  worst = min(ratios, key=ratios.get)
+  assert ratios[worst] >= MIN_RATIO, (
+      f"{'/'.join(worst)} fell to {ratios[worst]:.3g} of its value after the first epoch")
+  return losses
+
+
+def _plain_rules(bits_w, bits_a, config):
+  return [brjax.QuantRule("stem|head|Dense_0|classifier", weight_bits=8, act_bits=8,
+                          alpha_param=config.alpha_param),
+          brjax.QuantRule(".*", weight_bits=bits_w, act_bits=bits_a,
+                          alpha_param=config.alpha_param)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("bits_w,bits_a", [(2, 2), (1, 2)])
+def test_small_model_keeps_its_step_sizes_at_the_defaults(optimizer, bits_w, bits_a):
+  config = Config(optimizer=optimizer, bits_w=bits_w, bits_a=bits_a)
+  model = brjax.quantize_model(plain.MobileNetV2(stem=4, last=8),
+                               _plain_rules(bits_w, bits_a, config))
+  _train(model, config, size=8)
+
+
+def _zoo():
+  cases = []
+  for name in ("resnet20", "resnet20_option_a", "resnet18", "resnet18_reference"):
+    for bits in ((1, 2), (2, 2), (4, 4)):
+      cases.append((name, bits, "sgd"))
+    cases.append((name, (2, 2), "adam"))
+  for name in paper.MODELS:
+    cases += [(name, (2, 2), "sgd"), (name, (2, 2), "adam")]
+  cases += [("plain_vit", (2, 2), "sgd"), ("plain_vit", (2, 2), "adam"),
+            ("plain_mobilenet_v2", (4, 4), "sgd"), ("plain_mobilenet_v2", (4, 4), "adam")]
+  return cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,bits,optimizer", _zoo())
+def test_model_zoo_keeps_its_step_sizes_at_the_defaults(name, bits, optimizer):
+  config = Config(optimizer=optimizer, bits_w=bits[0], bits_a=bits[1])
+  if name == "plain_vit":
+    model = brjax.quantize_model(plain.ViT(), _plain_rules(*bits, config))
+  elif name == "plain_mobilenet_v2":
+    model = brjax.quantize_model(plain.MobileNetV2(), _plain_rules(*bits, config))
+  elif name in paper.MODELS:
+    model = paper.create_model(name, bits_w=bits[0], bits_a=bits[1], num_classes=10,
+                               image_size=32, alpha_param=config.alpha_param)
+  else:
+    model = cifar.create_model(name, bits_w=bits[0], bits_a=bits[1], alpha_param=config.alpha_param,
+                               width=8 if name == "resnet18_reference" else None)
+  _train(model, config, size=32 if name in paper.MODELS or name.startswith("resnet") else 16)
