@@ -106,14 +106,18 @@ class Trace:
 
 def step_size_paths(params: Any, layers: str | None) -> list[str]:
   """The ``/``-joined paths of the step sizes in ``params`` that ``layers`` (a regex,
-  ``re.search``; None: every one) selects, in parameter order.
+  ``re.search``; None: every one) selects, in parameter order. A log step size is matched
+  by its alpha's name too (``.../alpha`` selects ``.../log_alpha``), so one selection serves
+  both parametrizations.
 
   Raises:
     ValueError: ``layers`` selects none (naming the step sizes there are).
   """
   every = ["/".join(path) for path in flax.traverse_util.flatten_dict(params)
            if quant.is_alpha_path(path)]
-  chosen = [p for p in every if layers is None or re.search(layers, p)]
+  as_alpha = lambda p: "/".join([*p.split("/")[:-1], step_size.linear_name(p.split("/")[-1])])
+  chosen = [p for p in every
+            if layers is None or re.search(layers, p) or re.search(layers, as_alpha(p))]
   if not chosen:
     raise ValueError(f"--layers={layers} is not accepted: it selects no step size; the run's "
                      f"are {', '.join(every)}")

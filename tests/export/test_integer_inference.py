@@ -347,9 +347,7 @@ def test_script_exports_the_tiny_run(tiny_run, tmp_path):
                                    test_examples=config["test_examples"])
   np.testing.assert_array_equal(np.float32(h["normalization"]["mean"]), ds.mean)
   np.testing.assert_array_equal(np.float32(h["normalization"]["std"]), ds.std)
-  model = models.create_model(config["model"], bits_w=config["bits_w"],
-                              bits_a=config["bits_a"], clip=config["clip"],
-                              num_classes=ds.num_classes)
+  model = models.from_run_config(config, ds.num_classes)  # its bits, clip, step sizes
   batch = next(input_pipeline.eval_batches(ds, len(ds.test_labels)))
   assert batch["mask"].all() and len(ds.test_labels) == 128
   fq_logits, fq_codes, _ = _fake_quant(model, variables, batch["image"])

@@ -45,8 +45,7 @@ def recomputed(tiny_run) -> dict:
   config = meta["config"]
   ds = input_pipeline.load_dataset(config["dataset"], config["data_dir"], 1, EXAMPLES)
   batch = next(input_pipeline.eval_batches(ds, EXAMPLES))
-  model = models.create_model(config["model"], bits_w=config["bits_w"], bits_a=config["bits_a"],
-                              clip=config["clip"], num_classes=ds.num_classes)
+  model = models.from_run_config(config, ds.num_classes)  # its bits, clip, step sizes
   fn = jax.jit(functools.partial(metrics.quant_metrics, model))
   return metrics.to_python(fn(variables, batch))
 

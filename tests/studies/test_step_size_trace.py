@@ -152,17 +152,19 @@ def test_the_script_traces_the_runs_next_epoch_and_writes_json(tiny_run, tmp_pat
       "--layers=BasicBlock_0/QuantReLU_1/alpha", "--lambda_w=0", "--lambda_a=0",
       f"--json_out={out}"], capsys)  # without BR terms: the lightest step to compile
   assert code == 0, err
+  name = "BasicBlock_0/QuantReLU_1/log_alpha"  # the brjax recipe's log step sizes, selected
+  # by their alpha's name
   lines = stdout.splitlines()
   assert lines[0].split() == ["step", "step", "size", "value", "gradient", "of:", "ce", "br_w",
                               "br_a", "decay"]
   assert [line.split()[:2] for line in lines[1:3]] == [
-      ["0", "BasicBlock_0/QuantReLU_1/alpha"], ["2", "BasicBlock_0/QuantReLU_1/alpha"]]
+      ["0", name], ["2", name]]
   assert lines[3] == (f"# from {workdir} at epoch 1: 3 steps of epoch 2 (BR); overrides of "
                       "the run's BR flags: lambda_w=0.0, lambda_a=0.0")
-  assert lines[4].startswith("BasicBlock_0/QuantReLU_1/alpha: ") and "in 3 steps" in lines[4]
+  assert lines[4].startswith(f"{name}: ") and "in 3 steps" in lines[4]
   samples = [json.loads(line) for line in out.read_text().splitlines()]
   assert [s["step"] for s in samples] == [0, 2]
-  grads = samples[0]["grads"]["BasicBlock_0/QuantReLU_1/alpha"]
+  grads = samples[0]["grads"][name]
   assert set(grads) == {"ce", "br_w", "br_a", "decay"} and grads["br_a"] == grads["br_w"] == 0.0
   assert grads["ce"] != 0.0
   # The tiny run's recipe (brjax's) keeps weight decay off the step sizes.
