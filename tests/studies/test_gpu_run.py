@@ -43,8 +43,10 @@ def test_dry_run_plans_lsq_and_lsq_br_from_one_warmup(tmp_path, tiny, size):
   runs = {line.split()[0]: line for line in lines if " python scripts/train.py " in line}
   assert set(runs) == {"warmup_s0", "lsq_s0", "lsq_br_s0"}
   assert f"--stop_after_epoch={size[0].split('=')[1]}" in runs["warmup_s0"]
+  # The plan writes the study's path as given or relative to the repository, the shorter.
+  forms = (str(study), os.path.relpath(study, REPO))
   for name in ("lsq_s0", "lsq_br_s0"):
-    assert f"--branch_from={study}/warmup_s0" in runs[name]
+    assert any(f"--branch_from={form}/warmup_s0" in runs[name] for form in forms), runs[name]
   for line in runs.values():
     for flag in (*size, "--bits=2", "--seed=0", "--recipe=reference", "--lr=0.01",
                  "--batch_size=128", "--pretrained=checkpoints/resnet20_float_cifar10"):
