@@ -42,6 +42,9 @@ def left_float(model: Any) -> tuple[FloatOp, ...]:
   if report is None:
     raise ValueError(f"left_float takes a Linen model returned by brjax.quantize_model, not "
                      f"a {type(model).__name__}")
+  if report[0] is None:
+    raise ValueError("left_float reports the model's latest init or apply, and this "
+                     f"{type(model).__name__} has run neither yet: call model.init first")
   return tuple(report[0])
 
 

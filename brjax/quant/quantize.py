@@ -105,7 +105,7 @@ def _quantized_class(cls: type, rules: tuple[QuantRule, ...], allow_float_ops: b
                      ) -> type:
   """A subclass of ``cls`` with the same name whose ``init``/``apply`` intercept (the passes
   of ``brjax.quant.passes``)."""
-  left_float = [()]
+  left_float = [None]  # None until an init or apply ran: nothing was checked yet
   make_log = functools.partial(_Interception, rules)
 
   def init_with_output(self, rngs, *args, **kwargs):

@@ -59,7 +59,6 @@ STEP_SIZE_NAMES = LINEAR_NAMES + LOG_NAMES
 ``input_alpha``, and their ``log`` forms ``log_alpha``, ``log_input_alpha``."""
 
 _TO_LOG = dict(zip(LINEAR_NAMES, LOG_NAMES))
-_TO_LINEAR = dict(zip(LOG_NAMES, LINEAR_NAMES))
 _FLOOR = 1e-8  # lsq._ALPHA_FLOOR
 
 
@@ -77,13 +76,17 @@ def param_name(name: str, alpha_param: str) -> str:
 
 
 def linear_name(name: str) -> str:
-  """``alpha`` for ``log_alpha``, ``input_alpha`` for ``log_input_alpha``; else ``name``."""
-  return _TO_LINEAR.get(name, name)
+  """``alpha`` for ``log_alpha``, ``input_alpha`` for ``log_input_alpha``, and so for an
+  operation's step sizes (``log_w_alpha`` -> ``w_alpha``, ``brjax.quant.names``); else
+  ``name``."""
+  if isinstance(name, str) and name.startswith("log_") and names.is_alpha_name(name[4:]):
+    return name[4:]
+  return name
 
 
 def is_log_name(name: Any) -> bool:
   """Whether ``name`` is a ``log`` step size's parameter name."""
-  return name in _TO_LINEAR
+  return linear_name(name) != name
 
 
 def _floor(dtype: Any) -> float:

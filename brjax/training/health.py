@@ -37,7 +37,7 @@ def step_size_health(quant: dict, first: dict | None) -> dict:
     base = (first or {}).get(kind) or {}
     ratios = {name: _ratio(m["alpha"], base.get(name, m)["alpha"]) for name, m in layers.items()}
     worst = min(ratios, key=lambda n: (ratios[n] if math.isfinite(ratios[n]) else -math.inf))
-    clipped = {name: float(m.get("clipped_top", 0.0)) for name, m in layers.items()}
+    clipped = {name: float(m["clipped_top"]) for name, m in layers.items()}
     top = max(clipped, key=clipped.get)
     out[kind] = {"min_ratio": ratios[worst], "min_layer": worst,
                  "clipped_top": sum(clipped.values()) / len(clipped),

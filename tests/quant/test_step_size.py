@@ -170,3 +170,17 @@ class NnxTest(parameterized.TestCase):
                                 rtol=1e-5)
     labels = optim.param_labels(nnx.state(log, nnx.Param))
     assert labels["head"]["log_alpha"] == optim.ALPHA_W
+
+
+def test_operation_level_log_step_sizes_read_as_alpha():
+  """An operation's log step sizes (issue 32's ``<name>_alpha``, ``input_alpha_<k>``) are
+  read as alpha like a layer's: a reader of raw parameters never sees theta."""
+  assert step_size.linear_name("log_w_alpha") == "w_alpha"
+  assert step_size.linear_name("log_input_alpha_1") == "input_alpha_1"
+  assert step_size.linear_name("log_scale") == "log_scale"  # not a step size
+  params = {"cell": {"kernel": jnp.ones((2, 2)), "log_w_alpha": jnp.zeros(()),
+                     "log_input_alpha_1": jnp.log(jnp.float32(0.5))}}
+  linear = step_size.linear_params(params)
+  assert set(linear["cell"]) == {"kernel", "w_alpha", "input_alpha_1"}
+  np.testing.assert_allclose(linear["cell"]["w_alpha"], 1.0)
+  np.testing.assert_allclose(linear["cell"]["input_alpha_1"], 0.5, rtol=1e-6)

@@ -122,6 +122,8 @@ def test_an_operation_left_float_is_an_error_or_listed():
                                        "allow_float_ops=True"):
     quantize_model(_LowRank(), W4A4).init(jax.random.key(1), x)
   model = quantize_model(_LowRank(), W4A4, allow_float_ops=True)
+  with pytest.raises(ValueError, match="has run neither yet"):  # not an empty report
+    left_float(model)
   variables = model.init(jax.random.key(1), x)
   assert left_float(model) == (FloatOp("", "@", "both operands are computed from parameters "
                                            "alone"),)
