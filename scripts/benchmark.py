@@ -29,12 +29,14 @@ from absl import flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from brjax.training import cli  # pylint: disable=g-import-not-at-top
+from brjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_bool("quick", False, "A short run CI can afford: fewer rounds, smaller "
                   "inputs, batch 32 unless --batch_size is given.", flag_values=FLAGS)
-flags.DEFINE_enum("model", "resnet20", ["resnet20", "resnet18"], "CIFAR ResNet.",
-                  flag_values=FLAGS)
+flags.DEFINE_enum("model", "resnet20",
+                  [f"resnet{d}" for d in config_lib.CIFAR_RESNET_DEPTHS] + ["resnet18"],
+                  "CIFAR ResNet (brjax's, projection shortcuts).", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 128, "Global batch size of the timed steps.",
                      flag_values=FLAGS)
 flags.DEFINE_integer("rounds", 0, "Timed rounds of the three steps (0: 10, or 3 with "

@@ -4,7 +4,9 @@
         --pretrained=checkpoints/resnet20_float_cifar10 \\
         --data_dir=../shared/datasets/cifar10-jpeg.tar.gz
 
-The study trains ResNet-20 at W<bits>A<bits> (``--bits``, default 2) under each of
+The study trains ``--model`` (default resnet20; any model scripts/train.py takes, e.g.
+the small resnet8) at W<bits>A<bits> (``--bits``, default 2; ``--first_last_bits=8``: the
+first conv and the last FC at 8 bits, as the literature keeps them) under each of
 ``--configs`` (``brjax.studies.study.CONFIGS``; default lsq, lsq_br, w_br) for each of ``--seeds``,
 with the same warmup and BR epochs for all. ``--preset=evidence`` is issue 14's study
 (``brjax.studies.study.PRESETS``; flags given explicitly override it); ``--dry_run`` prints its
@@ -39,6 +41,7 @@ from brjax.studies import results as study_results
 from brjax.studies import runner as study_runner
 from brjax.studies import study
 from brjax.training import cli, run_control
+from brjax.training.config import MODELS
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("study_dir", None, "Folder of the study: runs, results, summary "
@@ -50,6 +53,13 @@ flags.DEFINE_string("data_dir", None, "Local images (a folder or .tar.gz, as "
                     flag_values=FLAGS)
 flags.DEFINE_integer("bits", 2, "Weight and activation bit width of the study (2..8).",
                      flag_values=FLAGS)
+flags.DEFINE_string("model", study.STUDY_DEFAULTS["model"], "Model of every run "
+                    f"(scripts/train.py's --model): one of {', '.join(MODELS)}.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("first_last_bits", None, "The first conv and the last FC (kernel and "
+                     "input) at these bits (1..8; 32 keeps them float), every other layer at "
+                     "--bits (scripts/train.py's --first_last_bits); unset: every layer at "
+                     "--bits.", flag_values=FLAGS)
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, comma-separated.", flag_values=FLAGS)
 flags.DEFINE_list("configs", list(study.DEFAULT_CONFIGS), f"Configs, comma-separated, from "
                   f"{', '.join(study.CONFIGS)}.", flag_values=FLAGS)

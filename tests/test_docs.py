@@ -201,13 +201,13 @@ def _shortened(line: str) -> str:
   return f"{head}: {' '.join(words[:2] + ['...'] + own)}"
 
 
-def test_the_evidence_plan_is_what_the_dry_run_prints(cifar_tar, tmp_path):
+def test_the_evidence_plan_is_what_the_dry_run_prints(cifar_archive, tmp_path):
   """docs/evidence_plan.txt and the comparison-studies guide's plan: the --preset=evidence
   --order=config dry run of a new study."""
   from brjax.studies import plan as study_plan  # pylint: disable=g-import-not-at-top
   from brjax.studies import study  # pylint: disable=g-import-not-at-top
   flags = {name: None for name in study.STUDY_FLAGS}
-  flags = study.check_study(study.apply_preset("evidence", {**flags, "data_dir": cifar_tar},
+  flags = study.check_study(study.apply_preset("evidence", {**flags, "data_dir": cifar_archive},
                                                {"data_dir"}))
   assert flags["data_dir"] == "../shared/datasets/cifar10-jpeg.tar.gz"
   study_dir = tmp_path / "study"  # new: every run "new", as before the study started

@@ -125,7 +125,8 @@ def float_size_bytes(variables: Mapping[str, Any]) -> int:
   return 4 * sum(int(np.size(x)) for x in leaves)
 
 
-EXPORTABLE_MODELS = ("resnet20", "resnet18")
+EXPORTABLE_MODELS = (*(f"resnet{d}" for d in models.DEPTHS), "resnet18")
+"""brjax's CIFAR ResNets with projection shortcuts (the layout :func:`export_model` reads)."""
 
 
 def check_exportable(bits_w: int, bits_a: int, model: str | None = None) -> None:
@@ -169,7 +170,7 @@ def export_model(variables: Mapping[str, Any], *, model: str, bits_w: int, bits_
 
   Args:
     variables: ``{"params": ..., "batch_stats": ...}`` of that model (numpy or jax arrays).
-    model: ``"resnet20"`` or ``"resnet18"``.
+    model: one of :data:`EXPORTABLE_MODELS` (``"resnet20"``, ``"resnet18"``, ...).
     bits_w, bits_a: the run's bit widths, both in 2..8 (see :func:`check_exportable`).
     clip: the run's ReLU clip (None: plain ReLU).
     mean, std: float ``(3,)`` input normalization (pixels in [0, 1]) of the training data,
@@ -180,8 +181,8 @@ def export_model(variables: Mapping[str, Any], *, model: str, bits_w: int, bits_
     An :class:`Exported`.
 
   Raises:
-    ValueError: for float or half-quantized runs, a model other than ``resnet20`` and
-      ``resnet18``, a variable missing, misshapen or not finite, or a bad normalization.
+    ValueError: for float or half-quantized runs, a model not in :data:`EXPORTABLE_MODELS`,
+      a variable missing, misshapen or not finite, or a bad normalization.
   """
   check_exportable(bits_w, bits_a, model)
   if clip is not None and not (math.isfinite(clip) and clip > 0):

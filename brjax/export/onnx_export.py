@@ -55,7 +55,7 @@ import numpy as np
 
 from brjax.export import onnx_ops
 from brjax.export.onnx_graph import Const, Graph, Quant, Tensor, log_step_size
-from brjax.quant import lsq
+from brjax.quant import lsq, partitioning
 
 INLINED = ("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call",
            "custom_lin")
@@ -285,7 +285,7 @@ def _linen_function(model, variables, kwargs):
   if "quant" in variables:
     raise ValueError("variables hold the 'quant' collection (recorded sites): pass the "
                      "model's variables without it")
-  flat = traverse_util.flatten_dict(dict(variables))
+  flat = traverse_util.flatten_dict(dict(partitioning.unbox(variables)))  # boxes: their values
   keys = list(flat)
 
   def fn(leaves, *args):
@@ -335,9 +335,9 @@ def to_onnx(model: Any, *args, integer_ops: bool = True, codes_outputs: bool = F
   """The ``onnx.ModelProto`` of a brjax-quantized model's evaluation call.
 
   Linen: ``to_onnx(model, variables, *sample_args, **apply_kwargs)`` (``variables``: every
-  collection ``init`` returned, e.g. trained; ``apply_kwargs`` the evaluation mode, e.g.
-  ``train=False``). NNX: ``to_onnx(nnx_model, *sample_args, **call_kwargs)`` (in eval mode).
-  The sample arguments (arrays, NHWC images for the CNNs) fix every shape but the batch:
+  collection ``init`` returned, e.g. trained, boxed or not; ``apply_kwargs`` the evaluation
+  mode, e.g. ``train=False``). NNX: ``to_onnx(nnx_model, *sample_args, **call_kwargs)`` (in
+  eval mode). The sample arguments (arrays, NHWC images for the CNNs) fix every shape but the batch:
   the graph's inputs ``input`` (``input_<i>`` for several) take any batch size; its
   output is ``output`` (``output_<i>``), float32.
 

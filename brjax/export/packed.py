@@ -58,7 +58,7 @@ import numpy as np
 from brjax.export import packing
 from brjax.models import cifar as models
 from brjax.quant import lsq as quant
-from brjax.quant import sites, step_size
+from brjax.quant import partitioning, sites, step_size
 from brjax.training import checkpoint
 
 FORMAT = "brjax.quantized"
@@ -132,13 +132,15 @@ def from_linen(model: Any, variables: Mapping[str, Any], *inputs, **kwargs
   """Exports a quantized Linen model (``quantize_model`` or brjax layers).
 
   ``variables``: every collection its ``init`` returned (``params``, ``quant_state``,
-  ``batch_stats``, ...), e.g. trained. ``*inputs, **kwargs``: one ``model.apply`` call in
+  ``batch_stats``, ...), e.g. trained; boxed parameters (``nn.with_partitioning``) are
+  exported unboxed. ``*inputs, **kwargs``: one ``model.apply`` call in
   evaluation mode (``images, train=False``); one example will do: no exported value
   depends on the inputs. Raises ValueError for the failures of the module docstring.
   """
   if isinstance(variables, Mapping) and sites.COLLECTION in variables:
     raise ValueError(f"variables hold the {sites.COLLECTION!r} collection (recorded sites): "
                      "pass the model's variables without it")
+  variables = partitioning.unbox(variables)
   return from_sites(variables, record_linen(model, variables, *inputs, **kwargs),
                     framework="linen")
 
@@ -271,7 +273,8 @@ def from_sites(variables: Mapping[str, Any], collection: Any, *, framework: str 
   """Exports ``variables`` given the ``"quant"`` collection that one pass recorded.
 
   Args:
-    variables: the model's variables: Linen collections, or an NNX pure state dict.
+    variables: the model's variables: Linen collections (boxed parameters are unboxed), or
+      an NNX pure state dict.
     collection: its sites (:func:`record_linen`, :func:`record_nnx`).
     framework: ``"linen"`` (kernels under ``params``) or ``"nnx"``.
     source: provenance stored as ``header["source"]`` (JSON-able).
@@ -283,6 +286,7 @@ def from_sites(variables: Mapping[str, Any], collection: Any, *, framework: str 
     raise ValueError(f"framework={framework!r} is not accepted: use one of "
                      f"{sorted(PARAMS_PREFIX)}")
   prefix = PARAMS_PREFIX[framework]
+  variables = partitioning.unbox(variables)
   flat = _flatten(variables)
   names = {_join(p): p for p in flat}
   kernels, codes, acts, used = [], {}, {}, set()

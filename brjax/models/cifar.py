@@ -104,7 +104,22 @@ class CifarResNet(nn.Module):
     return jnp.asarray(x, jnp.float32)
 
 
-ResNet20 = functools.partial(CifarResNet, stage_sizes=(3, 3, 3), stage_filters=(16, 32, 64))
+
+
+def cifar_resnet(depth: int, **kwargs) -> CifarResNet:
+  """He et al.'s CIFAR ResNet of ``depth = 6n + 2`` layers: three stages of ``n`` basic blocks
+  of 16, 32 and 64 filters (ResNet-20: n = 3). ``kwargs`` go to :class:`CifarResNet`."""
+  if depth < 8 or (depth - 2) % 6:
+    raise ValueError(f"depth={depth} is not accepted: a CIFAR ResNet has 6n + 2 layers "
+                     "(8, 14, 20, 32, 44, 56, 110, ...)")
+  n = (depth - 2) // 6
+  return CifarResNet(stage_sizes=(n, n, n), stage_filters=(16, 32, 64), **kwargs)
+
+
+DEPTHS = (8, 14, 20, 32, 44, 56, 110)
+"""The depths registered as ``resnet<depth>``: He et al.'s CIFAR table (20-110), and 8 and 14,
+the small members of the family (ResNet-8: one block a stage)."""
+ResNet20 = functools.partial(cifar_resnet, 20)
 ResNet18 = functools.partial(CifarResNet, stage_sizes=(2, 2, 2, 2),
                              stage_filters=(64, 128, 256, 512))
 
@@ -113,10 +128,12 @@ ResNet20OptionA = functools.partial(CifarResNet, stage_sizes=(3, 3, 3),
 ResNet18Reference = reference_resnet.ReferenceResNet18
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "resnet20": ResNet20, "resnet18": ResNet18, "resnet18_reference": ResNet18Reference,
+    **{f"resnet{d}": functools.partial(cifar_resnet, d) for d in DEPTHS},
+    "resnet18": ResNet18, "resnet18_reference": ResNet18Reference,
     "resnet20_option_a": ResNet20OptionA}
-"""``resnet20``, ``resnet18``: brjax's CIFAR ResNets (1x1 projection shortcuts, one
-quantized ReLU per call site). ``resnet20_option_a``: He et al.'s CIFAR ResNet-20 with
+"""``resnet20`` (and the other depths of :data:`DEPTHS`, ``resnet8`` ... ``resnet110``),
+``resnet18``: brjax's CIFAR ResNets (1x1 projection shortcuts, one quantized ReLU per call
+site). ``resnet20_option_a``: He et al.'s CIFAR ResNet-20 with
 parameter-free shortcuts (0.27M parameters). ``resnet18_reference``: the reference
 package's layout (``brjax.models.reference_resnet``: shared per-block ReLU, PyTorch padding and
 BatchNorm, PyTorch state_dict names)."""
@@ -218,7 +235,8 @@ def from_run_config(config: Any, num_classes: int, image_size: int | None = None
         per_channel=bool(get("per_channel", False)),
         act_batch_grad_scale=get("act_grad_scale") == "batch", dtype=dtype,
         remat=bool(get("remat", False)), alpha_param=get("alpha_param") or "linear",
-        first_last_bits=get("first_last_bits") or paper_models.FIRST_LAST_BITS)
+        first_last_bits=get("first_last_bits") or paper_models.FIRST_LAST_BITS,
+        act_signs=get("act_signs") or "architecture")
   return create_model(get("model"), bits_w=get("bits_w", quant.FLOAT_BITS),
                       bits_a=get("bits_a", quant.FLOAT_BITS), clip=get("clip"),
                       num_classes=num_classes, width=get("width"), dtype=dtype,

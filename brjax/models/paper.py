@@ -24,6 +24,7 @@ dropout rng), MobileNetV3.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import dataclasses
 import functools
 from typing import Any
 
@@ -201,11 +202,15 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 FIRST_LAST_BITS = 8
 
+ACT_SIGNS = ("architecture", "data")
+"""How :func:`paper_rules` sets the sign of each quantized input: fixed by the architecture
+(what precedes it), or decided from the init batch (``QuantRule(act_signed=None)``)."""
+
 
 def paper_rules(name: str, bits_w: int, bits_a: int, *,
                 first_last_bits: int | None = FIRST_LAST_BITS, per_channel: bool = False,
-                act_batch_grad_scale: bool = False,
-                alpha_param: str = "linear") -> tuple[QuantRule, ...]:
+                act_batch_grad_scale: bool = False, alpha_param: str = "linear",
+                act_signs: str = "architecture") -> tuple[QuantRule, ...]:
   """The quantization of the LSQ / BR papers for one of :data:`MODELS`.
 
   * every convolution's and dense layer's kernel at ``bits_w`` bits (signed), and its input
@@ -214,7 +219,9 @@ def paper_rules(name: str, bits_w: int, bits_a: int, *,
     the others);
   * input signs fixed by the architecture, not decided from data: unsigned after a
     ReLU/ReLU6, signed for the image and for MobileNetV2's linear-bottleneck outputs (the
-    inputs of ``expand`` and ``conv_last``);
+    inputs of ``expand`` and ``conv_last``); with ``act_signs="data"``, every input's sign
+    is decided from the init batch instead (``act_signed=None``: signed iff the batch
+    holds a negative value there), and kept in the ``"quant_state"`` collection;
   * MobileNetV2's depthwise kernels with one step size per channel (the usual choice at
     2-4 bits: their channels have very different ranges); every kernel with
     ``per_channel``;
@@ -223,10 +230,13 @@ def paper_rules(name: str, bits_w: int, bits_a: int, *,
   ``act_batch_grad_scale``, ``alpha_param``: see :class:`QuantRule`.
 
   Raises:
-    ValueError: for an unknown ``name``; bits are checked by :class:`QuantRule`.
+    ValueError: for an unknown ``name`` or ``act_signs``; bits are checked by
+      :class:`QuantRule`.
   """
   if name not in MODELS:
     raise ValueError(f"model={name!r} has no paper rules: use one of {sorted(MODELS)}")
+  if act_signs not in ACT_SIGNS:
+    raise ValueError(f"act_signs={act_signs!r} is not accepted: use one of {ACT_SIGNS}")
   w = None if bits_w == FLOAT_BITS else bits_w
   a = None if bits_a == FLOAT_BITS else bits_a
   if first_last_bits is None:  # like the other layers
@@ -247,6 +257,8 @@ def paper_rules(name: str, bits_w: int, bits_a: int, *,
                         **dict(body, per_channel=w is not None)),
               QuantRule(r"block\d+/expand|conv_last", act_signed=True, **body)]
   rules.append(QuantRule(".*", act_signed=False, **body))
+  if act_signs == "data":
+    return tuple(dataclasses.replace(rule, act_signed=None) for rule in rules)
   return tuple(rules)
 
 
@@ -258,12 +270,14 @@ def create_model(name: str, *, bits_w: int, bits_a: int, num_classes: int, image
                  per_channel: bool = False, act_batch_grad_scale: bool = False,
                  dtype: Any = jnp.float32, remat: bool = False,
                  alpha_param: str = "linear",
-                 first_last_bits: int | None = FIRST_LAST_BITS) -> nn.Module:
+                 first_last_bits: int | None = FIRST_LAST_BITS,
+                 act_signs: str = "architecture") -> nn.Module:
   """One of :data:`MODELS`, quantized by :func:`paper_rules` (plain Flax when float).
 
   ``image_size``: the side of the input images; at most :data:`SMALL_INPUTS` (CIFAR) gives
   the ``small_inputs`` variant. ``remat``: recompute each block's activations in the
-  backward pass (``nn.remat``) instead of keeping them.
+  backward pass (``nn.remat``) instead of keeping them. ``act_signs``: see
+  :func:`paper_rules`.
   """
   if name not in MODELS:
     raise ValueError(f"model={name!r} is not supported: use one of {sorted(MODELS)}")
@@ -274,4 +288,5 @@ def create_model(name: str, *, bits_w: int, bits_a: int, num_classes: int, image
   return quantize_model(model, paper_rules(name, bits_w, bits_a, per_channel=per_channel,
                                            act_batch_grad_scale=act_batch_grad_scale,
                                            alpha_param=alpha_param,
-                                           first_last_bits=first_last_bits))
+                                           first_last_bits=first_last_bits,
+                                           act_signs=act_signs))

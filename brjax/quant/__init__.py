@@ -9,7 +9,11 @@
 * :mod:`brjax.quant.intercept`, :mod:`brjax.quant.passes`, :mod:`brjax.quant.lifted`,
   :mod:`brjax.quant.coverage`, :mod:`brjax.quant.names`: what ``quantize_model`` reaches
   beyond the layer types (any module's products with its parameters, lifted transforms)
-  and what it left float; :mod:`brjax.quant.views`: NNX views.
+  and what it left float; :mod:`brjax.quant.views`: NNX views; :mod:`brjax.quant.nnx_stacks`:
+  NNX layers in ``nnx.scan``/``nnx.vmap`` stacks and under ``nnx.remat``;
+  :mod:`brjax.quant.nnx_coverage`: the products of parameters an NNX model left float.
+* :mod:`brjax.quant.partitioning`: step sizes of boxed (partitioned) parameters, sharded
+  as their kernels; the readers that unbox.
 * :mod:`brjax.quant.sites`: what each quantizer records (no hooks).
 * :mod:`brjax.quant.calibration`: what LSQ's init decides from the init batch, and the
   batches it cannot decide on (all zero, constant, negative at an unsigned input).
@@ -33,6 +37,7 @@ _EXPORTS = {
                      "check_layer_bits", "grad_scale", "init_alpha", "init_alphas",
                      "input_range", "is_alpha_path", "is_weight_alpha_path", "lsq_quantize",
                      "quantize_input", "quantize_kernel", "safe_alpha"), "lsq"),
+    **dict.fromkeys(("box_step_sizes",), "partitioning"),
     **dict.fromkeys(("quantize_model",), "quantize"),
     **dict.fromkeys(("activation_br", "bin_regularization", "br_losses", "weight_br"),
                     "regularizer"),
@@ -63,6 +68,7 @@ if TYPE_CHECKING:  # what static tools see: the eager imports the lazy ones stan
     quantize_kernel,
     safe_alpha,
   )
+  from brjax.quant.partitioning import box_step_sizes
   from brjax.quant.quantize import quantize_model
   from brjax.quant.regularizer import activation_br, bin_regularization, br_losses, weight_br
   from brjax.quant.rules import QuantRule

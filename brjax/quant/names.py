@@ -59,11 +59,18 @@ def is_input_alpha_name(name) -> bool:
   return isinstance(name, str) and _INPUT.fullmatch(name) is not None
 
 
+def weight_name(name) -> str | None:
+  """The name of the weight whose step size is named ``name`` (``kernel`` for ``alpha``,
+  ``<name>`` for ``<name>_alpha``, either in its ``log_*`` form); None for an input's step
+  size or a name that is no step size's."""
+  if not is_alpha_name(name) or is_input_alpha_name(name):
+    return None
+  name = _linear(name)
+  return "kernel" if name == "alpha" else name[:-len("_alpha")]
+
+
 def weight_of(path: tuple, names: set | dict) -> bool:
   """Whether the step size at ``path`` is a weight's: an ``alpha`` beside a ``kernel``, or
   a ``<name>_alpha`` beside a parameter ``<name>``."""
-  if not path or not is_alpha_name(path[-1]) or is_input_alpha_name(path[-1]):
-    return False
-  name = _linear(path[-1])
-  owner = "kernel" if name == "alpha" else name[:-len("_alpha")]
-  return path[:-1] + (owner,) in names
+  owner = weight_name(path[-1]) if path else None
+  return owner is not None and path[:-1] + (owner,) in names

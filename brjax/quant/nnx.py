@@ -56,14 +56,15 @@ nothing on the model. ``brjax.training.optim.param_labels`` labels the NNX param
     optimizer.update(model, grads)
     return loss
 
+Layers stacked by ``nnx.vmap``/``nnx.scan`` (flax's scan-over-layers) get one step size per
+layer (``alpha`` of shape ``(L,)``, each from its own slice), and layers under ``nnx.remat``
+or an inner ``nnx.jit`` are quantized as outside; :func:`record_sites` returns their sites
+stacked along the stack's axes, which BR bins layer by layer (``brjax.quant.nnx_stacks``).
+
 Not supported, with an error rather than a silent skip:
 
-* layers that run inside a JAX/NNX transform in the model's forward (``nnx.scan``- or
-  ``nnx.vmap``-stacked layers, ``nnx.remat``, an inner ``nnx.jit``): the sample forward
-  sees traced values there and :func:`quantize_nnx` raises, naming the layer; a layer
-  called on a copy of itself during :func:`record_sites` raises too. Quantize such models
-  with Linen's ``quantize_model`` (which carries sites through ``nn.scan``), or unroll
-  the stack.
+* layers whose variables a transform broadcasts or carries (``nnx.RNN``'s cell), or maps
+  along an axis that is not leading: the sample forward raises, naming the layer;
 * calling :func:`quantize_nnx` under a transform, without sample inputs, or with sample
   inputs that are tracers, or that LSQ cannot calibrate on (all zero, constant, negative
   at an ``act_signed=False`` input: ``brjax.quant.calibration``; pass a real batch);
@@ -71,23 +72,25 @@ Not supported, with an error rather than a silent skip:
 
 Failures are loud, naming module paths: a rule that matches no quantizable layer (listing
 them), a model in which nothing was quantized, a matched layer that the sample forward
-never called, a model quantized twice. On any failure the model is left as it was.
+never called, a model quantized twice, and (unless ``allow_float_ops``) a product of a
+parameter left float in a module a quantizing rule matches (a custom layer's ``x @ self.w``;
+``left_float`` lists them) or a forward ``jax.make_jaxpr`` cannot trace (``nnx_coverage``).
+On any failure the model is left as it was.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-import contextlib
-import contextvars
-import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from brjax.quant import calibration, sites, step_size, views
+from brjax.quant import calibration, nnx_coverage, nnx_stacks, sites, step_size, views
 from brjax.quant import lsq as quant
+from brjax.quant.nnx_stacks import Init as _Init
+from brjax.quant.nnx_stacks import Recording as _Recording
 from brjax.quant.rules import QuantRule, check_rules, first_match
 
 __all__ = ["QUANTIZABLE", "QuantState", "quantize_nnx", "quantized_layers", "record_sites"]
@@ -99,18 +102,6 @@ _STATIC = ("brjax_rule", "brjax_path")
 """Static (hashable, non-pytree) attributes a quantized layer carries."""
 
 
-@dataclasses.dataclass
-class _Init:
-  """The sample forward of :func:`quantize_nnx`: layers create their step sizes."""
-  called: dict = dataclasses.field(default_factory=dict)  # id -> module
-
-
-@dataclasses.dataclass
-class _Recording:
-  """One :func:`record_sites` call: ``(module, kind, site)`` in call order."""
-  log: list = dataclasses.field(default_factory=list)
-
-
 class QuantState(nnx.Variable):
   """A quantizer's decision kept in the model's state, not trained: the data-decided input
   sign ``input_signed`` (a bool scalar; ``act_signed=None``), as Linen's ``"quant_state"``
@@ -119,16 +110,6 @@ class QuantState(nnx.Variable):
 
 
 _STATE_NAMES = ("input_signed",)
-_MODE: contextvars.ContextVar = contextvars.ContextVar("brjax_nnx_mode", default=None)
-
-
-@contextlib.contextmanager
-def _mode(mode) -> Iterator[Any]:
-  token = _MODE.set(mode)
-  try:
-    yield mode
-  finally:
-    _MODE.reset(token)
 
 
 class _Quantized(nnx.Module):
@@ -143,24 +124,34 @@ class _Quantized(nnx.Module):
   """
 
   def __call__(self, *args, **kwargs):
-    mode = _MODE.get()
-    rule = self.brjax_rule
+    mode = nnx_stacks.current()
+    rule, path = self.brjax_rule, self.brjax_path
+    moved = mode is not None and mode.is_copy(self)  # a transform's copy: nnx_stacks
     if isinstance(mode, _Init):
-      mode.called[id(self)] = self
+      mode.called.add(path)
     if rule.act_bits is not None:
-      args, kwargs = self._brjax_quantize_input(mode, args, kwargs)
+      args, kwargs = self._brjax_quantize_input(mode, moved, args, kwargs)
     if rule.weight_bits is None:
       return super().__call__(*args, **kwargs)
     raw = self.kernel.get_value()
     qn, qp = quant.qrange(rule.weight_bits, signed=True)
     if isinstance(mode, _Init):
-      _check_concrete(raw, self.brjax_path, "kernel")
       axes = _channel_axes(self, raw.ndim, args, kwargs) if rule.per_channel else ()
-      step_size.nnx_create(self, "alpha", rule.alpha_param, lambda: calibration.check_init(
-          self.brjax_path, "kernel", quant.init_alpha(raw, qp, axes), raw))
+      init = lambda: quant.init_alpha(raw, qp, axes)
+      if moved:  # traced: checked per layer after the forward (nnx_stacks.check_init)
+        nnx_stacks.check_stacked(path, mode.shapes.get(path, raw.shape), raw.shape)
+        nnx_stacks.hand_back(self, nnx_stacks.WEIGHT, 0)
+      else:
+        _check_concrete(raw, path, "kernel")
+        init = lambda: calibration.check_init(path, "kernel", quant.init_alpha(raw, qp, axes),
+                                              raw)
+      step_size.nnx_create(self, "alpha", rule.alpha_param, init)
     alpha = self._brjax_step_size("alpha")
     if isinstance(mode, _Recording):
-      mode.log.append((self, sites.WEIGHT, sites.record(raw, alpha, qn, qp)))
+      if moved:
+        nnx_stacks.hand_back(self, nnx_stacks.WEIGHT, 0)
+      else:
+        mode.log.append((self, sites.WEIGHT, sites.record(raw, alpha, qn, qp)))
     self.kernel.set_value(
         quant.lsq_quantize(raw, alpha, qn, qp, quant.grad_scale(raw.size // alpha.size, qp)))
     try:
@@ -178,7 +169,8 @@ class _Quantized(nnx.Module):
                        "again from float)")
     return step_size.value(getattr(self, name).get_value(), form)
 
-  def _brjax_quantize_input(self, mode, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+  def _brjax_quantize_input(self, mode, moved: bool, args: tuple, kwargs: dict
+                            ) -> tuple[tuple, dict]:
     rule, path = self.brjax_rule, self.brjax_path
     if args:
       x, rest = args[0], args[1:]
@@ -191,13 +183,21 @@ class _Quantized(nnx.Module):
       raise ValueError(f"{path}: act_bits={rule.act_bits} quantizes float inputs, but the "
                        f"input is {jnp.result_type(x)}")
     if isinstance(mode, _Init):
-      _check_concrete(x, path, "input")
+      if not moved:
+        _check_concrete(x, path, "input")
       if rule.act_signed is None and not hasattr(self, "input_signed"):
         self.input_signed = QuantState(jnp.any(x < 0))
-      signed = rule.act_signed if rule.act_signed is not None else bool(self.input_signed[...])
-      qp_in = quant.qrange(rule.act_bits, signed)[1]
-      step_size.nnx_create(self, "input_alpha", rule.alpha_param, lambda: calibration.check_init(
-          path, "input", quant.init_alpha(x, qp_in), x, rule.act_signed))
+      if rule.act_signed is None and moved:  # the copy's own traced sign, per layer
+        qp_in = calibration.decided_range(rule.act_bits, self.input_signed[...])[1]
+      else:
+        signed = rule.act_signed if rule.act_signed is not None else bool(self.input_signed[...])
+        qp_in = quant.qrange(rule.act_bits, signed)[1]
+      init = lambda: calibration.check_init(path, "input", quant.init_alpha(x, qp_in), x,
+                                            rule.act_signed)
+      if moved and not hasattr(self, step_size.param_name("input_alpha", rule.alpha_param)):
+        nnx_stacks.hand_back(self, nnx_stacks.CALIB, jnp.stack([jnp.min(x), jnp.max(x)]))
+        init = lambda: quant.init_alpha(x, qp_in)  # checked after the forward
+      step_size.nnx_create(self, "input_alpha", rule.alpha_param, init)
     alpha = self._brjax_step_size("input_alpha")
     if rule.act_signed is not None:
       qn, qp = quant.qrange(rule.act_bits, rule.act_signed)
@@ -206,7 +206,9 @@ class _Quantized(nnx.Module):
       qn, qp = calibration.decided_range(rule.act_bits, self._brjax_step_size("input_signed"))
       qn_any, qp_any = quant.qrange(rule.act_bits, signed=True)  # the levels of either sign
       site = sites.Site(values=x, alpha=alpha, qn=qn, levels=qp_any - qn_any + 1, ndim=x.ndim)
-    if isinstance(mode, _Recording):
+    if isinstance(mode, _Recording) and moved:
+      nnx_stacks.hand_back(self, nnx_stacks.INPUT, x)
+    elif isinstance(mode, _Recording):
       mode.log.append((self, sites.INPUT, site))
     n = x.size if rule.act_batch_grad_scale else x[0].size
     q = quant.lsq_quantize(x, alpha, qn, qp, quant.grad_scale(n, qp))
@@ -231,10 +233,8 @@ def _quantized_class(cls: type) -> type:
 def _check_concrete(x: Any, path: str, what: str) -> None:
   if isinstance(x, jax.core.Tracer):
     raise ValueError(
-        f"{path}: its {what} is traced during quantize_nnx's sample forward: the layer runs "
-        "inside a transform (nnx.scan/nnx.vmap-stacked layers, nnx.remat, an inner "
-        "nnx.jit), which brjax.quant.nnx does not support, or quantize_nnx itself runs under "
-        "jit/grad; call it eagerly on a model whose layers run untransformed")
+        f"{path}: its {what} is traced in quantize_nnx's sample forward, which runs under "
+        "jit/grad: call quantize_nnx eagerly")
 
 
 def _channel_axes(module: Any, ndim: int, args: tuple, kwargs: dict) -> tuple[int, ...]:
@@ -259,7 +259,7 @@ def quantized_layers(model: nnx.Module) -> dict[str, QuantRule]:
 
 
 def quantize_nnx(model: nnx.Module, rules: QuantRule | Sequence[QuantRule], *sample_inputs,
-                 **sample_kwargs) -> nnx.Module:
+                 allow_float_ops: bool = False, **sample_kwargs) -> nnx.Module:
   """Quantizes an NNX model in place by ``rules`` and initializes its step sizes.
 
   Args:
@@ -268,6 +268,8 @@ def quantize_nnx(model: nnx.Module, rules: QuantRule | Sequence[QuantRule], *sam
       ``module_path`` fully matches a layer's path decides how it is quantized.
     *sample_inputs: the arguments of one ``model(...)`` call on real data (concrete
       arrays, e.g. the first training batch): the step sizes are initialized from it.
+    allow_float_ops: accept products of parameters left float in modules a quantizing rule
+      matches (``brjax.quant.left_float`` lists them), and a forward make_jaxpr cannot trace.
     **sample_kwargs: keyword arguments of that call (e.g. ``train=True``).
 
   Returns:
@@ -279,8 +281,9 @@ def quantize_nnx(model: nnx.Module, rules: QuantRule | Sequence[QuantRule], *sam
   Raises:
     TypeError / ValueError: bad rules; ``model`` not an NNX module, or already quantized;
       a rule that matches no quantizable layer; nothing quantized; sample inputs that are
-      tracers, or a layer that sees traced values in the sample forward (a transform); a
-      matched layer that the sample forward never called. The model is unchanged then.
+      tracers (or quantize_nnx under jit); a layer in a transform brjax does not support
+      (``brjax.quant.nnx_stacks``); a matched layer the sample forward never called; products
+      left float or an untraceable forward, unless ``allow_float_ops``. The model is unchanged.
   """
   rules = check_rules(rules)
   if not isinstance(model, nnx.Module):
@@ -345,16 +348,18 @@ def quantize_nnx(model: nnx.Module, rules: QuantRule | Sequence[QuantRule], *sam
       object.__setattr__(module, "__class__", _quantized_class(type(module)))
       module.brjax_rule = rule
       module.brjax_path = path or "<root>"
-    with _mode(_Init()) as init:
-      model(*sample_inputs, **sample_kwargs)
+    init = nnx_stacks.sample_forward(model, _Quantized, *sample_inputs, **sample_kwargs)
     _restore(model, snapshot, before, swapped, keep_step_sizes=True)
-    never = [path or "<root>" for path, module, _ in plan if id(module) not in init.called]
+    never = [path or "<root>" for path, module, _ in plan
+             if module.brjax_path not in init.called]
     if never:
       raise ValueError(
           f"quantize_nnx: {', '.join(never[:5])}{' ...' if len(never) > 5 else ''} matched "
           "a rule but the sample forward never called it, so its step sizes cannot be "
           "initialized: pass sample inputs (and keyword arguments) that run every "
           "quantized layer, or narrow the rules")
+    model.brjax_left_float = nnx_coverage.check(model, _Quantized, rules, allow_float_ops,
+                                                sample_inputs, sample_kwargs)
   except BaseException:
     _restore(model, snapshot, before, swapped, keep_step_sizes=False)
     raise
@@ -401,25 +406,20 @@ def record_sites(model: nnx.Module, *args, **kwargs) -> tuple[Any, dict]:
     ``brjax.quant.regularizer`` and ``brjax.quant.metrics`` read as the ``"quant"`` collection,
     ``{path part: ... {"weight": (Site,), "input": (Site, ...)}}``: one ``"weight"``
     record per quantized kernel (its last call's) and one ``"input"`` record per call of a
-    layer whose input is quantized, in call order. Nothing is stored on the model.
+    layer whose input is quantized, in call order; those of a layer stacked by
+    ``nnx.scan``/``nnx.vmap`` lead with the stack's axes (``brjax.quant.nnx_stacks``).
+    Nothing is stored on the model.
 
   Raises:
-    ValueError: if a quantized layer ran on an object that is not one of ``model``'s
-      modules (a copy made by a transform inside the model's forward).
+    ValueError: ``model`` has no quantized layer, or is a view made before quantizing
+      (``brjax.quant.views``); a quantized layer ran that is not one of ``model``'s.
   """
   paths = views.checked_paths(model, _Quantized)  # none, or a stale nnx.view: an error
-  with _mode(_Recording()) as recording:
-    out = model(*args, **kwargs)
+  out, log = nnx_stacks.record(model, _Quantized, frozenset(paths), *args, **kwargs)
   collection: dict = {}
-  for module, kind, site in recording.log:
-    parts = paths.get(id(module))
-    if parts is None:
-      raise ValueError(
-          f"{module.brjax_path}: a quantized layer ran on an object that is not one of the "
-          "recorded model's modules (a copy made by nnx.scan/nnx.vmap/nnx.remat inside the "
-          "forward, or another model): brjax.quant.nnx does not record sites through transforms")
+  for module, kind, site in log:
     node = collection
-    for part in parts:
+    for part in paths[id(module)]:
       node = node.setdefault(str(part), {})
     node[kind] = (site,) if kind == sites.WEIGHT else node.get(kind, ()) + (site,)
   return out, collection

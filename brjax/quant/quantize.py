@@ -15,7 +15,8 @@ In any other module a quantizing rule matches, every product of a parameter
 (``brjax.quant.intercept``, run by ``brjax.quant.passes``), and what could not be is reported
 (``brjax.quant.coverage``); lifted transforms need no edits (``brjax.quant.lifted``).
 
-Parameter paths are unchanged; the step sizes are added beside the kernels. Each quantizer
+Parameter paths are unchanged; the step sizes are added beside the kernels (boxed with a
+partitioning in a model whose parameters are boxed: ``brjax.quant.partitioning``). Each quantizer
 records a site (see ``brjax.quant.sites``) for Bin Regularization and metrics when ``"quant"`` is
 mutable. For NNX models, see ``brjax.quant.nnx``.
 
@@ -42,7 +43,7 @@ from flax.core.scope import in_filter
 import flax.linen as nn
 import jax
 
-from brjax.quant import calibration, intercept, lifted, names, passes, sites
+from brjax.quant import calibration, intercept, lifted, names, partitioning, passes, sites
 from brjax.quant import lsq as quant
 from brjax.quant.rules import QuantRule, check_rules, first_match
 from brjax.quant.step_size import param_name
@@ -63,9 +64,9 @@ def quantize_model(model: Any, rules: QuantRule | Sequence[QuantRule], *sample_i
       module path decides how it is quantized.
     *sample_inputs: NNX only: inputs of one call (a real batch: step sizes are
       initialized from it the LSQ way).
-    allow_float_ops: Linen: accept operations that multiply a parameter in a module a
-      quantizing rule matches but stay float (``brjax.quant.coverage``); by default they
-      are an error at ``init``/``apply`` that lists them.
+    allow_float_ops: accept operations that multiply a parameter in a module a quantizing
+      rule matches but stay float (``brjax.quant.coverage``); by default they are an error
+      that lists them, at ``init``/``apply`` (Linen) or here (NNX).
     **sample_kwargs: NNX only: keyword arguments of that call (e.g. ``train=True``).
 
   Returns:
@@ -82,7 +83,8 @@ def quantize_model(model: Any, rules: QuantRule | Sequence[QuantRule], *sample_i
   from flax import nnx  # pylint: disable=g-import-not-at-top
   if isinstance(model, nnx.Module):
     from brjax.quant import nnx as brjax_nnx  # pylint: disable=g-import-not-at-top
-    return brjax_nnx.quantize_nnx(model, rules, *sample_inputs, **sample_kwargs)
+    return brjax_nnx.quantize_nnx(model, rules, *sample_inputs,
+                                  allow_float_ops=allow_float_ops, **sample_kwargs)
   if not isinstance(model, nn.Module):
     raise TypeError(f"quantize_model takes a flax.linen or flax.nnx Module, not a "
                     f"{type(model).__name__}")
@@ -114,7 +116,7 @@ def _quantized_class(cls: type, rules: tuple[QuantRule, ...], allow_float_ops: b
     variables = passes.calibrate(rules, make_log, functools.partial(cls.apply, self),
                                  out[1], log, rngs, args, kwargs)
     log.check(variables=None, returned=variables, recording=False)  # init records no site
-    return out[0], variables
+    return out[0], partitioning.box_step_sizes(variables)
 
   def apply(self, variables, *args, **kwargs):
     out, log = passes.run(rules, make_log, functools.partial(cls.apply, self, variables),

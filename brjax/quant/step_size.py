@@ -47,7 +47,7 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
-from brjax.quant import names
+from brjax.quant import names, partitioning
 
 ALPHA_PARAMS = ("linear", "log")
 """The step-size parametrizations: ``alpha`` itself, or ``theta = log(alpha)``."""
@@ -154,19 +154,21 @@ def step_size(params: Mapping[str, Any], name: str = "alpha") -> jax.Array:
 
   ``params`` is one layer's parameter dict (``{"kernel": ..., "alpha": ...}`` or
   ``{"kernel": ..., "log_alpha": ...}``): ``params[name]`` if stored linearly, else
-  ``exp(params["log_" + name])``. KeyError naming both when neither is there.
+  ``exp(params["log_" + name])``, unboxed (``brjax.quant.partitioning``). KeyError naming
+  both when neither is there.
   """
   if name in params:
-    return params[name]
+    return partitioning.unbox(params[name])
   log = _TO_LOG[name]
   if log in params:
-    return jnp.exp(jnp.asarray(params[log]))
+    return jnp.exp(jnp.asarray(partitioning.unbox(params[log])))
   raise KeyError(f"no step size {name!r} (or {log!r}) among {sorted(map(str, params))}")
 
 
 def alpha_of(path: tuple, stored_value: Any) -> Any:
   """The step size the parameter at ``path`` (a flattened path) holds: ``exp`` of it for a
-  ``log_*`` name, else the value itself."""
+  ``log_*`` name, else the value itself (unboxed)."""
+  stored_value = partitioning.unbox(stored_value)
   return jnp.exp(jnp.asarray(stored_value)) if path and is_log_name(path[-1]) else stored_value
 
 
@@ -175,12 +177,16 @@ def linear_params(params: Any) -> Any:
   ``log_input_alpha`` replaced by ``alpha = exp(theta)`` under ``alpha`` / ``input_alpha``.
 
   ``params``: a nested mapping (a Linen ``params`` dict or FrozenDict) or a flat dict of
-  tuple paths; the result is a new dict of the same form (unchanged if nothing is ``log``).
+  tuple paths; the result is a new dict of the same form (unchanged if nothing is ``log``
+  or boxed; boxed parameters come back unboxed, ``brjax.quant.partitioning``).
   """
   if not params:
     return params
   flat_given = all(isinstance(k, tuple) for k in params)
   flat = dict(params) if flat_given else traverse_util.flatten_dict(dict(params))
+  if any(partitioning.is_boxed(v) for v in flat.values()):
+    flat = {p: partitioning.unbox(v) for p, v in flat.items()}
+    params = flat if flat_given else traverse_util.unflatten_dict(flat)
   if not any(is_log_name(p[-1]) for p in flat):
     return params
   out = {(p[:-1] + (linear_name(p[-1]),) if is_log_name(p[-1]) else p):
@@ -233,7 +239,8 @@ def init_alphas(model: Any, variables: Any, *args, rng: jax.Array | None = None,
   BatchNorm statistics mean nothing yet) or in eval mode (``train=False``: after loading
   trained float weights). Every collection is mutable during the pass, and everything but
   the new step sizes is discarded: BatchNorm statistics, sown values and other state come
-  back as they went in.
+  back as they went in. In a model whose parameters are boxed, the new step sizes are
+  boxed as ``quantize_model``'s init boxes them (``brjax.quant.partitioning``).
 
   Args:
     model: a Flax module built from the layers above.
@@ -259,4 +266,4 @@ def init_alphas(model: Any, variables: Any, *args, rng: jax.Array | None = None,
       {**others, "params": traverse_util.unflatten_dict(kept)}, *args,
       rngs=rngs, mutable=True, **apply_kwargs)
   signs = {state: updated[state]} if updated.get(state) else {}
-  return {**others, "params": updated["params"], **signs}
+  return partitioning.box_step_sizes({**others, "params": updated["params"], **signs})

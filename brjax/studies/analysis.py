@@ -141,7 +141,7 @@ def load_run(workdir: str, flag: str, records: list[dict], data_dir: str | None,
   model_key = (config["model"], config["bits_w"], config["bits_a"], config.get("clip"),
                num_classes, config.get("width"), config.get("per_channel"),
                config.get("alpha_param"), config.get("first_last_bits"),
-               batch["image"].shape[1])
+               config.get("act_signs"), batch["image"].shape[1])
   if model_key not in cache:
     model = models.from_run_config(config, num_classes, batch["image"].shape[1])
     order: list[str] = []

@@ -7,7 +7,8 @@ that ran them); before, from a float run's epoch times (the study's ``--pretrain
 metrics.jsonl has them, else the shipped baseline's) times the cost of a quantized step
 over a float step (:data:`STEP_COST`), for the machine that float run was trained on. The
 evaluation of each epoch is counted at the measured run's share (exact for the same
-training set size, low for a subset).
+training set size, low for a subset). A study of another model than the one those step
+costs were measured on, or estimated from another model's float run, says so in its plan.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ STEP_COST = {"lsq": 0.95, "br": 1.12}
 scripts/benchmark.py on this project's 2-core CPU (README, Performance): LSQ alone (the
 warmup, and the BR phase of a config with both lambdas 0) and LSQ + W-BR + A-BR (every
 other BR phase: an upper bound for W-BR alone)."""
+STEP_COST_MODEL = "resnet20"
+"""The model :data:`STEP_COST` was measured on (every layer at 2 bits)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +39,7 @@ class EpochTime:
   epoch_seconds: float  # its median epoch
   images: int  # its training images per epoch
   source: str  # its workdir, as given
+  model: str | None = None  # its --model, if its checkpoint records it
 
 
 def epoch_time(pretrained: str | None, root: str = study.REPO) -> EpochTime | None:
@@ -45,7 +49,8 @@ def epoch_time(pretrained: str | None, root: str = study.REPO) -> EpochTime | No
     path = os.path.join(root, source)
     try:
       records = history.read_history(path, missing_ok=True)
-      batch = history.read_checkpoint_meta(path, "best").get("config", {}).get("batch_size")
+      config = history.read_checkpoint_meta(path, "best").get("config", {})
+      batch = config.get("batch_size")
     except (OSError, ValueError):
       continue
     times = [r["epoch_time_s"] for r in records if r.get("epoch_time_s")]
@@ -53,7 +58,7 @@ def epoch_time(pretrained: str | None, root: str = study.REPO) -> EpochTime | No
       continue
     images = records[-1]["step"] // records[-1]["epoch"] * batch
     median = statistics.median(times)
-    return EpochTime(median / images, median, images, source)
+    return EpochTime(median / images, median, images, source, config.get("model"))
   return None
 
 
@@ -67,12 +72,17 @@ class Pace:
   source: str
 
 
-def float_pace(per: EpochTime) -> Pace:
-  """The pace of quantized epochs estimated from a float run's: times :data:`STEP_COST`."""
+def float_pace(per: EpochTime, model: str = STEP_COST_MODEL) -> Pace:
+  """The pace of ``model``'s quantized epochs estimated from a float run's: times
+  :data:`STEP_COST`. Its words say when that run, or :data:`STEP_COST`, is another model's."""
+  others = ([f"that float run is a {per.model}"] if per.model not in (None, model) else []) + (
+      [f"the step costs are W2A2 {STEP_COST_MODEL}'s"] if model != STEP_COST_MODEL else [])
+  based = (f"; this study trains {model}, but {' and '.join(others)}: its times are not "
+           f"measured for {model}" if others else "")
   return Pace(STEP_COST["lsq"] * per.seconds_per_image, STEP_COST["br"] * per.seconds_per_image,
               per.images, f"times estimated from {per.source} ({per.epoch_seconds:.0f} s per "
               f"float epoch of {per.images} images; a step costs {STEP_COST['lsq']}x float "
-              f"with LSQ alone, {STEP_COST['br']}x with BR)")
+              f"with LSQ alone, {STEP_COST['br']}x with BR{based})")
 
 
 def _has_br(config: Config) -> bool:
@@ -157,7 +167,8 @@ def dry_run(study_dir: str, flags: dict, share_warmup: bool = True,
   runs = study.select(every, only)
   study.check_study_file(study_dir, flags)
   per = epoch_time(flags["pretrained"])
-  pace = study_pace(every) or (None if per is None else float_pace(per))
+  model = flags.get("model", study.STUDY_DEFAULTS["model"])
+  pace = study_pace(every) or (None if per is None else float_pace(per, model))
   estimate = (lambda config, first, last: None) if pace is None else (
       lambda config, first, last: run_seconds(config, first, last, pace))
   lines, total, started = [], 0.0, set()

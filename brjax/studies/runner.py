@@ -218,7 +218,8 @@ def build_result(run: study.Run, wall_time_s: float, resumed_from: int | None, d
       "lambda_w": config.lambda_w, "lambda_a": config.lambda_a,
       "br_flags": {k: v for k, v in dataclasses.asdict(config).items()
                    if k in BR_PHASE_FIELDS},
-      "bits_w": config.bits_w, "bits_a": config.bits_a,
+      "model": config.model, "bits_w": config.bits_w, "bits_a": config.bits_a,
+      "first_last_bits": config.first_last_bits,
       "command": run.command(), "workdir": run.workdir,
       "warmup_source": warmup_source(run),
       "epochs": config.epochs, "warmup_epochs": config.warmup_epochs, **outcome,

@@ -208,7 +208,7 @@ def trace(workdir: str, *, epoch: int | None = None, steps: int = 100, every: in
   check_overrides_act(phase, overrides or {})
   abr_sites = None
   if phase == BR and traced.lambda_a > 0:
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    variables = state.variables()
     abr_sites = select_abr_sites(traced, activation_sites(
         model, variables, jnp.asarray(next(streaming.train_batches(
             ds, config.batch_size, seed=config.seed, epoch=start + 1))["image"])))

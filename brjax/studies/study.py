@@ -3,8 +3,10 @@
 ``scripts/experiments.py`` plans a study here and runs it with ``brjax.studies.runner``;
 ``brjax.studies.plan`` says the plan in words (``--dry_run``).
 
-A study trains ResNet-20 at W<bits>A<bits> under each config of :data:`CONFIGS` for each
-seed, with the same warmup and BR epochs for all (:data:`PRESETS` names whole studies).
+A study trains one model (``--model``, default ResNet-20) at W<bits>A<bits> (with
+``--first_last_bits``, its first conv and last FC at their own bits) under each config of
+:data:`CONFIGS` for each seed, with the same warmup and BR epochs for all (:data:`PRESETS`
+names whole studies).
 Layout of its ``study_dir``::
 
     study.json              the study's flags; a later run with other flags is refused
@@ -45,7 +47,7 @@ import shlex
 from typing import Any
 
 from brjax.training import history
-from brjax.training.config import BR_PHASE_FIELDS, Config
+from brjax.training.config import BR_PHASE_FIELDS, MODELS, Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 """The repository root: every run executes there, and recorded paths are relative to it."""
@@ -70,10 +72,12 @@ seed share one warmup."""
 DEFAULT_CONFIGS = ("lsq", "lsq_br", "w_br")
 
 STUDY_FLAGS = ("bits", "seeds", "configs", "warmup_epochs", "epochs", "lr", "batch_size",
-               "train_examples", "test_examples", "pretrained", "data_dir", "recipe")
+               "train_examples", "test_examples", "pretrained", "data_dir", "recipe", "model",
+               "first_last_bits")
 """The flags stored in study.json: a study continues only with the same values."""
-STUDY_DEFAULTS = {"recipe": "brjax"}
-"""The value a flag had in a study.json written before the flag existed."""
+STUDY_DEFAULTS = {"recipe": "brjax", "model": "resnet20", "first_last_bits": None}
+"""The value a flag had in a study.json written before the flag existed (every study before
+``--model`` trained ResNet-20 with every layer at ``--bits``)."""
 BASELINE = os.path.join("checkpoints", "resnet20_float_cifar10")
 """The shipped float baseline, relative to the repository root."""
 
@@ -81,7 +85,7 @@ PRESETS = {
     "evidence": {
         "configs": ["lsq", "lsq_br", "w_br", "lsq_br_small", "lsq_br_frozen",
                     "lsq_br_gscaled", "lsq_br_noclip"],
-        "seeds": [0, 1, 2], "bits": 2, "recipe": "reference", "lr": 0.01,
+        "seeds": [0, 1, 2], "bits": 2, "recipe": "reference", "lr": 0.01, "model": "resnet20",
         "warmup_epochs": 5, "epochs": 20, "batch_size": 128, "train_examples": 0,
         "test_examples": 0, "pretrained": os.path.join(REPO, BASELINE)},
 }
@@ -261,12 +265,16 @@ def check_study(values: Mapping[str, Any]) -> dict:
       comma-separated flags give them.
 
   Raises:
-    StudyError: a bit width outside 2..8, or seeds / configs that are not distinct known
-      values (the other flags are checked by :func:`plan`).
+    StudyError: a bit width outside 2..8, a model scripts/train.py does not train, or seeds /
+      configs that are not distinct known values (the other flags are checked by
+      :func:`plan`).
   """
   if not 2 <= values["bits"] <= 8:
     raise StudyError(f"--bits={values['bits']} is not accepted: use an integer in 2..8 (the "
                      "study compares quantized training)")
+  model = values.get("model", STUDY_DEFAULTS["model"])
+  if model not in MODELS:
+    raise StudyError(f"--model={model} is not accepted: use one of {', '.join(MODELS)}")
   seeds = _parse_list(values["seeds"], "seeds", int,
                       "use distinct comma-separated integers, e.g. --seeds=0,1,2")
   configs = _parse_list(values["configs"], "configs", _known_config,
@@ -350,7 +358,8 @@ def warmups(runs: list[Run]) -> list[Warmup]:
 def _plan_run(study_dir: str, study: dict, name: str, seed: int) -> Run:
   try:
     config = Config(
-        bits_w=study["bits"], bits_a=study["bits"], **CONFIGS[name][1],
+        model=study.get("model", STUDY_DEFAULTS["model"]), bits_w=study["bits"],
+        bits_a=study["bits"], first_last_bits=study.get("first_last_bits"), **CONFIGS[name][1],
         recipe=study.get("recipe", STUDY_DEFAULTS["recipe"]),
         warmup_epochs=study["warmup_epochs"], epochs=study["epochs"], lr=study["lr"],
         batch_size=study["batch_size"], seed=seed, data_dir=study["data_dir"],

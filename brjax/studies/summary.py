@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import statistics
 from typing import Any
 
+from brjax.studies.study import STUDY_DEFAULTS
 from brjax.training import history
 
 
@@ -173,6 +175,46 @@ def _acc(value) -> str:
   return "n/a" if value is None else f"{value:.2f}"
 
 
+MODEL_NAMES = {"resnet20_option_a": "ResNet-20 (option A shortcuts)",
+               "resnet18_reference": "ResNet-18 (the reference package's layout)",
+               "resnet18_imagenet": "ResNet-18 (ImageNet)", "mobilenet_v2": "MobileNetV2"}
+"""The names of the models whose ``--model`` is not ``resnet<depth>``."""
+
+
+def model_name(model: str) -> str:
+  """``resnet8`` -> ``ResNet-8``; the others by :data:`MODEL_NAMES`, else as given."""
+  depth = re.fullmatch(r"resnet(\d+)", model)
+  return f"ResNet-{depth[1]}" if depth else MODEL_NAMES.get(model, model)
+
+
+def _first_last(first_last_bits: int | None) -> str:
+  return ("" if first_last_bits is None else "first conv and last FC float"
+          if first_last_bits == 32 else f"first conv and last FC at {first_last_bits} bits")
+
+
+def setting(study: dict) -> str:
+  """The model and its layers' bit widths, e.g. ``ResNet-8 W2A2 (first conv and last FC at
+  8 bits)``; a study.json written before ``--model`` is ResNet-20, every layer at ``--bits``."""
+  study = {**STUDY_DEFAULTS, **study}
+  bits, first_last = study["bits"], _first_last(study["first_last_bits"])
+  return (f"{model_name(study['model'])} W{bits}A{bits}"
+          + (f" ({first_last})" if first_last else ""))
+
+
+def _layers(study: dict) -> str:
+  """The setup line's opening on the model and its layers, for a study other than the
+  ResNet-20 with every layer at ``--bits`` that every study before ``--model`` was (whose
+  line stays as it was)."""
+  model, first_last_bits = study.get("model", STUDY_DEFAULTS["model"]), study.get(
+      "first_last_bits")
+  if model == STUDY_DEFAULTS["model"] and first_last_bits is None:
+    return ""
+  layers = (f"every layer at {study['bits']} bits" if first_last_bits is None else
+            f"the {_first_last(first_last_bits)} (--first_last_bits={first_last_bits}), "
+            f"every other layer at {study['bits']} bits")
+  return f"{model_name(model)} (--model={model}), {layers}; "
+
+
 def _setup_lines(study: dict | None) -> list[str]:
   """The title and the one-paragraph setup of the study (its flags), or a bare title."""
   if study is None:
@@ -183,11 +225,12 @@ def _setup_lines(study: dict | None) -> list[str]:
       data += f", first {study[f'{split}_examples']} {split} images"
   recipe = study.get("recipe", "brjax")
   recipe = "" if recipe == "brjax" else f"{recipe} recipe, "
-  setup = (f"{study['epochs']} epochs ({study['warmup_epochs']} LSQ warmup, then BR), "
+  setup = (f"{_layers(study)}{study['epochs']} epochs ({study['warmup_epochs']} LSQ warmup, "
+           "then BR), "
            f"{recipe}lr {study['lr']:g}, batch {study['batch_size']}, seeds "
            f"{','.join(map(str, study['seeds']))}; data: {data}; from "
            f"{study['pretrained'] or 'scratch'}.")
-  return [f"# LSQ vs LSQ+BR: ResNet-20 W{study['bits']}A{study['bits']}", "", setup, ""]
+  return [f"# LSQ vs LSQ+BR: {setting(study)}", "", setup, ""]
 
 
 def _diverged(c: dict) -> str:

@@ -8,7 +8,10 @@ Layout of a workdir::
     <workdir>/checkpoints/steps/<step>/     the newest mid-epoch save (global step), if it is
                                             newer than the latest epoch
 
-Each checkpoint holds the training state as a plain state dict (``state``) and a JSON
+Each checkpoint holds the training state as a plain state dict (``state``: parameters
+unboxed, ``brjax.quant.partitioning``, so a model with boxed parameters saves the arrays a
+plain one does, and a restore into a boxed state boxes them again; an empty
+``quant_state`` is not written, see :data:`OPTIONAL`) and a JSON
 ``meta`` with the epoch, the run's config and the best test accuracy so far; a mid-epoch one
 also holds the epoch's per-step metrics so far (``partial``) and, in its meta, the input's
 position (``meta["input"]``). Saves are asynchronous (orbax writes in a background thread
@@ -30,6 +33,7 @@ from flax import serialization
 import jax
 import orbax.checkpoint as ocp
 
+from brjax.quant import partitioning
 from brjax.quant.bits import FLOAT_BITS
 from brjax.training import config as config_lib
 from brjax.training.config import Config
@@ -37,8 +41,24 @@ from brjax.training.config import Config
 # Flags that may differ between a run and the run it resumes.
 RESUMABLE_CHANGES = frozenset({"pretrained", "data_dir", "data_workers"})
 QUANTIZATION_FIELDS = config_lib.BR_PHASE_FIELDS | {"alpha_param", "alpha_lr_scale",
-                                                    "alpha_weight_decay"}
+                                                    "alpha_weight_decay", "act_signs"}
 """Fields a float run does not read: its resume ignores them."""
+
+
+OPTIONAL = ("quant_state",)
+"""Top-level entries of a state that a checkpoint holds only when they are not empty: the
+input signs a model decides from data (``brjax.quant.lsq.STATE``), which most models lack
+and checkpoints written before they were saved lack too; such a checkpoint restores them
+empty."""
+
+
+def _saved(state: Any) -> Any:
+  """What a checkpoint holds of ``state``: its state dict, unboxed, without the empty
+  :data:`OPTIONAL` entries."""
+  tree = serialization.to_state_dict(partitioning.unbox(state))
+  if isinstance(tree, dict):
+    tree = {k: v for k, v in tree.items() if k not in OPTIONAL or v}
+  return tree
 
 
 class CheckpointError(ValueError):
@@ -163,7 +183,7 @@ class RunCheckpoints:
     """Saves ``state`` (any Flax-serializable pytree) as the latest, and as best if so; the
     mid-epoch saves it makes obsolete are deleted."""
     self.wait()
-    args = ocp.args.Composite(state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+    args = ocp.args.Composite(state=ocp.args.StandardSave(_saved(state)),
                               meta=ocp.args.JsonSave(meta))
     self.latest.save(epoch, args=args)
     if is_best:
@@ -177,7 +197,7 @@ class RunCheckpoints:
     ``"input"``, the input pipeline's position)."""
     self.wait()
     self.steps.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+        state=ocp.args.StandardSave(_saved(state)),
         partial=ocp.args.StandardSave(partial), meta=ocp.args.JsonSave(meta)))
 
   def latest_step_meta(self) -> tuple[int | None, dict]:
@@ -260,7 +280,7 @@ def _restore(manager: ocp.CheckpointManager, epoch: int, target: Any | None,
   meta = _read_meta(manager, epoch)
   if config is not None:
     check_compatible(meta.get("config", {}), config, _describe(manager, epoch))
-  state_dict = None if target is None else serialization.to_state_dict(target)
+  state_dict = None if target is None else _saved(target)
   abstract = None if state_dict is None else jax.tree.map(ocp.utils.to_shape_dtype_struct,
                                                           state_dict)
   try:
@@ -273,7 +293,11 @@ def _restore(manager: ocp.CheckpointManager, epoch: int, target: Any | None,
   restored = jax.device_get(restored)
   if target is None:
     return restored, meta
-  return serialization.from_state_dict(target, restored), meta
+  plain = partitioning.unbox(target)
+  full = serialization.to_state_dict(plain)
+  if isinstance(full, dict):  # the empty optional entries the checkpoint does not hold
+    restored = {**{k: full[k] for k in OPTIONAL if k in full}, **restored}
+  return partitioning.rebox(target, serialization.from_state_dict(plain, restored)), meta
 
 
 def _read_meta(manager: ocp.CheckpointManager, epoch: int) -> dict:
@@ -327,12 +351,14 @@ def restore_pretrained(path: str, prefer: str = "best") -> tuple[dict, dict]:
       ``"latest"`` (the end of training; the best if there is none).
 
   Returns:
-    ``(variables, meta)`` with ``variables = {"params": ..., "batch_stats": ...}`` as
-    numpy arrays, and the run's meta (its config and epoch).
+    ``(variables, meta)`` with ``variables = {"params": ..., "batch_stats": ...}`` (and
+    ``"quant_state"``, the input signs, for a model that decided them from data) as numpy
+    arrays, and the run's meta (its config and epoch).
   """
   with _pretrained_manager(path, prefer) as (manager, epoch, _):
     state, meta = _restore(manager, epoch, None, None)
-  return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}, meta
+  signs = {k: state[k] for k in OPTIONAL if state.get(k)}
+  return {"params": state["params"], "batch_stats": state.get("batch_stats", {}), **signs}, meta
 
 
 def which(path: str, prefer: str = "best") -> tuple[str, int]:

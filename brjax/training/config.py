@@ -14,9 +14,12 @@ import re
 from brjax.quant.bits import FLOAT_BITS
 from brjax.training import recipes
 
-CIFAR_MODELS = ("resnet18", "resnet20", "resnet18_reference", "resnet20_option_a")
+CIFAR_RESNET_DEPTHS = (8, 14, 20, 32, 44, 56, 110)  # brjax.models.cifar.DEPTHS, without JAX
+CIFAR_MODELS = (*(f"resnet{d}" for d in CIFAR_RESNET_DEPTHS), "resnet18", "resnet18_reference",
+                "resnet20_option_a")
 PAPER_MODELS = ("resnet18_imagenet", "resnet50", "mobilenet_v2")  # brjax.models.paper
 MODELS = CIFAR_MODELS + PAPER_MODELS
+ACT_SIGNS = ("architecture", "data")  # brjax.models.paper.ACT_SIGNS
 PRETRAINED_SUFFIXES = (".pth", ".pt")
 DTYPES = ("float32", "bfloat16")  # computation dtypes; parameters stay float32
 INPUT_MODES = ("auto", "memory", "streaming")  # brjax.data.streaming.INPUT_MODES
@@ -54,6 +57,7 @@ class Config:
   per_channel: bool = False
   dtype: str = "float32"
   remat: bool = False
+  act_signs: str = "architecture"
   # Bin Regularization and step-size control.
   lambda_w: float = 1.0
   lambda_a: float = 1.0
@@ -163,6 +167,11 @@ class Config:
     _check(not self.per_channel or self.bits_w != FLOAT_BITS, "per_channel", self.per_channel,
            f"one step size per output channel needs quantized weights (--bits_w={FLOAT_BITS} "
            "keeps them float)")
+    _check(self.act_signs in ACT_SIGNS and (self.act_signs == "architecture" or (
+        self.model in PAPER_MODELS and 2 <= self.bits_a <= 8)),
+           "act_signs", self.act_signs, "use architecture, or data with one of "
+           f"{', '.join(PAPER_MODELS)} and --bits_a in 2..8 (the CIFAR ResNets quantize "
+           "ReLU outputs, unsigned; a 1-bit input needs a fixed sign)")
     if self.clip is not None:
       _check(_is_finite(self.clip) and self.clip > 0 and self.model in CIFAR_MODELS, "clip",
              self.clip, "use a positive number with a CIFAR ResNet (the papers' models keep "
@@ -227,7 +236,8 @@ class Config:
     if self.quantized and self.first_last_bits is not None:
       bits += f"_fl{_bits_tag(self.first_last_bits)}"
     recipe = "" if self.recipe == "brjax" else f"_{self.recipe}"
-    return f"{self.model}_{bits}{br}{recipe}_s{self.seed}"
+    signs = "_datasigns" if self.act_signs == "data" else ""
+    return f"{self.model}_{bits}{br}{signs}{recipe}_s{self.seed}"
 
   @property
   def recipe_parts(self) -> recipes.Recipe:

@@ -10,14 +10,15 @@ from __future__ import annotations
 from absl import flags
 
 from brjax.training import recipes
-from brjax.training.config import ABR_CLIPPED, MODELS, Config
+from brjax.training.config import ABR_CLIPPED, ACT_SIGNS, MODELS, Config
 
 _D = Config()
 
 
 def define(values: flags.FlagValues) -> flags.FlagValues:
   """Defines every training flag on ``values``; returns it."""
-  flags.DEFINE_enum("model", _D.model, list(MODELS), "CIFAR ResNet: resnet20, resnet18 "
+  flags.DEFINE_enum("model", _D.model, list(MODELS), "CIFAR ResNet: resnet20 (and "
+                    "resnet8 ... resnet110, He et al.'s 6n+2 family), resnet18 "
                     "(brjax's), resnet20_option_a (He et al.'s parameter-free shortcuts), "
                     "resnet18_reference (the reference package's layout; reads its .pth). "
                     "The papers' ImageNet models (brjax.models.paper, quantized by paper_rules: "
@@ -27,6 +28,11 @@ def define(values: flags.FlagValues) -> flags.FlagValues:
                     flag_values=values)
   flags.DEFINE_integer("width", None, "resnet18_reference: channels of the first stage "
                        "(default 64, the reference's).", flag_values=values)
+  flags.DEFINE_enum("act_signs", _D.act_signs, list(ACT_SIGNS), "The papers' models: the "
+                    "sign of each quantized layer input, fixed by the architecture (unsigned "
+                    "after a ReLU; paper_rules) or decided from the init batch (data: signed "
+                    "where it holds a negative value; kept in the training state's "
+                    "quant_state, saved and restored with it).", flag_values=values)
   flags.DEFINE_bool("remat", False, "The papers' models: recompute each block's activations "
                     "in the backward pass instead of keeping them (less memory, about a third "
                     "more time; see the benchmark's memory lines).", flag_values=values)
@@ -201,7 +207,7 @@ def config_from_flags(values: flags.FlagValues) -> Config:
       first_last_bits=values.first_last_bits, clip=values.clip,
       # dtype unset: default_dtype(), after --distributed
       per_channel=values.per_channel, dtype=values.dtype or "float32",
-      remat=values.remat,
+      remat=values.remat, act_signs=values.act_signs,
       lambda_w=values.lambda_w, lambda_a=values.lambda_a,
       warmup_epochs=values.warmup_epochs, epochs=values.epochs,
       freeze_alpha_w=values.freeze_alpha or values.freeze_alpha_w,

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from brjax.quant import step_size
+from brjax.quant import partitioning, step_size
 from brjax.training.config import Config
 
 WEIGHTS, ALPHA_W, ALPHA_A = "weights", "alpha_w", "alpha_a"
@@ -42,9 +42,10 @@ def param_labels(params: Any) -> Any:
   arrays, as it passes to ``tx.update``); an ``nnx.Variable`` is one parameter. A weight
   step size is an ``alpha`` beside a ``kernel`` (or an operation's ``<name>_alpha`` beside
   ``<name>``); any other step size (``alpha``, ``input_alpha``, ``input_alpha_<k>``) is an
-  activation step size (``brjax.quant.step_size.is_weight_alpha_path``).
+  activation step size (``brjax.quant.step_size.is_weight_alpha_path``). A boxed parameter
+  (``nn.with_partitioning``) is one parameter, labelled by its name like an unboxed one.
   """
-  is_param = lambda x: isinstance(x, nnx.Variable)
+  is_param = lambda x: isinstance(x, nnx.Variable) or partitioning.is_boxed(x)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_param)
   paths = [tuple(_key_name(k) for k in path) for path, _ in leaves]
   names = set(paths)

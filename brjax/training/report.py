@@ -23,7 +23,15 @@ _ABR_CLIPPED = {"include": "counted in the top bin (the paper's)",
                 "exclude": "left out of every bin"}
 
 def layers_line(config: Config) -> str:
-  """Which layers run at which bits (--bits_w/--bits_a, --first_last_bits), in words."""
+  """Which layers run at which bits (--bits_w/--bits_a, --first_last_bits), in words; and
+  with --act_signs=data, that the inputs' signs come from the init batch."""
+  line = _bits_line(config)
+  if config.act_signs == "data":
+    line += "; input signs from the init batch (--act_signs=data)"
+  return line
+
+
+def _bits_line(config: Config) -> str:
   first, last = (("stem", "classifier") if config.model == "mobilenet_v2" else
                  ("conv_init", "head") if config.model in PAPER_MODELS else
                  ("conv_init", "the dense layer"))

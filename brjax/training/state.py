@@ -38,7 +38,9 @@ def create_train_state(config: Config, model: flax.linen.Module, ds: datasets.Da
     augmented batch step 1 trains on (``quant.init_alphas(..., train=True)``: BatchNorm
     statistics untouched), as the reference initializes in its first training forward.
 
-  A ``.pth`` that holds every step size (a reference QAT checkpoint) keeps them.
+  A ``.pth`` that holds every step size (a reference QAT checkpoint) keeps them. Input
+  signs that the model's rules leave to the data (``act_signed=None``) are decided by the
+  batch its step sizes come from, and kept in the state's ``quant_state``.
   """
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
@@ -58,7 +60,8 @@ def create_train_state(config: Config, model: flax.linen.Module, ds: datasets.Da
           variables, batch, rng=init_rng)
   tx = optim.create_optimizer(config, steps_per_epoch, frozen)
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                           batch_stats=variables["batch_stats"], rng=state_rng)
+                           batch_stats=variables["batch_stats"], rng=state_rng,
+                           quant_state=variables.get(quant.STATE, {}))
 
 
 def _first_batch(ds: datasets.Dataset, batch_size: int) -> jax.Array:
@@ -67,7 +70,8 @@ def _first_batch(ds: datasets.Dataset, batch_size: int) -> jax.Array:
 
 
 def _load_pretrained(path: str, variables: dict) -> tuple[dict, bool]:
-  """``variables`` with every non-alpha parameter and BatchNorm statistic from ``path``.
+  """``variables`` with every non-alpha parameter and BatchNorm statistic from ``path``
+  (the step sizes and the data-decided input signs, ``quant_state``, stay this model's).
 
   Returns the variables and whether the step sizes came from ``path`` too (a reference
   QAT ``.pth``); a brjax workdir's step sizes are never taken (it is a float run).
@@ -87,7 +91,7 @@ def _load_pretrained(path: str, variables: dict) -> tuple[dict, bool]:
   for collection, flat in flat_new.items():
     out = {}
     for p, value in flat.items():
-      if quant.is_alpha_path(p):
+      if quant.is_alpha_path(p) or collection == quant.STATE:  # this model's, from its init
         out[p] = value
         continue
       old = flat_old.get(collection, {}).get(p)

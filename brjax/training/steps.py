@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from brjax.quant import lsq as quant
 from brjax.quant import regularizer, sites
 from brjax.training.config import Config
 
@@ -31,9 +32,20 @@ WARMUP, BR, FLOAT = "WARMUP", "BR", "FLOAT"
 
 
 class TrainState(train_state.TrainState):
-  """Params, optimizer state and step (from Flax), plus BatchNorm statistics and an rng."""
+  """Params, optimizer state and step (from Flax), plus BatchNorm statistics, an rng and
+  the model's ``quant_state`` (the input signs it decided from data at init,
+  ``brjax.quant.lsq.STATE``; empty for a model whose rules fix every sign): never trained,
+  passed to every ``apply``, saved and restored with the rest."""
   batch_stats: Any = None
   rng: jax.Array = None
+  quant_state: Any = struct.field(default_factory=dict)
+
+  def variables(self, params: Any = None) -> dict:
+    """What ``apply`` takes: ``params`` (default: the state's), ``batch_stats`` and, when
+    the model has one, ``quant_state``."""
+    params = self.params if params is None else params
+    signs = {quant.STATE: self.quant_state} if self.quant_state else {}
+    return {"params": params, "batch_stats": self.batch_stats, **signs}
 
 
 @struct.dataclass
@@ -147,8 +159,8 @@ def loss_terms(state: TrainState, params: Any, batch: dict,
   # Quantization sites are recorded only when BR reads them: otherwise no BR work at all.
   with_br = br.lambda_w > 0 or br.lambda_a > 0
   mutable = ["batch_stats"] + ([sites.COLLECTION] if with_br else [])
-  logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                   batch["image"], train=True, mutable=mutable)
+  logits, updates = state.apply_fn(state.variables(params), batch["image"], train=True,
+                                   mutable=mutable)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
   zero = jnp.zeros((), ce.dtype)
   recorded = updates.get(sites.COLLECTION, {})
@@ -197,7 +209,7 @@ def train_step(state: TrainState, batch: dict, br: BRSettings) -> tuple[TrainSta
 def eval_step(apply_fn: Callable, variables: dict, batch: dict) -> dict:
   """Quantized evaluation of one padded batch: sums of ``loss``, ``correct``, ``count``.
 
-  ``variables`` is ``{"params", "batch_stats"}`` (not the TrainState, whose optimizer
+  ``variables`` is ``TrainState.variables()`` (not the TrainState, whose optimizer
   changes at the phase switch: the eval step compiles once for the whole run).
   ``batch`` is ``{"image", "label", "mask": bool (B,)}``; padded examples don't count.
   """

@@ -10,20 +10,26 @@ activations. Events go to ``<workdir>/tensorboard``; ``tensorboard --logdir <wor
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flax import traverse_util
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
+
+if TYPE_CHECKING:
+  from tensorboardX import SummaryWriter
 
 from brjax.quant import lsq as quant
 from brjax.quant import sites, step_size
+from brjax.quant.partitioning import unbox
 
 SCALARS = ("train_acc", "test_acc", "train_loss", "test_loss", "ce", "br_w", "br_a", "lr")
 
 
 def create_writer(workdir: str) -> SummaryWriter:
+  # Imported here: tensorboardX imports PyTorch when it is installed (~1.4 s at every start
+  # of a run, with or without --tensorboard).
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top,redefined-outer-name
   return SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
 
 
@@ -69,7 +75,7 @@ def write_histograms(writer: SummaryWriter, epoch: int, params: Any, collection:
   ``collection`` is the ``"quant"`` collection of one eval-mode forward pass
   (``metrics.recorded_sites``): each quantized kernel is shown on its own range and grid.
   """
-  for path, kernel in traverse_util.flatten_dict(jax.device_get(params)).items():
+  for path, kernel in traverse_util.flatten_dict(jax.device_get(unbox(params))).items():
     if path[-1] == "kernel":
       writer.add_histogram(f"weights/{_name(path[:-1])}", np.asarray(kernel), epoch)
   recorded = jax.device_get(collection)

@@ -298,9 +298,7 @@ def _abr_sites(run: _Run, state: TrainState,
   (None when the run has no A-BR)."""
   if not br_settings(run.config, BR).lambda_a > 0:
     return None, None
-  every = activation_sites(run.model,
-                           {"params": state.params, "batch_stats": state.batch_stats},
-                           jnp.asarray(probe["image"]))
+  every = activation_sites(run.model, state.variables(), jnp.asarray(probe["image"]))
   chosen = select_abr_sites(run.config, every)
   line = (f"all {len(every)}" if chosen is None else
           f"{len(chosen)} of {len(every)}: {', '.join(chosen)}")
@@ -341,7 +339,7 @@ def _evaluate_epoch(run: _Run, eval_fn: Callable, quant_fn: Callable, state: Tra
                     probe: dict, clock: RunClock, check: Callable[[], None]) -> dict:
   """Test accuracy and loss (timed for the clock); for a quantized run, per-layer
   quantization metrics on ``probe`` (the first test batch) and the reference's averages."""
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  variables = state.variables()
   start = time.time()
   m = evaluate(eval_fn, variables, run.ds, run.config.batch_size, run.topology, check)
   clock.eval_s = time.time() - start
@@ -388,7 +386,7 @@ def _write_summaries(run: _Run, writer, state: TrainState, m: dict, probe: dict,
   epoch = m["epoch"]
   summary.write_scalars(writer, epoch, m, state.params)
   if epoch % histogram_every == 0 or epoch == run.config.epochs:
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    variables = state.variables()
     summary.write_histograms(writer, epoch, state.params,
                              metrics.recorded_sites(run.model, variables, probe["image"]))
   writer.flush()

@@ -44,7 +44,8 @@ def quick_run(tmp_path_factory, request):
   def make(folder):
     json_out = folder / "bench.jsonl"
     result = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", "--quick", f"--json_out={json_out}"],
+        [sys.executable, "scripts/benchmark.py", "--quick", "--model=resnet8",
+         f"--json_out={json_out}"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     written = [json.loads(line) for line in json_out.read_text().splitlines()]
@@ -65,7 +66,7 @@ def test_every_measurement_once_well_formed(quick_run):
     assert math.isfinite(value) and value >= 0, line
     context = line["context"]
     assert {"device", "jax", "cores"} <= set(context), context
-    assert context["quick"] is True and context["model"] == "resnet20"
+    assert context["quick"] is True and context["model"] == "resnet8"
   values = {line["name"]: line["value"] for line in lines}
   for name in ("step_time_float", "br_time_2bit", "input_images_per_s", "float_step_flops",
                "matmul_flops_per_s"):

@@ -268,7 +268,7 @@ def test_importing_brjax_does_not_import_onnx():
   subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_run_accuracy_in_onnxruntime(tiny_run, cifar_tar, tmp_path):
+def test_run_accuracy_in_onnxruntime(tiny_run, cifar_dir, tmp_path):
   """A trained W2A2 ResNet-20 run: ORT's top-1 equals brjax's on (a subset of) its test
   split. The whole test set: scripts/evaluate.py --onnx (see the docs)."""
   import onnx
@@ -277,7 +277,7 @@ def test_run_accuracy_in_onnxruntime(tiny_run, cifar_tar, tmp_path):
   workdir, _ = tiny_run
   path = str(tmp_path / "model.onnx")
   onnx.save(onnx_run.export_run(workdir), path)
-  result = onnx_run.compare_run(workdir, path, data_dir=cifar_tar, limit=128, batch_size=64)
+  result = onnx_run.compare_run(workdir, path, data_dir=cifar_dir, limit=128, batch_size=64)
   print(result)
   assert result["count"] == 128
   assert result["top1_agreement"] == 1.0
@@ -324,14 +324,14 @@ def test_onnx_agrees_with_the_independent_integer_reference(tiny_run):
 @pytest.mark.parametrize("workdir,prefer", [
     ("checkpoints/study_evidence_W2A2/warmup_s0", "latest"),  # W2A2, 5 LSQ epochs: 57.05%
     ("checkpoints/resnet20_W4A4_lsq_1ep", "best")])  # W4A4, 1 LSQ epoch: 80.26%
-def test_trained_resnet20s_give_brjaxs_classes_in_onnxruntime(cifar_tar, workdir, prefer):
+def test_trained_resnet20s_give_brjaxs_classes_in_onnxruntime(cifar_dir, workdir, prefer):
   """The committed trained W2A2 and W4A4 ResNet-20s, exported and run in ORT: top-1 equal to
   brjax's on >= 99.9% of the first 1,000 test images (the whole test set, measured with
   scripts/evaluate.py --onnx: 99.99% and 100.00%; the docs' export guide)."""
   from brjax.export import onnx_run
   path = str(REPO / workdir)
   result = onnx_run.compare_run(path, onnx_run.export_run(path, prefer=prefer), prefer=prefer,
-                                data_dir=cifar_tar, limit=1000, batch_size=250)
+                                data_dir=cifar_dir, limit=1000, batch_size=250)
   assert result["count"] == 1000
   assert result["top1_agreement"] >= 0.999, result
   assert abs(result["onnx_acc"] - result["brjax_acc"]) <= 0.1, result

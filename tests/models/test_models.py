@@ -25,6 +25,29 @@ def test_resnet20_float_matches_the_paper_size():
   assert 0.26e6 < n < 0.28e6  # ResNet-20 has 0.27M parameters
 
 
+
+# He et al.'s Table 6 (option A shortcuts): 0.27M, 0.46M, 0.66M, 0.85M, 1.7M parameters (8
+# and 14 are not in it: 75,290 and 172,506 by the same count); brjax's projection shortcuts
+# add two 1x1 convs and their BatchNorms (2,752 parameters).
+@pytest.mark.parametrize("depth,millions", [(8, 0.07529), (14, 0.172506), (20, 0.27), (32, 0.46),
+                                            (44, 0.66), (56, 0.85), (110, 1.7)])
+def test_the_cifar_resnet_family_has_6n_plus_2_layers_and_the_paper_sizes(depth, millions):
+  params = _shapes(f"resnet{depth}", bits_w=2, bits_a=2)["params"]
+  kernels = [p for p in flax.traverse_util.flatten_dict(params) if p[-1] == "kernel"]
+  assert len(kernels) == depth + 2  # depth - 1 3x3 convs, the dense, 2 projections
+  n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
+  alphas = sum(1 for p in flax.traverse_util.flatten_dict(params) if p[-1] == "alpha")
+  assert n - alphas - 2_752 == pytest.approx(millions * 1e6, rel=0.02)
+
+
+def test_a_cifar_resnet_depth_not_6n_plus_2_is_refused():
+  for depth in (7, 9, 21, 2):
+    with pytest.raises(ValueError, match=f"depth={depth} is not accepted: a CIFAR ResNet has "
+                                         r"6n \+ 2 layers"):
+      models.cifar_resnet(depth)
+  with pytest.raises(ValueError, match="model='resnet21' is not supported"):
+    models.create_model("resnet21")
+
 def test_resnet18_shapes():
   variables = _shapes("resnet18", bits_w=4, bits_a=4)
   flat = flax.traverse_util.flatten_dict(variables["params"])

@@ -1,6 +1,7 @@
 """``quantize_model`` on models written without brjax in mind (``third_party_models``):
-operations on parameters in any module, ``nn.RNN``/``nn.scan`` with no model edits, and
-the report of what stayed float (issue 32)."""
+operations on parameters in any module, ``nn.RNN``/``nn.scan`` with no model edits, boxed
+(partitioned) parameters, and the report of what stayed float (issue 32). The partitioned
+LM's step on a 2-device FSDP mesh is ``tests/training/test_multidevice.py``'s."""
 
 from __future__ import annotations
 
@@ -8,21 +9,24 @@ from flax import nnx, traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 import numpy as np
 import optax
 import pytest
 import third_party_models as tp
 
-from brjax.quant import names, regularizer, sites
+from brjax.quant import lsq as quant
+from brjax.quant import names, regularizer, sites, step_size
 from brjax.quant.coverage import FloatOp, left_float
 from brjax.quant.quantize import quantize_model
 from brjax.quant.rules import QuantRule
+from brjax.training import optim
 
 W4A4 = QuantRule(".*", weight_bits=4, act_bits=4)
 
 
 def _flat(tree) -> dict[str, jax.Array]:
-  return {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
+  return {"/".join(k): v for k, v in traverse_util.flatten_dict(nn.meta.unbox(tree)).items()}
 
 
 def _trains(model, x, labels, *, not_multiplied=(), stacked=None):
@@ -132,7 +136,8 @@ def test_an_operation_left_float_is_an_error_or_listed():
   assert {p for p, k, _ in sites.iterate(state["quant"]) if k == "weight"} == {"a", "b"}
   with pytest.raises(ValueError, match="allow_float_ops=1 is not accepted"):
     quantize_model(_LowRank(), W4A4, allow_float_ops=1)
-  with pytest.raises(ValueError, match="left_float takes a Linen model"):
+  with pytest.raises(ValueError, match="left_float takes a model returned by "
+                                       "brjax.quantize_model"):
     left_float(_LowRank())
 
 
@@ -156,6 +161,7 @@ def test_nnx_model_trained_through_views():
   model = _NnxNet(nnx.Rngs(0))
   stale = nnx.view(model, deterministic=True, use_running_average=True)
   quantize_model(model, W4A4, x)
+  assert left_float(model) == ()
   train = nnx.view(model, deterministic=False, use_running_average=False)
   evaluate = nnx.view(model, deterministic=True, use_running_average=True)
   optimizer = nnx.Optimizer(train, optax.adam(1e-2), wrt=nnx.Param)
@@ -182,3 +188,78 @@ def test_nnx_model_trained_through_views():
     brjax_nnx.record_sites(stale, x)
   with pytest.raises(ValueError, match="has no quantized layer"):
     brjax_nnx.record_sites(_NnxNet(nnx.Rngs(1)), x)
+
+
+class _Boxed(nn.Module):  # a Dense layer and an operation, on nn.with_partitioning params
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.lecun_normal()
+    x = nn.Dense(4, kernel_init=nn.with_partitioning(init, (None, "model")))(x)
+    return x @ self.param("w", nn.with_partitioning(init, ("model", None)), (4, 2))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_step_sizes_of_boxed_parameters_are_boxed(per_channel):
+  """A weight's step size takes its weight's box and axis names where it has the weight's
+  extent (per channel: the output axis); a per-tensor or an input's step size is boxed
+  replicated. Readers of step sizes unbox."""
+  rule = QuantRule(".*", weight_bits=4, act_bits=4, per_channel=per_channel)
+  model, x = quantize_model(_Boxed(), rule), jnp.ones((2, 6))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+  again = jax.eval_shape(lambda v: quant.init_alphas(model, v, x), shapes)  # boxed the same
+  assert jax.tree.structure(again) == jax.tree.structure(shapes)
+  params = traverse_util.flatten_dict(shapes["params"], sep="/")
+  assert not isinstance(params.pop("Dense_0/bias"), nn.Partitioned)  # as the model made it
+  assert all(isinstance(v, nn.Partitioned) for v in params.values()), params
+  names = {p: v.names for p, v in params.items()}
+  assert names == {"Dense_0/kernel": (None, "model"), "Dense_0/input_alpha": (),
+                   "Dense_0/alpha": (None, "model") if per_channel else (),
+                   "w": ("model", None), "w_alpha": (), "input_alpha": ()}
+  assert nn.get_partition_spec(shapes)["params"]["Dense_0"]["alpha"] == (
+      PartitionSpec(None, "model") if per_channel else PartitionSpec())
+  assert not isinstance(step_size.step_size(shapes["params"]["Dense_0"]), nn.Partitioned)
+  assert optim.param_labels(shapes["params"])["Dense_0"] == {
+      "kernel": "weights", "bias": "weights", "alpha": "alpha_w", "input_alpha": "alpha_a"}
+
+
+W4A4_PER_CHANNEL = QuantRule(".*", weight_bits=4, act_bits=4, per_channel=True)
+
+
+@pytest.mark.slow
+def test_partitioned_lm_trains_exports_and_checkpoints(tmp_path):
+  """flax's lm1b style: every parameter boxed by nn.with_logical_partitioning. Every kernel
+  quantized, its per-channel step size boxed along the kernel's output axes, the inputs'
+  replicated; BR, gradients, jit; the export and an orbax checkpoint read the boxes."""
+  from brjax import export  # pylint: disable=g-import-not-at-top
+  from brjax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  tokens = jax.random.randint(jax.random.key(0), (4, 8), 0, 16)
+  model = quantize_model(tp.PartitionedLM(), W4A4_PER_CHANNEL)
+  variables, alphas = _trains(model, tokens, jnp.roll(tokens, -1, axis=1),
+                              not_multiplied=("embedding", "pos_embedding"))
+  boxes = traverse_util.flatten_dict(variables["params"], sep="/")
+  assert all(isinstance(b, nn.LogicallyPartitioned) for b in boxes.values())
+  kernels = [p for p in boxes if p.endswith("/kernel")]
+  assert len(kernels) == 2 * 6 + 1 and all(p[:-len("kernel")] + "alpha" in alphas
+                                           for p in kernels)
+  block = "DecoderBlock_1/"
+  for path, axes in (("MultiHeadDotProductAttention_0/query/alpha", (None, "heads", "kv")),
+                     ("MultiHeadDotProductAttention_0/out/alpha", (None, None, "embed")),
+                     ("LmMlpBlock_0/Dense_0/alpha", (None, "mlp")),
+                     ("LmMlpBlock_0/Dense_1/input_alpha", ())):
+    assert boxes[block + path].names == axes, path
+  assert boxes["logitdense/alpha"].names == (None, "vocab")
+
+  exported = export.from_linen(model, variables, tokens)  # boxed: exported unboxed
+  assert len(exported.header["kernels"]) == len(kernels)
+  apply = jax.jit(model.apply)  # one program for both: the same unboxed structure
+  np.testing.assert_array_equal(apply(export.to_variables(exported), tokens),
+                                apply(nn.meta.unbox(variables), tokens))
+  ckpts = checkpoint.RunCheckpoints(str(tmp_path))
+  ckpts.save(1, jax.device_get(variables), {"epoch": 1}, is_best=False)
+  ckpts.close()
+  restored, _ = checkpoint.restore_epoch(str(tmp_path), 1, variables)
+  assert jax.tree.structure(restored) == jax.tree.structure(variables)  # the boxes again
+  jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(variables))
+  plain, _ = checkpoint.restore_pretrained(str(tmp_path), "latest")  # no target: arrays
+  jax.tree.map(np.testing.assert_array_equal, plain["params"],
+               jax.device_get(nn.meta.unbox(variables["params"])))

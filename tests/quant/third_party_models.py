@@ -1,5 +1,5 @@
-"""Small Linen models written the way third-party code writes them (not copies), for the
-reach of ``quantize_model`` (issue 32): none of them knows brjax.
+"""Small Linen and NNX models written the way third-party code writes them (not copies),
+for the reach of ``quantize_model`` (issue 32): none of them knows brjax.
 
 * :class:`LstmClassifier`: an embedding, a bidirectional LSTM of ``nn.OptimizedLSTMCell``
   (whose gates read their kernels through ``DenseParams`` and multiply a concatenation of
@@ -10,10 +10,22 @@ reach of ``quantize_model`` (issue 32): none of them knows brjax.
 * :class:`ScannedViT`: patches, a class token, position embeddings and ``nn.scan`` over
   encoder blocks with plain ``variable_axes={"params": 0}``, as big_vision writes it; the
   blocks' MLP calls ``jnp.einsum`` and ``@`` on its own parameters.
+* :class:`NnxScanMLP`: NNX scan over layers as flax's examples write it: blocks made by
+  ``nnx.vmap`` over split rngs, run by ``nnx.scan`` with the carry first (and, with
+  ``remat``, each block's call under ``nnx.remat``).
+* :class:`NnxStack`: the same as flax 0.11's migration guide writes it: ``__init__`` under
+  ``nnx.vmap``, ``__call__`` under ``nnx.scan`` on the stack itself, the layer under
+  ``nnx.remat``, with batch norm.
+* :class:`PartitionedLM`: a decoder-only transformer LM whose every parameter is boxed by
+  ``nn.with_logical_partitioning`` (logical axes ``vocab``, ``embed``, ``mlp``, ``heads``,
+  ``kv``), attention by ``nn.MultiHeadDotProductAttention``; as flax's lm1b example.
 """
 
 from __future__ import annotations
 
+import functools
+
+from flax import nnx
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -94,3 +106,106 @@ class ScannedViT(nn.Module):
     x, _ = nn.scan(EncoderBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                    length=self.depth)(self.heads, self.mlp_dim, name="encoder")(x, None)
     return nn.Dense(self.classes, name="head")(nn.LayerNorm()(x[:, 0]))
+
+
+def _boxed(init, *axes):
+  return nn.with_logical_partitioning(init, axes)
+
+
+_KERNEL = nn.initializers.xavier_uniform()
+
+
+class LmMlpBlock(nn.Module):
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.Dense(self.mlp_dim, kernel_init=_boxed(_KERNEL, "embed", "mlp"),
+                 bias_init=_boxed(nn.initializers.zeros, "mlp"))(x)
+    return nn.Dense(x.shape[-1], kernel_init=_boxed(_KERNEL, "mlp", "embed"),
+                    bias_init=_boxed(nn.initializers.zeros, "embed"))(nn.relu(y))
+
+
+class LmDecoderBlock(nn.Module):
+  heads: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x, mask):
+    norm = functools.partial(nn.LayerNorm, scale_init=_boxed(nn.initializers.ones, "embed"),
+                             bias_init=_boxed(nn.initializers.zeros, "embed"))
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.heads, use_bias=False, deterministic=True,
+        kernel_init=_boxed(_KERNEL, "embed", "heads", "kv"),
+        out_kernel_init=_boxed(_KERNEL, "heads", "kv", "embed"))(norm()(x), mask=mask)
+    x = x + y
+    return x + LmMlpBlock(self.mlp_dim)(norm()(x))
+
+
+class PartitionedLM(nn.Module):
+  """A decoder-only language model whose every parameter is boxed with logical axis names
+  (``nn.with_logical_partitioning``), as flax's lm1b ``TransformerLM``."""
+  vocab: int = 16
+  width: int = 8
+  depth: int = 2
+  heads: int = 2
+  mlp_dim: int = 16
+  max_len: int = 8
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(self.vocab, self.width, name="Embed_0",
+                 embedding_init=_boxed(nn.initializers.normal(1.0), "vocab", "embed"))(tokens)
+    pos = self.param("pos_embedding", _boxed(nn.initializers.normal(0.02), None, "embed"),
+                     (self.max_len, self.width))
+    x = x + pos[None, :tokens.shape[1]]
+    mask = nn.make_causal_mask(tokens)
+    for i in range(self.depth):
+      x = LmDecoderBlock(self.heads, self.mlp_dim, name=f"DecoderBlock_{i}")(x, mask)
+    x = nn.LayerNorm(scale_init=_boxed(nn.initializers.ones, "embed"),
+                     bias_init=_boxed(nn.initializers.zeros, "embed"))(x)
+    return nn.Dense(self.vocab, name="logitdense", kernel_init=_boxed(_KERNEL, "embed", "vocab"),
+                    bias_init=_boxed(nn.initializers.zeros, "vocab"))(x)
+
+
+class NnxBlock(nnx.Module):
+  def __init__(self, features: int, rngs: nnx.Rngs):
+    self.linear = nnx.Linear(features, features, rngs=rngs)
+    self.dropout = nnx.Dropout(0.1, rngs=rngs)
+
+  def __call__(self, x):
+    return nnx.relu(self.dropout(self.linear(x)))
+
+
+class NnxScanMLP(nnx.Module):
+  def __init__(self, din: int = 4, features: int = 8, depth: int = 2, classes: int = 3, *,
+               remat: bool = False, rngs: nnx.Rngs):
+    self.embed = nnx.Linear(din, features, rngs=rngs)
+
+    @nnx.split_rngs(splits=depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create_block(rngs: nnx.Rngs):
+      return NnxBlock(features, rngs)
+
+    self.blocks = create_block(rngs)
+    self.head = nnx.Linear(features, classes, rngs=rngs)
+    self.remat = remat
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def forward(x, block):
+      return nnx.remat(lambda block, x: block(x))(block, x) if self.remat else block(x)
+
+    return self.head(forward(nnx.relu(self.embed(x)), self.blocks))
+
+
+class NnxStack(nnx.Module):
+  @nnx.split_rngs(splits=3)
+  @nnx.vmap(in_axes=(0, 0))
+  def __init__(self, rngs: nnx.Rngs):
+    self.linear = nnx.Linear(4, 4, rngs=rngs)
+    self.norm = nnx.BatchNorm(4, rngs=rngs)
+
+  @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+  def __call__(self, x):
+    return nnx.gelu(self.norm(nnx.remat(lambda linear, x: linear(x))(self.linear, x)))

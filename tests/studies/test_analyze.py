@@ -236,7 +236,8 @@ def test_load_run_normalizes_as_the_run_did(tmp_path):
   data = str(synthetic_images.write_image_folder(tmp_path / "data", classes=2,
                                                  train_per_class=4, eval_per_class=4,
                                                  sizes=(32,), eval_folder="test"))
-  config = Config(bits_w=2, bits_a=2, normalization="reference", data_dir=data)
+  config = Config(model="resnet8", bits_w=2, bits_a=2, normalization="reference",
+                  data_dir=data)
   model = models.from_run_config(config, 2)
   raw = input_pipeline.load_dataset("cifar10", data, 1, 8)
   ds = dataclasses.replace(raw, mean=np.float32(recipes.REFERENCE_MEAN),

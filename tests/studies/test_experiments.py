@@ -1,8 +1,9 @@
 """Tests of scripts/experiments.py: the LSQ vs LSQ+BR study runner.
 
 The fast tests call ``main()`` in this process (flags, dry run, summary math, the lock); the
-slow ones run one tiny study (W2A2, seed 0, lsq and lsq_br, 1 warmup + 1 BR epoch on 128
-images) through the command line, then run it again (skipped), with other flags (refused)
+slow ones run one tiny study (ResNet-8 W2A2 with its first conv and last FC at 8 bits, the
+literature's setting; seed 0, lsq and lsq_br, 1 warmup + 1 BR epoch on 128 images) through
+the command line, then run it again (skipped), with other flags (refused)
 and with one result deleted (resumed). The study's runs use the test session's persistent
 XLA compilation cache (``JAX_COMPILATION_CACHE_DIR``, see conftest.py), every compilation
 in it: lsq and lsq_br compile the same init, warmup step and eval.
@@ -42,9 +43,12 @@ def _load(path: pathlib.Path, name: str):
 experiments = _load(SCRIPT, "experiments_cli")
 train_cli = _load(TRAIN_SCRIPT, "train_cli_for_experiments")
 
-# The tiny study: train.py flags of tests/training/test_cli.py's scale, through the study's flags.
-TINY = ["--bits=2", "--seeds=0", "--configs=lsq,lsq_br", "--epochs=2", "--warmup_epochs=1",
-        "--train_examples=128", "--test_examples=64", "--batch_size=32"]
+# The tiny study: train.py flags of tests/training/test_cli.py's scale, through the study's
+# flags; ResNet-8 (7 activation and 10 weight quantizers to ResNet-20's 19 and 22) compiles in
+# about half ResNet-20's time, which is most of a tiny run's.
+TINY = ["--model=resnet8", "--bits=2", "--first_last_bits=8", "--seeds=0",
+        "--configs=lsq,lsq_br", "--epochs=2", "--warmup_epochs=1", "--train_examples=128",
+        "--test_examples=64", "--batch_size=32"]
 LAMBDAS = {"lsq": (0.0, 0.0), "lsq_br": (1.0, 1.0), "w_br": (1.0, 0.0)}
 
 
@@ -80,6 +84,10 @@ def one_line_error(err: str) -> str:
     (["--runs=lsq_br_s0,lsq_br_s0"], "--runs=lsq_br_s0"),
     (["--preset=bogus"], "--preset=bogus"),
     (["--recipe=pytorch"], "--recipe=pytorch"),
+    (["--model=resnet9"], "--model=resnet9 is not accepted: use one of resnet8, resnet14, "),
+    (["--first_last_bits=9"], "--first_last_bits=9 is not accepted"),
+    (["--model=resnet18_reference", "--first_last_bits=8"], "--first_last_bits=8"),
+    (["--summarize_only", "--model=resnet8"], "--model"),
     (["--no_such_flag=1"], "no_such_flag"),
     (["extra_positional"], "extra_positional"),
 ])
@@ -147,7 +155,9 @@ def test_each_command_reproduces_its_run_through_train_py(tmp_path, capsys):
     assert train_cli.FLAGS(["train.py", *words[2:]]) == ["train.py"]
     parsed = train_cli.config_from_flags(train_cli.FLAGS)
     lambda_w, lambda_a = LAMBDAS.get(config_name, (0.0, 0.0))
-    assert parsed == Config(bits_w=2, bits_a=2, lambda_w=lambda_w, lambda_a=lambda_a,
+    # The study's model and layer widths reach every run, its warmups too.
+    assert parsed == Config(model="resnet8", bits_w=2, bits_a=2, first_last_bits=8,
+                            lambda_w=lambda_w, lambda_a=lambda_a,
                             warmup_epochs=1, epochs=2, lr=0.02, batch_size=32, seed=int(seed),
                             data_dir=str(tmp_path), train_examples=128, test_examples=64)
     assert train_cli.FLAGS.workdir == str(study_dir / name)
@@ -298,19 +308,19 @@ def test_summarize_only_refuses_a_malformed_result(tmp_path, capsys):
 # ------------------------------------------------------------------ slow: a real study
 
 
-def run_study(study_dir, cifar_tar, *extra) -> subprocess.CompletedProcess:
+def run_study(study_dir, cifar_dir, *extra) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return subprocess.run([sys.executable, str(SCRIPT), f"--study_dir={study_dir}",
-                         f"--data_dir={cifar_tar}", *TINY, *extra], capture_output=True,
+                         f"--data_dir={cifar_dir}", *TINY, *extra], capture_output=True,
                         text=True, timeout=600, env=env, check=False)
 
 
 @pytest.fixture(scope="session")
-def study(cifar_tar, tmp_path_factory, request):
+def study(cifar_dir, tmp_path_factory, request):
   """``(study_dir, completed process)`` of the tiny study, run once per test session
   (``conftest.once_per_session``). Read-only: copy it to run the study again."""
   def make(root):
-    proc = run_study(root / "study", cifar_tar)
+    proc = run_study(root / "study", cifar_dir)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root / "study", proc
   return once_per_session(request, tmp_path_factory, "experiments", make)
@@ -329,7 +339,7 @@ def _mtimes(study_dir: pathlib.Path) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_study_writes_one_result_per_run_and_a_summary(study, cifar_tar):
+def test_study_writes_one_result_per_run_and_a_summary(study, cifar_dir):
   study_dir, proc = study
   assert (study_dir / "curves.png").read_bytes().startswith(b"\x89PNG")
   assert sorted(p.name for p in study_dir.glob("*.json")) == [
@@ -341,14 +351,19 @@ def test_study_writes_one_result_per_run_and_a_summary(study, cifar_tar):
     assert result["config"] == name and result["seed"] == 0
     assert result["command"].startswith("python scripts/train.py ")
     assert f"--workdir={workdir}" in result["command"]
-    assert f"--data_dir={study_lib.repo_path(cifar_tar)}" in result["command"]
+    assert f"--data_dir={study_lib.repo_path(cifar_dir)}" in result["command"]
     assert (result["lambda_w"], result["lambda_a"]) == LAMBDAS[name]
+    assert (result["model"], result["bits_w"], result["first_last_bits"]) == ("resnet8", 2, 8)
     assert result["epochs"] == 2 and result["warmup_epochs"] == 1
     assert result["final_test_acc"] == history[-1]["test_acc"]
     assert result["best_test_acc"] == max(m["test_acc"] for m in history)
     assert result["final_train_acc"] == history[-1]["train_acc"]
     assert 0 <= result["final_test_acc"] <= result["best_test_acc"] <= 100
     assert [p["test_acc"] for p in result["curve"]] == [m["test_acc"] for m in history]
+    # ResNet-8's quantizers, each epoch: 10 weights (stem, 6 block convs, 2 projections, the
+    # head) and 7 activations (the head's input at 8 bits too).
+    assert [(len(e["weights"]), len(e["activations"])) for e in result["step_sizes"]] == [
+        (10, 7), (10, 7)]
     if name == "lsq":
       assert result["br_w"] is None and result["br_a"] is None  # BR not computed
     else:
@@ -366,9 +381,12 @@ def test_study_writes_one_result_per_run_and_a_summary(study, cifar_tar):
     assert "Epoch 1/2 [WARMUP]" not in log  # trained once, in the shared warmup
   warmup_log = (study_dir / "warmup_s0" / "train.log").read_text()
   assert "Epoch 1/2 [WARMUP]" in warmup_log and "Stopped after epoch 1" in warmup_log
+  assert "2-stage QAT+BR training: resnet8, W2A2" in warmup_log
+  assert "(--first_last_bits); the rest W2A2" in warmup_log  # the banner's Layers: line
   assert proc.stdout.count("warmup warmup_s0: start") == 1
   study_json = json.loads((study_dir / "study.json").read_text())["flags"]
   assert study_json["seeds"] == [0] and study_json["configs"] == ["lsq", "lsq_br"]
+  assert (study_json["model"], study_json["first_last_bits"]) == ("resnet8", 8)
 
   summary = json.loads((study_dir / "summary.json").read_text())
   assert summary["baseline"] is None  # no --pretrained
@@ -382,16 +400,20 @@ def test_study_writes_one_result_per_run_and_a_summary(study, cifar_tar):
     assert c["command_template"] == result["command"].replace(
         "--seed=0", "--seed={seed}").replace(f"{name}_s0", f"{name}_s{{seed}}")
   markdown = (study_dir / "summary.md").read_text()
+  assert markdown.startswith("# LSQ vs LSQ+BR: ResNet-8 W2A2 (first conv and last FC at 8 "
+                             "bits)\n\nResNet-8 (--model=resnet8), the first conv and last FC "
+                             "at 8 bits (--first_last_bits=8), every other layer at 2 bits; 2 "
+                             "epochs (1 LSQ warmup, then BR), ")
   assert "| lsq | LSQ | 1 |" in markdown and "| lsq_br | LSQ + W-BR + A-BR | 1 |" in markdown
   assert markdown in proc.stdout  # the table is printed at the end
 
 
 @pytest.mark.slow
-def test_a_run_with_its_own_warmup_gives_the_shared_warmups_results(study, cifar_tar,
+def test_a_run_with_its_own_warmup_gives_the_shared_warmups_results(study, cifar_dir,
                                                                      tmp_path):
   """--noshare_warmup: lsq_br_s0 trains its own warmup, and writes the same history."""
   shared_dir, _ = study
-  proc = run_study(tmp_path / "own", cifar_tar, "--configs=lsq_br", "--noshare_warmup")
+  proc = run_study(tmp_path / "own", cifar_dir, "--configs=lsq_br", "--noshare_warmup")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "warmup_s0" not in proc.stdout and "Epoch 1/2 [WARMUP]" in proc.stdout
   result = json.loads((tmp_path / "own" / "lsq_br_s0.json").read_text())
@@ -406,12 +428,12 @@ def test_a_run_with_its_own_warmup_gives_the_shared_warmups_results(study, cifar
 
 
 @pytest.mark.slow
-def test_a_lost_run_branches_again_from_the_kept_warmup(study_copy, cifar_tar):
+def test_a_lost_run_branches_again_from_the_kept_warmup(study_copy, cifar_dir):
   study_dir = study_copy
   expected = json.loads((study_dir / "lsq_s0.json").read_text())
   (study_dir / "lsq_s0.json").unlink()
   shutil.rmtree(study_dir / "lsq_s0")
-  proc = run_study(study_dir, cifar_tar)
+  proc = run_study(study_dir, cifar_dir)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "[1/2] lsq_s0: branch from warmup_s0" in proc.stdout
   assert "warmup warmup_s0" not in proc.stdout and "Epoch 1/2 [" not in proc.stdout
@@ -421,12 +443,12 @@ def test_a_lost_run_branches_again_from_the_kept_warmup(study_copy, cifar_tar):
 
 
 @pytest.mark.slow
-def test_second_invocation_skips_finished_runs(study_copy, cifar_tar, capsys):
+def test_second_invocation_skips_finished_runs(study_copy, cifar_dir, capsys):
   study_dir = study_copy
   before = _mtimes(study_dir)
   # In this process: nothing is left to run, so no training process starts.
   code = experiments.main(["experiments.py", f"--study_dir={study_dir}",
-                           f"--data_dir={cifar_tar}", *TINY])
+                           f"--data_dir={cifar_dir}", *TINY])
   out, err = capsys.readouterr()
   assert code == 0, err
   assert "[1/2] lsq_s0: skip" in out and "[2/2] lsq_br_s0: skip" in out
@@ -440,32 +462,34 @@ def test_second_invocation_skips_finished_runs(study_copy, cifar_tar, capsys):
 @pytest.mark.parametrize("changed,message", [
     (["--seeds=0,1"], "--seeds=0 there, --seeds=0,1 here"),
     (["--lr=0.1"], "--lr=0.01 there, --lr=0.1 here"),
+    (["--model=resnet14"], "--model=resnet8 there, --model=resnet14 here"),
+    (["--first_last_bits=32"], "--first_last_bits=8 there, --first_last_bits=32 here"),
 ])
-def test_other_flags_on_the_same_study_are_refused(study_copy, cifar_tar, changed, message,
+def test_other_flags_on_the_same_study_are_refused(study_copy, cifar_dir, changed, message,
                                                   capsys):
   study_dir = study_copy
   before = _mtimes(study_dir)
   # In this process: refused before any run starts (as the real CLI, only faster).
   code = experiments.main(["experiments.py", f"--study_dir={study_dir}",
-                           f"--data_dir={cifar_tar}", *TINY, *changed])
+                           f"--data_dir={cifar_dir}", *TINY, *changed])
   err = one_line_error(capsys.readouterr().err)
   assert code == 2 and message in err, err
   assert _mtimes(study_dir) == before
 
 
 @pytest.mark.slow
-def test_run_without_result_resumes_from_its_checkpoint(study, study_copy, cifar_tar, capsys):
+def test_run_without_result_resumes_from_its_checkpoint(study, study_copy, cifar_dir, capsys):
   """A study stopped after lsq_br_s0's epoch 1 (its result and epoch-2 checkpoint gone)."""
   original, study_dir = study[0], study_copy
   expected = json.loads((study_dir / "lsq_br_s0.json").read_text())
   (study_dir / "lsq_br_s0.json").unlink()
   for kind in ("latest", "best"):
     shutil.rmtree(study_dir / "lsq_br_s0" / "checkpoints" / kind / "2", ignore_errors=True)
-  runs = _dry_run(capsys, study_dir, cifar_tar)
+  runs = _dry_run(capsys, study_dir, cifar_dir)
   assert runs["lsq_s0"][0] == "skip"
   assert runs["lsq_br_s0"][0] == "resume" and runs["lsq_br_s0"][1].endswith(" --resume")
 
-  proc = run_study(study_dir, cifar_tar)
+  proc = run_study(study_dir, cifar_dir)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "[1/2] lsq_s0: skip" in proc.stdout
   assert "[2/2] lsq_br_s0: resume from epoch 1" in proc.stdout

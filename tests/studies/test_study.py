@@ -344,6 +344,58 @@ def test_markdown_describes_the_study_and_an_unreadable_baseline(tmp_path):
                            "(FileNotFoundError).\n")
 
 
+@pytest.mark.parametrize("overrides,title,opening", [
+    (dict(model="resnet8", first_last_bits=8),
+     "ResNet-8 W2A2 (first conv and last FC at 8 bits)",
+     "ResNet-8 (--model=resnet8), the first conv and last FC at 8 bits (--first_last_bits=8), "
+     "every other layer at 2 bits; 2 epochs"),
+    (dict(model="resnet20_option_a", first_last_bits=32),
+     "ResNet-20 (option A shortcuts) W2A2 (first conv and last FC float)",
+     "ResNet-20 (option A shortcuts) (--model=resnet20_option_a), the first conv and last FC "
+     "float (--first_last_bits=32), every other layer at 2 bits; 2 epochs"),
+    (dict(model="resnet56"), "ResNet-56 W2A2", "ResNet-56 (--model=resnet56), every layer at 2 "
+     "bits; 2 epochs"),
+    (dict(), "ResNet-20 W2A2", "2 epochs"),  # as every study before --model
+])
+def test_the_summary_names_the_model_and_its_layers_bits(tmp_path, overrides, title, opening):
+  fake_result(tmp_path, "lsq", 0, 80.0)
+  checked = flags(seeds=["0"], **overrides)
+  summary = study_summary.summarize(study_results.collect_results(str(tmp_path)), checked, None)
+  lines = study_summary.summary_markdown(summary).splitlines()
+  assert lines[0] == f"# LSQ vs LSQ+BR: {title}" and lines[2].startswith(opening)
+  assert lines[2].endswith("; from scratch.")
+  # A study.json written before --model and --first_last_bits: ResNet-20, every layer alike.
+  old = {k: v for k, v in checked.items() if k not in ("model", "first_last_bits")}
+  assert study_summary.setting(old) == "ResNet-20 W2A2"
+
+
+def test_the_model_and_the_first_last_bits_reach_every_run_and_are_checked(tmp_path):
+  checked = flags(model="resnet8", first_last_bits=8)
+  assert (checked["model"], checked["first_last_bits"]) == ("resnet8", 8)
+  assert flags()["model"] == "resnet20" and flags()["first_last_bits"] is None
+  runs = study.plan(str(tmp_path), checked)
+  for config in [r.train_config for r in runs] + [w.train_config for w in study.warmups(runs)]:
+    assert (config.model, config.first_last_bits) == ("resnet8", 8)
+  assert runs[0].command().startswith("python scripts/train.py --model=resnet8 --bits=2 "
+                                      "--first_last_bits=8 ")
+  with pytest.raises(study.StudyError, match=r"^--model=resnet9 is not accepted: use one of "
+                                             r"resnet8, resnet14, resnet20, "):
+    flags(model="resnet9")
+  with pytest.raises(study.StudyError, match=r"^--first_last_bits=0 is not accepted: use an "
+                                             r"integer in 1\.\.8, or 32 for float"):
+    study.plan(str(tmp_path), flags(first_last_bits=0))
+  # A study.json without them is the ResNet-20 study it was: it continues with the defaults,
+  # and is refused with another model, naming both values.
+  saved = {k: v for k, v in checked.items() if k not in ("model", "first_last_bits")}
+  study_summary.write_json(str(tmp_path / "study.json"), {"flags": saved})
+  assert study.check_study_file(str(tmp_path), {**checked, "model": "resnet20",
+                                                "first_last_bits": None})
+  with pytest.raises(study.StudyError, match="--model=resnet20 there, --model=resnet8 here; "
+                                             "--first_last_bits=unset there, "
+                                             "--first_last_bits=8 here"):
+    study.check_study_file(str(tmp_path), checked)
+
+
 def test_baseline_from_its_history(tmp_path):
   write_metrics(tmp_path / "float", 3)
   baseline = study_summary.read_baseline("float", str(tmp_path))

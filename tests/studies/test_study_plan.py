@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
+import shlex
 
 import pytest
 
 from brjax.studies import plan as study_plan
 from brjax.studies import study
-from brjax.training.config import Config
+from brjax.training.config import Config, saved_defaults
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -22,7 +24,8 @@ def flags(**overrides) -> dict:
   return study.check_study(values)
 
 
-def float_run(workdir: pathlib.Path, times: list[float], steps: int, batch: int) -> None:
+def float_run(workdir: pathlib.Path, times: list[float], steps: int, batch: int,
+              **config) -> None:
   """A float run's metrics.jsonl and best checkpoint meta, as epoch_time reads them."""
   workdir.mkdir(parents=True)
   (workdir / "metrics.jsonl").write_text("".join(
@@ -30,7 +33,7 @@ def float_run(workdir: pathlib.Path, times: list[float], steps: int, batch: int)
       for e, t in enumerate(times, 1)))
   meta = workdir / "checkpoints" / "best" / str(len(times)) / "meta"
   meta.mkdir(parents=True)
-  (meta / "metadata").write_text(json.dumps({"config": {"batch_size": batch}}))
+  (meta / "metadata").write_text(json.dumps({"config": {"batch_size": batch, **config}}))
 
 
 def test_epoch_time_per_image_from_a_float_run_else_the_shipped_baseline(tmp_path):
@@ -40,6 +43,7 @@ def test_epoch_time_per_image_from_a_float_run_else_the_shipped_baseline(tmp_pat
   assert study_plan.epoch_time("no_such_run", str(tmp_path)) is None
   shipped = study_plan.epoch_time(None)  # the shipped baseline: 390 steps of 128 images
   assert shipped.source == study.BASELINE and shipped.images == 390 * 128
+  assert shipped.model == "resnet20"
   assert 290 < shipped.epoch_seconds < 310
 
 
@@ -129,3 +133,58 @@ def test_once_the_study_logged_epochs_its_times_come_from_them(tmp_path):
       "warmup_s0 (new, ~11m)", "lsq_s0 (new, ~11m, from warmup_s0 at epoch 2)",
       "lsq_br_s0 (new, ~21m, from warmup_s0 at epoch 2)"]
   assert study_plan.study_pace(study.plan(str(tmp_path / "new"), checked)) is None
+
+
+def test_the_estimate_says_when_it_is_another_models(tmp_path):
+  """STEP_COST was measured on a W2A2 ResNet-20, and a float run may be of another model
+  than the study's: the plan's words say what its times are based on."""
+  head = ("times estimated from float (100 s per float epoch of 100 images; a step costs "
+          "0.95x float with LSQ alone, 1.12x with BR")
+  resnet20 = study_plan.EpochTime(1.0, 100.0, 100, "float", "resnet20")
+  assert study_plan.float_pace(resnet20).source == head + ")"
+  assert study_plan.float_pace(resnet20, "resnet8").source == head + (
+      "; this study trains resnet8, but that float run is a resnet20 and the step costs are "
+      "W2A2 resnet20's: its times are not measured for resnet8)")
+  resnet8 = study_plan.EpochTime(1.0, 100.0, 100, "float", "resnet8")
+  assert study_plan.float_pace(resnet8, "resnet8").source == head + (
+      "; this study trains resnet8, but the step costs are W2A2 resnet20's: its times are not "
+      "measured for resnet8)")
+  assert study_plan.float_pace(resnet8).source.endswith(
+      "; this study trains resnet20, but that float run is a resnet8: its times are not "
+      "measured for resnet20)")
+  float_run(tmp_path / "float", [100.0], steps=10, batch=10, model="resnet20")
+  lines = study_plan.dry_run(str(tmp_path / "study"), flags(
+      pretrained=str(tmp_path / "float"), model="resnet8"))
+  assert lines[0].endswith("1.12x with BR; this study trains resnet8, but that float run is a "
+                           "resnet20 and the step costs are W2A2 resnet20's: its times are not "
+                           "measured for resnet8)")
+
+
+def test_the_shipped_evidence_study_plans_the_commands_its_summary_lists(cifar_archive,
+                                                                         monkeypatch):
+  """checkpoints/study_evidence_W2A2's study.json, written before --model and
+  --first_last_bits, plans its runs as they ran: each the command its summary.md lists,
+  flag for flag, plus only the flags scripts/train.py gained since, at the values those
+  runs used (``config.saved_defaults``; ``--act_signs`` acts on the papers' models only)."""
+  monkeypatch.chdir(REPO)  # its paths are relative to the repository root
+  study_dir = REPO / "checkpoints" / "study_evidence_W2A2"
+  saved = study.read_study_file(str(study_dir))
+  assert "model" not in saved and "first_last_bits" not in saved
+  checked = study.check_study(saved)
+  assert (checked["model"], checked["first_last_bits"]) == ("resnet20", None)
+  assert study.check_study_file(str(study_dir), checked)  # it continues with these flags
+  listed = dict(re.findall(r"^- `(\w+)`: `(.+)`$", (study_dir / "summary.md").read_text(),
+                           re.M))
+  assert list(listed) == saved["configs"]
+  runs = study.plan(str(study_dir), checked)
+  assert len(runs) == 21
+  for run in runs:
+    recorded = shlex.split(listed[run.config].format(seed=run.seed))
+    planned = shlex.split(run.command())
+    names = {word.split("=", 1)[0] for word in recorded}
+    added = [word for word in planned if word.split("=", 1)[0] not in names]
+    assert [word for word in planned if word not in added] == recorded, run.name
+    config = run.train_config
+    then = {**saved_defaults(vars(config)), "act_signs": "architecture"}
+    assert {w.split("=", 1)[0][2:] for w in added} == set(then), run.name
+    assert all(getattr(config, name) == value for name, value in then.items()), run.name

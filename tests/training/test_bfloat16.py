@@ -72,8 +72,8 @@ def test_a_bfloat16_run_learns_like_a_float32_run(tmp_path):
                                              eval_folder="test")
   accuracy = {}
   for dtype in ("float32", "bfloat16"):
-    config = Config(bits_w=2, bits_a=2, epochs=2, warmup_epochs=1, batch_size=32,
-                    data_dir=str(data), dtype=dtype)
+    config = Config(model="resnet8", bits_w=2, bits_a=2, epochs=2, warmup_epochs=1,
+                    batch_size=32, data_dir=str(data), dtype=dtype)
     accuracy[dtype] = train.train_and_evaluate(config, str(tmp_path / dtype),
                                                log=lambda _: None)["test_acc"]
   assert min(accuracy.values()) > 50.0, accuracy  # chance: 25%

@@ -49,6 +49,8 @@ cli = _load_cli()
     (["--pretrained=/no/such.pth"], "--pretrained=/no/such.pth"),
     (["--clip=-1"], "--clip=-1.0"),
     (["--abr_clipped=drop"], "--abr_clipped"),
+    (["--act_signs=data"], "--act_signs=data"),  # a CIFAR ResNet: its ReLU outputs, unsigned
+    (["--act_signs=auto"], "--act_signs"),
     (["--train_examples=-1"], "--train_examples=-1"),
     (["--pretrained=/no/such/run"], "--pretrained=/no/such/run"),
     (["--data_dir=/no/such/data"], "--data_dir=/no/such/data"),
@@ -89,11 +91,12 @@ def test_bad_flag_exit_code_in_a_real_process(tmp_path):
   assert proc.stdout == ""
 
 
-def _tiny_flags(cifar_tar, workdir):
+def _tiny_flags(cifar_dir, workdir):
   # The same run as tests/conftest.py's tiny_config, through the CLI.
-  return [sys.executable, str(SCRIPT), "--bits=2", "--epochs=2", "--warmup_epochs=1",
-          "--train_examples=256", "--test_examples=128", "--batch_size=64", "--lr=0.05",
-          f"--data_dir={cifar_tar}", f"--workdir={workdir}"]
+  return [sys.executable, str(SCRIPT), "--model=resnet8", "--bits=2", "--epochs=2",
+          "--warmup_epochs=1", "--train_examples=256", "--test_examples=128",
+          "--batch_size=64", "--lr=0.05",
+          f"--data_dir={cifar_dir}", f"--workdir={workdir}"]
 
 
 def _start(argv):
@@ -116,11 +119,11 @@ def _start(argv):
 # leaked-shared-memory test below send it.
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 75)])
 def test_a_signal_saves_where_the_run_stops_and_resume_gives_the_uninterrupted_metrics(
-    cifar_tar, tiny_run, tmp_path, capsys, signum, code):
+    cifar_dir, tiny_run, tmp_path, capsys, signum, code):
   """Ctrl-C exits 130, SIGTERM 75 (EX_TEMPFAIL: run it again with --resume), each after
   saving where it stopped; the message names the command that continues the run."""
   workdir = tmp_path / "run"
-  argv = _tiny_flags(cifar_tar, workdir) + ["--checkpoint_every_steps=2"]
+  argv = _tiny_flags(cifar_dir, workdir) + ["--checkpoint_every_steps=2"]
   proc = _start(argv)
   first_save = workdir / "checkpoints" / "steps" / "2"  # epoch 1, step 2 of 4
   deadline = time.time() + 300
@@ -192,9 +195,9 @@ def test_a_streamed_run_stopped_by_ctrl_c_to_its_process_group_saves_and_resumes
   data = synthetic_images.write_image_folder(tmp_path / "data", classes=4, train_per_class=48,
                                              eval_per_class=8)
   workdir = tmp_path / "run"
-  argv = [sys.executable, str(SCRIPT), "--bits=2", "--epochs=1", "--warmup_epochs=1",
-          "--batch_size=32", f"--data_dir={data}", "--image_size=32", "--data_workers=2",
-          "--checkpoint_every_steps=1", f"--workdir={workdir}"]
+  argv = [sys.executable, str(SCRIPT), "--model=resnet8", "--bits=2", "--epochs=1",
+          "--warmup_epochs=1", "--batch_size=32", f"--data_dir={data}", "--image_size=32",
+          "--data_workers=2", "--checkpoint_every_steps=1", f"--workdir={workdir}"]
   proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True)  # its own process group, as a terminal's
   deadline = time.time() + 300

@@ -33,7 +33,7 @@ def test_defaults_are_valid_and_named():
     ("batch_size", 0, ">= 1"),
     ("train_examples", -5, ">= 0"),
     ("test_examples", -1, ">= 0"),
-    ("model", "vgg16", "resnet18, resnet20"),
+    ("model", "vgg16", "resnet8, resnet14, resnet20"),
     ("clip", -6.0, "positive"),
     ("br_alpha_grad_w", "scaled", "full, lsq, none"),
     ("abr_clipped", "drop", "include, exclude"),
@@ -71,6 +71,28 @@ def test_choices_without_jax_are_the_libraries():
   assert config.ALPHA_GRADS_W == regularizer.ALPHA_GRADS_W
   fields = {f.name for f in dataclasses.fields(Config)}
   assert config.BR_PHASE_FIELDS <= fields
+  from brjax.models import paper  # pylint: disable=g-import-not-at-top
+  assert config.ACT_SIGNS == paper.ACT_SIGNS and config.PAPER_MODELS == tuple(paper.MODELS)
+
+
+@pytest.mark.parametrize("settings", [dict(act_signs="sideways"), dict(act_signs="data"),
+                                      dict(act_signs="data", model="resnet50", bits_a=1),
+                                      dict(act_signs="data", model="resnet50", bits_a=32)])
+def test_act_signs_is_checked(settings):
+  """Signs from the data: the papers' models (quantized by rules), 2..8-bit inputs."""
+  with pytest.raises(ValueError, match=rf"^--act_signs={settings['act_signs']} is not "
+                                       "accepted: use architecture, or data with one of "
+                                       r"resnet18_imagenet, .* --bits_a in 2..8"):
+    Config(**settings)
+
+
+def test_act_signs_data_is_named_and_said_in_the_banner():
+  from brjax.training import report  # pylint: disable=g-import-not-at-top
+  config = Config(model="resnet50", bits_w=4, bits_a=4, act_signs="data")
+  assert config.name == "resnet50_W4A4_lw1_la1_datasigns_s42"
+  assert report.layers_line(config).endswith(
+      "; input signs from the init batch (--act_signs=data)")
+  assert "signs" not in report.layers_line(Config(model="resnet50"))
 
 
 def test_frozen():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from pathlib import Path
 
 import flax
 import jax
@@ -86,10 +87,17 @@ def _plain_rules(bits_w, bits_a, config):
                           alpha_param=config.alpha_param)]
 
 
+def _small_cases():
+  """W2A2 and W1A2 x SGD and Adam with ``BRJAX_ZOO=all``; two of them in the suite."""
+  if os.environ.get("BRJAX_ZOO") == "all":
+    return [(bits, opt) for bits in ((2, 2), (1, 2)) for opt in ("sgd", "adam")]
+  return [((2, 2), "sgd"), ((1, 2), "adam")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-@pytest.mark.parametrize("bits_w,bits_a", [(2, 2), (1, 2)])
-def test_small_model_keeps_its_step_sizes_at_the_defaults(optimizer, bits_w, bits_a):
+@pytest.mark.parametrize("bits,optimizer", _small_cases())
+def test_small_model_keeps_its_step_sizes_at_the_defaults(bits, optimizer):
+  bits_w, bits_a = bits
   config = Config(optimizer=optimizer, bits_w=bits_w, bits_a=bits_a)
   model = brjax.quantize_model(plain.MobileNetV2(stem=4, last=8),
                                _plain_rules(bits_w, bits_a, config))
@@ -98,9 +106,10 @@ def test_small_model_keeps_its_step_sizes_at_the_defaults(optimizer, bits_w, bit
 
 def _zoo():
   """The models of the issue, the bit widths and optimizers spread over them. Each case
-  compiles a training step of its own (15-150 s here): the suite runs the ones that cost
-  under ~30 s; ``BRJAX_ZOO=all`` runs every model, bit width and optimizer of the issue
-  (26 cases, ~15 min of CPU: docs/testing.md has the last run)."""
+  compiles a training step of its own (15-150 s here): the suite runs three (a CIFAR ResNet
+  at W1A2, and a ViT and a MobileNetV2 through ``quantize_model``, with SGD and Adam);
+  ``BRJAX_ZOO=all`` runs every model, bit width and optimizer of the issue (26 cases, ~15
+  min of CPU: docs/testing.md has the last run)."""
   if os.environ.get("BRJAX_ZOO") == "all":
     cases = []
     for name in ("resnet20", "resnet20_option_a", "resnet18", "resnet18_reference"):
@@ -110,9 +119,8 @@ def _zoo():
       cases += [(name, (2, 2), "sgd"), (name, (2, 2), "adam")]
     return cases + [("plain_vit", (2, 2), "sgd"), ("plain_vit", (2, 2), "adam"),
                     ("plain_mobilenet_v2", (4, 4), "sgd"), ("plain_mobilenet_v2", (4, 4), "adam")]
-  return [("resnet20", (1, 2), "sgd"), ("resnet20", (2, 2), "adam"),
-          ("resnet20_option_a", (4, 4), "sgd"), ("resnet18_reference", (2, 2), "adam"),
-          ("plain_vit", (2, 2), "adam"), ("plain_mobilenet_v2", (4, 4), "sgd")]
+  return [("resnet20", (1, 2), "sgd"), ("plain_vit", (2, 2), "adam"),
+          ("plain_mobilenet_v2", (4, 4), "sgd")]
 
 
 @pytest.mark.slow
@@ -130,3 +138,51 @@ def test_model_zoo_keeps_its_step_sizes_at_the_defaults(name, bits, optimizer):
     model = cifar.create_model(name, bits_w=bits[0], bits_a=bits[1], alpha_param=config.alpha_param,
                                width=8 if name == "resnet18_reference" else None)
   _train(model, config, size=32 if name in paper.MODELS or name.startswith("resnet") else 16)
+
+
+# The same check through the trainer, at default flags given only data, size and budget
+# flags: resnet20 from the shipped float model on a CIFAR-10 subset, and the ImageNet models
+# on a generated ImageNet-layout folder (streamed, the input pipeline's defaults). Seven
+# epochs: the warmup, then the 5-epoch BR ramp and one epoch at the full lambda.
+SHIPPED_FLOAT = Path(__file__).resolve().parents[2] / "checkpoints" / "resnet20_float_cifar10"
+TRAINER_EPOCHS = 7
+
+
+def _trainer_cases():
+  """``(model, bits, optimizer)``: in the suite the main command's case (resnet20 W2A2 from
+  the float model, SGD); ``BRJAX_ZOO=all`` runs W1A2/W2A2/W4A4 x SGD/Adam from the float
+  model and the three ImageNet models x SGD/Adam on a folder (docs/testing.md)."""
+  if os.environ.get("BRJAX_ZOO") != "all":
+    return [("resnet20", (2, 2), "sgd")]
+  cases = [("resnet20", bits, opt) for bits in ((1, 2), (2, 2), (4, 4)) for opt in ("sgd", "adam")]
+  return cases + [(name, (4, 4), opt) for name in paper.MODELS for opt in ("sgd", "adam")]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+  from brjax.data import synthetic_images  # pylint: disable=g-import-not-at-top
+  return str(synthetic_images.write_image_folder(
+      tmp_path_factory.mktemp("imagenet_layout"), classes=4, train_per_class=16,
+      eval_per_class=4, sizes=(40, 56)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,bits,optimizer", _trainer_cases())
+def test_the_trainer_keeps_step_sizes_alive_at_the_defaults(name, bits, optimizer, request,
+                                                            tmp_path):
+  from brjax.training import history, train  # pylint: disable=g-import-not-at-top
+  if name == "resnet20":
+    data = dict(data_dir=request.getfixturevalue("cifar_dir"), train_examples=256,
+                test_examples=128, batch_size=32, pretrained=str(SHIPPED_FLOAT))
+  else:  # the folder's 64 training images, 8 steps an epoch, at 32 pixels
+    data = dict(data_dir=request.getfixturevalue("image_folder"), batch_size=8, image_size=32)
+  config = Config(model=name, bits_w=bits[0], bits_a=bits[1], optimizer=optimizer,
+                  epochs=TRAINER_EPOCHS, warmup_epochs=1, **data)
+  train.train_and_evaluate(config, str(tmp_path), log=lambda _: None)  # Diverged fails it
+  records = history.read_history(str(tmp_path))
+  assert len(records) == TRAINER_EPOCHS
+  for record in records[1:]:
+    h = record["step_size_health"]["activations"]
+    assert h["min_ratio"] >= MIN_RATIO, (
+        f"epoch {record['epoch']}: {h['min_layer']} fell to {h['min_ratio']:.3g} of its "
+        "value after the first epoch")

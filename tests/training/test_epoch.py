@@ -50,11 +50,11 @@ def _stop_at(monkeypatch, global_step: int | None = None, eval_of_epoch: int | N
 @pytest.mark.slow
 @pytest.mark.slow
 def test_stops_inside_an_epoch_and_during_an_evaluation_resume_to_the_same_metrics(
-    cifar_tar, tiny_run, tmp_path, monkeypatch):
+    cifar_dir, tiny_run, tmp_path, monkeypatch):
   """Stopped during epoch 1's evaluation (SIGINT), resumed, stopped again inside the BR
   epoch (SIGTERM at epoch 2, step 2: the phase switch, the optimizer swap and epoch 1's
   checkpoint lie behind it), resumed: the uninterrupted run's metrics, value for value."""
-  config = tiny_config(cifar_tar)  # 4 steps an epoch, 2 epochs (warmup, BR)
+  config = tiny_config(cifar_dir)  # 4 steps an epoch, 2 epochs (warmup, BR)
   workdir = str(tmp_path / "run")
   with monkeypatch.context() as patch:
     _stop_at(patch, eval_of_epoch=1, signal_name="SIGINT")
@@ -83,8 +83,8 @@ def test_stops_inside_an_epoch_and_during_an_evaluation_resume_to_the_same_metri
 
 @pytest.mark.slow
 def test_checkpoint_every_steps_saves_inside_epochs_and_without_resume_the_run_is_refused(
-    cifar_tar, tmp_path, monkeypatch):
-  config = tiny_config(cifar_tar, epochs=1, warmup_epochs=1)
+    cifar_dir, tmp_path, monkeypatch):
+  config = tiny_config(cifar_dir, epochs=1, warmup_epochs=1)
   workdir = str(tmp_path / "run")
   saved = []
   real = checkpoint.RunCheckpoints.save_step
@@ -115,7 +115,7 @@ def streamed_folder(tmp_path_factory):
 @pytest.mark.slow
 def test_a_streamed_run_resumes_from_its_grain_iterator_state(streamed_folder, tmp_path,
                                                               monkeypatch):
-  config = Config(model="resnet20", bits_w=2, bits_a=2, epochs=1, warmup_epochs=1,
+  config = Config(model="resnet8", bits_w=2, bits_a=2, epochs=1, warmup_epochs=1,
                   batch_size=32, data_dir=str(streamed_folder), image_size=32, data_workers=0)
   whole = str(tmp_path / "whole")
   train.train_and_evaluate(config, whole, log=lambda _: None)

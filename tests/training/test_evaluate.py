@@ -170,19 +170,19 @@ def test_shipped_baseline_record_matches_its_checkpoint(baseline_record):
 
 
 @pytest.mark.slow
-def test_shipped_baseline_reproduces_its_test_accuracy(baseline_record, cifar_tar):
+def test_shipped_baseline_reproduces_its_test_accuracy(baseline_record, cifar_dir):
   """Loads checkpoints/resnet20_float_cifar10 and evaluates it on the offline test set."""
-  result = evaluation.evaluate_run(str(BASELINE), data_dir=cifar_tar)
+  result = evaluation.evaluate_run(str(BASELINE), data_dir=cifar_dir)
   assert result["test_count"] == 10000
   assert abs(result["test_acc"] - baseline_record["test_acc"]) <= 0.1, result
 
 
 @pytest.mark.slow
-def test_shipped_baseline_starts_quantized_training(cifar_tar, tmp_path):
+def test_shipped_baseline_starts_quantized_training(cifar_dir, tmp_path):
   """``--pretrained=checkpoints/resnet20_float_cifar10`` loads into a W2A2 ResNet-20."""
-  config = tiny_config(cifar_tar, pretrained=str(BASELINE), train_examples=64,
+  config = tiny_config(cifar_dir, pretrained=str(BASELINE), train_examples=64,
                        test_examples=64)
-  ds = input_pipeline.load_dataset(config.dataset, cifar_tar, 64, 64)
+  ds = input_pipeline.load_dataset(config.dataset, cifar_dir, 64, 64)
   model = models.create_model("resnet20", bits_w=2, bits_a=2, num_classes=10)
   state = train.create_train_state(config, model, ds, steps_per_epoch=1)
   loaded, _ = checkpoint.restore_pretrained(str(BASELINE))

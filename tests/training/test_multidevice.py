@@ -183,16 +183,17 @@ def test_two_processes_each_feed_their_rows(steps_on_one_and_two_devices, tmp_pa
 
 
 @pytest.mark.slow
-def test_cli_trains_on_two_devices(cifar_tar, tmp_path):
+def test_cli_trains_on_two_devices(cifar_dir, tmp_path):
   """A tiny two-phase run of scripts/train.py on 2 devices, through --distributed.
 
   One process (the SLURM variables say so) with two CPU devices: the flag's
   ``jax.distributed.initialize()`` path, and the data-parallel loop, end to end.
   """
   proc = subprocess.Popen(
-      [sys.executable, "scripts/train.py", "--distributed", "--train_examples=128",
+      [sys.executable, "scripts/train.py", "--distributed", "--model=resnet8",
+       "--train_examples=128",
        "--test_examples=64", "--batch_size=32", "--epochs=2", "--warmup_epochs=1",
-       f"--data_dir={cifar_tar}", f"--workdir={tmp_path / 'run'}"],
+       f"--data_dir={cifar_dir}", f"--workdir={tmp_path / 'run'}"],
       cwd=REPO, env=_env(**_slurm_env(1, 0, _free_port())), stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True)
   out = _wait(proc)
@@ -277,6 +278,94 @@ def test_quantized_plain_models_on_two_devices_equal_one(tmp_path):
   chex.assert_trees_all_close(two, one, rtol=1e-9, atol=1e-12)
 
 
+# flax's lm1b style (tests/quant/third_party_models.PartitionedLM: every parameter boxed by
+# nn.with_logical_partitioning), quantized, its parameters sharded FSDP-style over the
+# "data" axis by logical rules (each array along its first axis a rule names), the batch
+# too. init is jitted with the shardings nn.get_partition_spec gives, so the step sizes
+# are sharded as their boxes say; one SGD step (CE + BR) from those very values then runs
+# on 1 device and on 2. In float64, as above (the init is float32: LSQ's mean over a
+# sharded kernel sums in another order, so the 1-device init is compared at float32's).
+PARTITIONED_LM = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, "tests/quant")
+    import flax.linen as nn
+    import jax, jax.numpy as jnp, numpy as np, optax
+    jax.config.update("jax_enable_x64", True)
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import third_party_models as tp
+    from brjax.quant import regularizer
+    from brjax.quant.quantize import quantize_model
+    from brjax.quant.rules import QuantRule
+
+    assert len(jax.devices()) == 2, jax.devices()
+    RULES = (("mlp", "data"), ("heads", "data"), ("vocab", "data"), ("embed", "data"))
+    model = quantize_model(tp.PartitionedLM(), QuantRule(".*", weight_bits=4, act_bits=4,
+                                                         per_channel=True))
+    tokens = jax.random.randint(jax.random.key(0), (4, 8), 0, 16)
+    tx = optax.sgd(0.1)
+
+    def shardings(devices):
+      mesh = Mesh(np.asarray(devices), ("data",))
+      spec = nn.get_partition_spec(jax.eval_shape(model.init, jax.random.key(1), tokens))
+      return mesh, nn.logical_to_mesh_sharding(spec, mesh, RULES)
+
+    def loss_fn(params, rest, tokens):
+      logits, new = model.apply({**rest, "params": params}, tokens, mutable=["quant"])
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+      br_w, br_a = regularizer.br_losses(new["quant"])
+      return ce.mean() + br_w + br_a, (br_w, br_a)
+
+    def train(params, rest, tokens):
+      (loss, brs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, tokens)
+      updates, _ = tx.update(grads, tx.init(params))
+      return optax.apply_updates(params, updates), loss, brs, grads
+
+    out = {}
+    for devices in (1, 2):
+      mesh, sh = shardings(jax.devices()[:devices])
+      variables = nn.meta.unbox(jax.jit(model.init, out_shardings=sh)(jax.random.key(1),
+                                                                       tokens))
+      out[f"init{devices}"] = jax.device_get(variables)
+    mlp = jax.tree.map(lambda a: a.sharding.spec, variables["params"]["DecoderBlock_0"]
+                       ["LmMlpBlock_0"]["Dense_0"])  # the 2-device init's, as boxed
+    assert mlp == {"alpha": P(None, "data"), "kernel": P(None, "data"), "bias": P("data"),
+                   "input_alpha": P()}, mlp
+    host = jax.tree.map(lambda a: a.astype(np.float64) if a.dtype == np.float32 else a,
+                        out["init2"])
+    for devices in (1, 2):
+      mesh, sh = shardings(jax.devices()[:devices])
+      v = jax.device_put(host, sh)
+      params = v.pop("params")
+      step = jax.jit(train, out_shardings=(sh["params"], None, None, None))
+      batch = jax.device_put(tokens, NamedSharding(mesh, P("data")))
+      new, loss, brs, grads = step(params, v, batch)
+      if devices == 2:
+        alpha = new["DecoderBlock_0"]["LmMlpBlock_0"]["Dense_0"]["alpha"]
+        assert alpha.sharding.spec == P(None, "data"), alpha.sharding
+      out[f"step{devices}"] = jax.device_get({"params": new, "grads": grads, "loss": loss,
+                                              "br": brs})
+    flat = jax.tree_util.tree_flatten_with_path(out)[0]
+    np.savez(sys.argv[1], **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
+""")
+
+
+@pytest.mark.slow
+def test_partitioned_lm_fsdp_step_on_two_devices_equals_one(tmp_path):
+  """Step sizes of boxed kernels, sharded with them (per channel along the kernel's output
+  axis, inputs replicated): the 2-device FSDP step gives the 1-device step (loss, BR, every
+  gradient and updated parameter, step sizes included); the sharded init, LSQ's."""
+  _wait(_python(PARTITIONED_LM, str(tmp_path / "out.npz"), env=_env()))
+  out = _load(tmp_path / "out.npz")
+  part = lambda prefix: {k[len(prefix):]: v for k, v in out.items() if k.startswith(prefix)}
+  one, two = part("['step1']"), part("['step2']")
+  assert one.keys() == two.keys() and len(one) > 100
+  alphas = [k for k in one if k.startswith("['grads']") and "alpha'" in k]
+  assert len(alphas) == 2 * 13 and all(np.all(one[k] != 0) for k in alphas)
+  assert float(one["['br'][0]"]) > 0 and float(one["['br'][1]"]) > 0
+  chex.assert_trees_all_close(two, one, rtol=1e-9, atol=1e-12)
+  chex.assert_trees_all_close(part("['init2']"), part("['init1']"), rtol=1e-6, atol=1e-7)
+
+
 def _two_processes(argv: list[str], port: int) -> list[subprocess.Popen]:
   env = {k: v for k, v in _env().items() if k != "XLA_FLAGS"}  # one device per process
   return [subprocess.Popen([sys.executable, "scripts/train.py", "--distributed", *argv],
@@ -297,11 +386,11 @@ def _finish(procs: list[subprocess.Popen], timeout: int = 300) -> list[tuple[int
 
 @pytest.mark.slow
 def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_and_resume_is_exact(
-    cifar_tar, tmp_path):
+    cifar_dir, tmp_path):
   """A Ctrl-C to process 1 alone: both processes save one checkpoint at the same step and
   exit (no hang); resumed on two processes, the run gives the uninterrupted run's metrics."""
-  flags = ["--train_examples=96", "--test_examples=32", "--batch_size=32", "--epochs=1",
-           "--warmup_epochs=1", f"--data_dir={cifar_tar}"]
+  flags = ["--model=resnet8", "--train_examples=96", "--test_examples=32", "--batch_size=32",
+           "--epochs=1", "--warmup_epochs=1", f"--data_dir={cifar_dir}"]
   whole, stopped = tmp_path / "whole", tmp_path / "stopped"
   procs = _two_processes([*flags, f"--workdir={whole}"], _free_port())
   assert [code for code, _ in _finish(procs)] == [0, 0]

@@ -1,6 +1,7 @@
 """Tests of brjax.training.optim: labels, freezing with set_to_zero, schedule, weight decay."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +52,20 @@ def test_freezing_zeroes_exactly_the_frozen_labels(params, frozen):
     else:  # step sizes at their own learning rate (--alpha_lr_scale)
       lr = config.lr * (config.alpha_lr_scale if label != optim.WEIGHTS else 1.0)
       np.testing.assert_allclose(u, -lr, rtol=1e-6, err_msg=str(path))
+
+
+def test_boxed_parameters_are_labelled_by_their_names():
+  """Partitioned parameters (nn.with_partitioning) are labelled and frozen as plain ones."""
+  box = lambda value, *axes: nn.LogicallyPartitioned(value, axes)
+  params = {"dense": {"kernel": box(jnp.ones((2, 4)), "embed", "mlp"),
+                      "alpha": box(jnp.ones((1, 4)), None, "mlp"), "input_alpha": box(1.0)}}
+  assert optim.param_labels(params) == {"dense": {"kernel": "weights", "alpha": "alpha_w",
+                                                  "input_alpha": "alpha_a"}}
+  tx = optim.create_optimizer(Config(weight_decay=0.0), 10, frozen={"alpha_w"})
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  assert isinstance(updates["dense"]["alpha"], nn.LogicallyPartitioned)
+  assert not np.any(updates["dense"]["alpha"].value)
+  assert np.all(updates["dense"]["kernel"].value < 0) and updates["dense"]["input_alpha"].value < 0
 
 
 def test_state_structure_is_the_same_in_both_phases(params):

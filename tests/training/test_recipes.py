@@ -168,8 +168,7 @@ def test_frozen_alphas_stay_exactly_frozen_and_state_carries_over(recipe):
 
 
 def _act_alpha_grad(act_grad_scale, batch):
-  model = models.create_model("resnet20", bits_w=32, bits_a=2,
-                              act_grad_scale=act_grad_scale)
+  model = models.create_model("resnet8", bits_w=32, bits_a=2, act_grad_scale=act_grad_scale)
   variables = model.init(jax.random.key(0), batch, train=False)
 
   def loss(params):
@@ -207,12 +206,12 @@ def test_describe_names_every_part():
 
 
 @pytest.mark.slow
-def test_reference_recipe_run_logs_the_lr_each_epoch_used(cifar_tar, tmp_path):
+def test_reference_recipe_run_logs_the_lr_each_epoch_used(cifar_dir, tmp_path):
   """End to end: the reference layout and recipe; metrics.jsonl holds the per-epoch LR
   (constant through warmup, then cosine over the BR epochs) and the banner names it."""
   config = Config(recipe="reference", model="resnet18_reference", width=4, epochs=3,
                   warmup_epochs=1, train_examples=128, test_examples=64, batch_size=64,
-                  data_dir=cifar_tar)
+                  data_dir=cifar_dir)
   lines = []
   train.train_and_evaluate(config, str(tmp_path), log=lines.append)
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:

@@ -140,12 +140,12 @@ def test_stop_after_epoch(tmp_path, no_data):
 
 
 @pytest.mark.slow
-def test_a_branched_run_is_bit_identical_to_the_run_from_scratch(tiny_record, cifar_tar,
+def test_a_branched_run_is_bit_identical_to_the_run_from_scratch(tiny_record, cifar_dir,
                                                                  tmp_path):
   """The tiny run (lambda 1/1, 1 warmup + 1 BR epoch), branched at epoch 1 from a warmup
   trained with lambda 0/0 and every other BR-phase field off, writes the tiny run's
   metrics.jsonl, every value equal (timings aside)."""
-  config = tiny_config(cifar_tar)
+  config = tiny_config(cifar_dir)
   warmup = dataclasses.replace(config, lambda_w=0.0, lambda_a=0.0)
   log = []
   train.train_and_evaluate(warmup, str(tmp_path / "warmup"), stop_after_epoch=1,

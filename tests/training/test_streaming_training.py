@@ -28,7 +28,7 @@ def test_the_choice_of_input(imagenet_like, tmp_path):
 
 @pytest.mark.slow
 def test_a_streamed_run_learns_and_its_checkpoint_evaluates(imagenet_like, tmp_path):
-  config = Config(model="resnet20", bits_w=2, bits_a=2, epochs=2, warmup_epochs=1,
+  config = Config(model="resnet8", bits_w=2, bits_a=2, epochs=2, warmup_epochs=1,
                   batch_size=32, data_dir=str(imagenet_like), image_size=32, data_workers=0)
   lines = []
   last = train.train_and_evaluate(config, str(tmp_path), log=lines.append)

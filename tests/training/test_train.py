@@ -40,10 +40,10 @@ def _synthetic_dataset(n=64, classes=10, seed=0):
 
 @pytest.fixture(scope="module")
 def small_setup():
-  config = Config(batch_size=16, epochs=2, warmup_epochs=1, freeze_alpha_w=True,
-                  freeze_alpha_a=True, weight_decay=0.0)
+  config = Config(model="resnet8", batch_size=16, epochs=2, warmup_epochs=1,
+                  freeze_alpha_w=True, freeze_alpha_a=True, weight_decay=0.0)
   ds = _synthetic_dataset()
-  model = models.create_model("resnet20", bits_w=2, bits_a=2)
+  model = models.create_model("resnet8", bits_w=2, bits_a=2)
   state = train.create_train_state(config, model, ds, steps_per_epoch=4)
   batch = next(input_pipeline.train_batches(ds, 16, seed=0, epoch=1))
   return config, model, state, batch
@@ -146,8 +146,9 @@ def test_loss_terms_and_no_abr_work_without_lambda_a(small_setup):
   per_tensor = _scatter_count(lambda v: regularizer.bin_regularization(v, 0.1, -2, 1),
                               jnp.ones((64,)))
   assert per_tensor >= 1
-  assert counts["w_only"] - counts["plain"] == 22 * per_tensor, counts
-  assert counts["both"] - counts["w_only"] == 19 * per_tensor, counts
+  # ResNet-8: 7 3x3 convs, 2 projections and the dense; 7 ReLUs.
+  assert counts["w_only"] - counts["plain"] == 10 * per_tensor, counts
+  assert counts["both"] - counts["w_only"] == 7 * per_tensor, counts
 
 
 @pytest.mark.slow
@@ -184,7 +185,7 @@ def test_tiny_run_log_metrics_checkpoints_and_compiles(tiny_record):
   assert lines[1]["br_w"] > 0 and lines[1]["br_a"] > 0
   assert lines[0]["br_w"] is None and lines[0]["br_a"] is None  # not computed in warmup
   quant_metrics = lines[1]["quant"]
-  assert len(quant_metrics["weights"]) == 22 and len(quant_metrics["activations"]) == 19
+  assert len(quant_metrics["weights"]) == 10 and len(quant_metrics["activations"]) == 7
   assert set(quant_metrics["weights"]["conv_init"]) >= {"alpha", "mse", "near_frac",
                                                         "occupancy"}
   assert lines[-1] == tiny_record.metrics
@@ -278,18 +279,18 @@ def test_unfinished_saves_are_removed_and_finished_checkpoints_kept(tmp_path):
   assert sorted(os.listdir(latest)) == ["1", "2"] and ckpts.latest_epoch() == 2
 
 
-def test_incompatible_resume_is_refused_before_work(tiny_run, tmp_path, cifar_tar):
+def test_incompatible_resume_is_refused_before_work(tiny_run, tmp_path, cifar_dir):
   workdir = _copy_run(tiny_run, tmp_path)
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest")))
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"incompatible run \(--bits_w=2 there, --bits_w=4 here\)"):
-    train.train_and_evaluate(tiny_config(cifar_tar, bits_w=4), workdir, resume=True,
+    train.train_and_evaluate(tiny_config(cifar_dir, bits_w=4), workdir, resume=True,
                              log=lambda _: None)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest"))) == before
 
 
 def test_corrupt_checkpoint_is_a_clear_error_and_the_good_ones_stay(tiny_run, tmp_path,
-                                                                    cifar_tar):
+                                                                    cifar_dir):
   workdir = _copy_run(tiny_run, tmp_path)
   broken = os.path.join(workdir, "checkpoints", "latest", "2", "state")
   for root, _, files in os.walk(broken):
@@ -303,7 +304,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_the_good_ones_stay(tiny_run, tm
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "latest", "1"))
   # Moving the broken one away resumes from the good one.
   shutil.move(os.path.join(workdir, "checkpoints", "latest", "2"), str(tmp_path / "broken"))
-  metrics = train.train_and_evaluate(tiny_config(cifar_tar), workdir, resume=True,
+  metrics = train.train_and_evaluate(tiny_config(cifar_dir), workdir, resume=True,
                                      log=lambda _: None)
   assert metrics["epoch"] == 2
   for key in ("train_acc", "test_acc", "br_w", "br_a", "train_loss", "lr"):
@@ -344,14 +345,14 @@ def test_pretrained_float_weights_and_lsq_alpha_init(tmp_path):
 
 
 @pytest.mark.slow
-def test_w2a2_resnet20_learns_on_a_cifar_subset(cifar_tar, tmp_path):
+def test_w2a2_resnet20_learns_on_a_cifar_subset(cifar_dir, tmp_path):
   """A real learning test: W2A2 from scratch, 2 warmup + 1 BR epochs on 4,000 images.
 
   Measured here (2-core CPU): test accuracy 22.1% and 24.7% after the warmup epochs, 24.2%
   after the BR epoch, on 1,000 test images (chance: 10%, one standard error: ~1.3 points).
   """
-  config = tiny_config(cifar_tar, epochs=3, warmup_epochs=2, train_examples=4000,
-                       test_examples=1000, batch_size=100, lr=0.1)
+  config = tiny_config(cifar_dir, model="resnet20", epochs=3, warmup_epochs=2,
+                       train_examples=4000, test_examples=1000, batch_size=100, lr=0.1)
   metrics = train.train_and_evaluate(config, str(tmp_path), log=lambda _: None)
   assert metrics["best_test_acc"] >= 18.0, metrics
   assert metrics["test_acc"] >= 16.0, metrics  # the BR epoch keeps what the warmup learned
@@ -372,7 +373,7 @@ def test_tensorboard_events_are_read_by_tensorboard(tiny_record):
       tiny_record.metrics["test_acc"], rel=1e-6)
   assert {"weights/conv_init", "quantized_weights/conv_init", "activations/act_init"} <= \
       histograms
-  assert len([t for t in histograms if t.startswith("activations/")]) == 19
+  assert len([t for t in histograms if t.startswith("activations/")]) == 7  # ResNet-8's
 
 
 @pytest.mark.slow
