@@ -21,6 +21,13 @@ from brjax.quant import lsq as quant
 from brjax.quant import regularizer, sites
 
 
+def _init(model, x, train):
+  """``model.init(key, x, train=train)`` jitted once, with an ``rbg`` key: XLA:CPU compiles
+  threefry's random init (the default key's) several times slower, and eagerly each
+  parameter shape is a compile of its own."""
+  return jax.jit(functools.partial(model.init, train=train))(jax.random.key(1, impl="rbg"), x)
+
+
 def _shapes(model, batch=1):
   return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                         jnp.zeros((batch, 32, 32, 3)))
@@ -49,21 +56,26 @@ def test_reference_layout_names_and_shared_activation_quantizers():
 def test_a_shared_relu_sows_only_its_last_call_and_that_call_feeds_the_next_layer():
   model = models.create_model("resnet18_reference", bits_w=2, bits_a=2, width=4)
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  variables = model.init(jax.random.key(1), x, train=False)
-  logits, state = model.apply(variables, x, train=False, mutable=[sites.COLLECTION])
+  variables = _init(model, x, train=False)
+  logits, state = jax.jit(functools.partial(model.apply, train=False,
+                                            mutable=[sites.COLLECTION]))(variables, x)
   sown = state[sites.COLLECTION]
   assert len(sown["layer4_1"]["relu"][sites.OUTPUT]) == 1  # not 2: A-BR sees one call
   assert len(list(sites.iterate(sown, (sites.INPUT, sites.OUTPUT)))) == 9
   # The sown value is the post-add call's input: quantized, pooled and through fc, it gives
   # the logits (the first call's would not).
-  y = sown["layer4_1"]["relu"][sites.OUTPUT][0].values
-  p = variables["params"]
-  qn, qp = quant.qrange(2, signed=False)
-  feats = jnp.mean(quant.lsq_quantize(y, p["layer4_1"]["relu"]["alpha"], qn, qp, 1.0), (1, 2))
-  wn, wp = quant.qrange(2, signed=True)
-  kernel = quant.lsq_quantize(p["fc"]["kernel"], p["fc"]["alpha"], wn, wp, 1.0)
-  chex.assert_trees_all_close(feats @ kernel + p["fc"]["bias"], logits, rtol=1e-5, atol=1e-5)
-  assert float(regularizer.activation_br(sown)) > 0
+  @jax.jit  # one compile, not one per eager op
+  def head_and_br(sown, p):
+    y = sown["layer4_1"]["relu"][sites.OUTPUT][0].values
+    qn, qp = quant.qrange(2, signed=False)
+    feats = jnp.mean(quant.lsq_quantize(y, p["layer4_1"]["relu"]["alpha"], qn, qp, 1.0), (1, 2))
+    wn, wp = quant.qrange(2, signed=True)
+    kernel = quant.lsq_quantize(p["fc"]["kernel"], p["fc"]["alpha"], wn, wp, 1.0)
+    return feats @ kernel + p["fc"]["bias"], regularizer.activation_br(sown)
+
+  head, a_br = head_and_br(sown, variables["params"])
+  chex.assert_trees_all_close(head, logits, rtol=1e-5, atol=1e-5)
+  assert float(a_br) > 0
 
 
 def test_torch_batchnorm_statistics():
@@ -106,17 +118,23 @@ def test_one_bit_models_are_ternary_and_binary(name):
   kwargs = {"width": 4} if name == "resnet18_reference" else {}
   model = models.create_model(name, bits_w=1, bits_a=1, **kwargs)
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  variables = model.init(jax.random.key(1), x, train=True)
-  _, state = model.apply(variables, x, train=True, mutable=["batch_stats", sites.COLLECTION])
-  flat = traverse_util.flatten_dict(variables["params"])
+  variables = _init(model, x, train=True)
+
+  @jax.jit  # one compile, not one per eager op
+  def forward_and_br(variables, x):
+    _, state = model.apply(variables, x, train=True, mutable=["batch_stats", sites.COLLECTION])
+    recorded = state[sites.COLLECTION]
+    return recorded, regularizer.weight_br(recorded), regularizer.activation_br(recorded)
+
+  recorded, w_br, a_br = forward_and_br(variables, x)
+  flat = traverse_util.flatten_dict(jax.device_get(variables["params"]))
   for path, alpha in flat.items():
     if path[-1] == "alpha" and path[:-1] + ("kernel",) in flat:
-      codes = np.round(np.clip(np.asarray(flat[path[:-1] + ("kernel",)]) / alpha, -1, 1))
+      codes = np.round(np.clip(flat[path[:-1] + ("kernel",)] / alpha, -1, 1))
       assert set(np.unique(codes)) == {-1.0, 0.0, 1.0}, path
   # BR at 1 bit uses the quantizer's own ranges: (-1, 1) for weights, (0, 1) activations.
-  recorded = state[sites.COLLECTION]
-  assert float(regularizer.weight_br(recorded)) > 0
-  assert float(regularizer.activation_br(recorded)) > 0
+  assert float(w_br) > 0
+  assert float(a_br) > 0
   for _, _, site in sites.iterate(recorded):
     assert site.levels in (2, 3)  # binary activations, ternary weights
   with pytest.raises(ValueError, match="bits=0 is not supported"):

@@ -314,8 +314,8 @@ def test_corrupt_checkpoint_is_a_clear_error_and_the_good_ones_stay(tiny_run, tm
 @pytest.mark.slow
 def test_pretrained_float_weights_and_lsq_alpha_init(tmp_path):
   ds = _synthetic_dataset()
-  float_config = Config(bits_w=32, bits_a=32, batch_size=16)
-  float_model = models.create_model("resnet20")
+  float_config = Config(model="resnet8", bits_w=32, bits_a=32, batch_size=16)
+  float_model = models.create_model("resnet8")
   float_state = train.create_train_state(float_config, float_model, ds, 4)
   # Make the float weights and BatchNorm statistics distinctive.
   float_state = float_state.replace(
@@ -325,8 +325,8 @@ def test_pretrained_float_weights_and_lsq_alpha_init(tmp_path):
   ckpts.save(1, float_state, {"epoch": 1, "config": {}}, is_best=True)
   ckpts.close()
 
-  config = Config(batch_size=16, pretrained=str(tmp_path))
-  model = models.create_model("resnet20", bits_w=4, bits_a=4)
+  config = Config(model="resnet8", batch_size=16, pretrained=str(tmp_path))
+  model = models.create_model("resnet8", bits_w=4, bits_a=4)
   state = train.create_train_state(config, model, ds, 4)
   flat = flax.traverse_util.flatten_dict(state.params)
   flat_float = flax.traverse_util.flatten_dict(float_state.params)
@@ -339,20 +339,23 @@ def test_pretrained_float_weights_and_lsq_alpha_init(tmp_path):
       np.testing.assert_allclose(value, quant.init_alpha(flat[path[:-1] + ("kernel",)], qp),
                                  rtol=1e-5)  # init_alphas runs jitted: float rounding
 
-  wrong = Config(batch_size=16, pretrained=str(tmp_path), model="resnet18")
+  wrong = Config(batch_size=16, pretrained=str(tmp_path), model="resnet14")
   with pytest.raises(checkpoint.CheckpointError, match="does not fit this model"):
-    train.create_train_state(wrong, models.create_model("resnet18", bits_w=4, bits_a=4), ds, 4)
+    train.create_train_state(wrong, models.create_model("resnet14", bits_w=4, bits_a=4), ds, 4)
 
 
 @pytest.mark.slow
-def test_w2a2_resnet20_learns_on_a_cifar_subset(cifar_dir, tmp_path):
-  """A real learning test: W2A2 from scratch, 2 warmup + 1 BR epochs on 4,000 images.
+def test_w2a2_resnet_learns_on_a_cifar_subset(cifar_dir, tmp_path):
+  """A real learning test: W2A2 ResNet-8 from scratch, 2 warmup + 1 BR epochs on 3,000 images.
 
-  Measured here (2-core CPU): test accuracy 22.1% and 24.7% after the warmup epochs, 24.2%
-  after the BR epoch, on 1,000 test images (chance: 10%, one standard error: ~1.3 points).
+  ResNet-8 (ResNet-20's family, one block a stage) learns like ResNet-20 here at a third of
+  its compile and step time. Measured here (2-core CPU, 2026-12-07): best test accuracy
+  23.4%, 21.6% after the BR epoch (the default seed; seed 1: 25.5% and 24.2%), on 1,000
+  test images (chance: 10%, one standard error: ~1.3 points); ResNet-20 on 4,000 images
+  reached 24.7% and 24.2%.
   """
-  config = tiny_config(cifar_dir, model="resnet20", epochs=3, warmup_epochs=2,
-                       train_examples=4000, test_examples=1000, batch_size=100, lr=0.1)
+  config = tiny_config(cifar_dir, epochs=3, warmup_epochs=2, train_examples=3000,
+                       test_examples=1000, batch_size=100, lr=0.1)
   metrics = train.train_and_evaluate(config, str(tmp_path), log=lambda _: None)
   assert metrics["best_test_acc"] >= 18.0, metrics
   assert metrics["test_acc"] >= 16.0, metrics  # the BR epoch keeps what the warmup learned
