@@ -56,10 +56,15 @@ def pytest_configure(config):
   the tests' subprocesses (which inherit the environment) share it: the caller's
   ``JAX_COMPILATION_CACHE_DIR`` if set, else pytest's cache folder
   (``.pytest_cache/d/jax_compilation_cache``, kept between sessions, so a second run of
-  the fast tier compiles little), else (``-p no:cacheprovider``) a temporary folder. A size
-  limit evicts the least recently used entries and turns on JAX's file lock around each
-  read and write (``filelock``): without it, one process can read an entry that another
-  is still writing, and warn.
+  the fast tier compiles little), else (``-p no:cacheprovider``) a temporary folder.
+  Every program is kept, however fast it compiled: the tests' eager operations and small
+  jitted functions compile thousands of programs of 10 to 100 ms each, which are most of
+  the fast tier's time (measured 2026-12-08 here: a second run of the fast tier in 84 s
+  against 123 s when only programs over 0.1 s are kept). The cache has no size limit:
+  with one, JAX's cache reads every entry's access time under a file lock at each write,
+  which with thousands of entries made the fast tier's first run 7 min 19 s instead of
+  2 min 28 s. Without the lock, a process can read an entry another is still writing:
+  JAX then warns ("Error reading persistent compilation cache entry") and compiles it.
   """
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_backend_optimization_level" not in flags:  # read when the backend starts: later
@@ -70,8 +75,8 @@ def pytest_configure(config):
     else:
       path = config.stash[_OWN_CACHE] = tempfile.mkdtemp(prefix="brjax-tests-jax-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = path
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")
   for name, kind in (("jax_compilation_cache_dir", str),
                      ("jax_persistent_cache_min_compile_time_secs", float),
                      ("jax_compilation_cache_max_size", int)):

@@ -23,10 +23,9 @@ import jax
 import numpy as np
 
 from brjax.data import input_pipeline
-from brjax.models import cifar as models
 from brjax.training import checkpoint, parallel
 from brjax.training import steps as steps_lib
-from brjax.training.state import create_train_state
+from brjax.training.state import create_model, create_train_state
 
 
 def _timed(fn) -> float:
@@ -41,7 +40,7 @@ def time_checkpoint_saves(report: Any, config: Any, ds: input_pipeline.Dataset, 
   ``brjax.bench.report.Report``), for ``config``'s model and batch on ``ds``; writes its
   checkpoints under ``workdir``."""
   topology = parallel.Topology.create()
-  model = models.create_model(config.model, bits_w=config.bits_w, bits_a=config.bits_a)
+  model = create_model(config, ds.num_classes, ds.image_size)  # the run's model
   state = jax.device_put(create_train_state(config, model, ds, 1), topology.replicated)
   step = parallel.jit_train_step(topology, steps_lib.br_settings(config, steps_lib.BR))
   batch = jax.device_put(next(input_pipeline.train_batches(

@@ -73,7 +73,6 @@ from brjax.bench.report import (  # noqa: F401
   results_text,
 )
 from brjax.data import input_pipeline
-from brjax.models import cifar as models
 from brjax.quant import lsq as quant
 from brjax.quant import regularizer
 from brjax.training import train
@@ -112,8 +111,7 @@ def time_steps(report: Report, config, rounds: int, compiles: CompileLog) -> dic
   for name in STEPS:
     step_config, phase = setups[name]
     if step_config not in fresh:  # WARMUP and BR start from copies of one state
-      model = models.create_model(step_config.model, bits_w=step_config.bits_w,
-                                  bits_a=step_config.bits_a)
+      model = train.create_model(step_config, ds.num_classes, ds.image_size)  # the run's
       fresh[step_config] = jax.device_put(
           train.create_train_state(step_config, model, ds, 1), topology.replicated)
     state = jax.tree.map(jnp.copy, fresh[step_config])  # the step donates its state

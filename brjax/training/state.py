@@ -11,6 +11,7 @@ import numpy as np
 
 from brjax.data import datasets, streaming
 from brjax.models import cifar as models
+from brjax.quant import calibration
 from brjax.quant import lsq as quant
 from brjax.training import checkpoint, optim
 from brjax.training.config import PRETRAINED_SUFFIXES, Config
@@ -45,7 +46,7 @@ def create_train_state(config: Config, model: flax.linen.Module, ds: datasets.Da
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
   batch = _first_batch(ds, config.batch_size)
-  variables = jax.jit(functools.partial(model.init, train=True))(init_rng, batch)
+  variables = calibration.jit_init(functools.partial(model.init, train=True))(init_rng, batch)
   has_alphas = False
   if config.pretrained is not None:
     variables, has_alphas = _load_pretrained(config.pretrained, variables)
@@ -53,10 +54,10 @@ def create_train_state(config: Config, model: flax.linen.Module, ds: datasets.Da
     if config.alpha_init == "first_step":
       first = next(streaming.train_batches(ds, config.batch_size, seed=config.seed,
                                                 epoch=1))
-      variables = jax.jit(functools.partial(quant.init_alphas, model, train=True))(
+      variables = calibration.jit_init(functools.partial(quant.init_alphas, model, train=True))(
           variables, jnp.asarray(first["image"]), rng=init_rng)
     elif config.pretrained is not None:
-      variables = jax.jit(functools.partial(quant.init_alphas, model, train=False))(
+      variables = calibration.jit_init(functools.partial(quant.init_alphas, model, train=False))(
           variables, batch, rng=init_rng)
   tx = optim.create_optimizer(config, steps_per_epoch, frozen)
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,

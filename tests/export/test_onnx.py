@@ -79,8 +79,8 @@ def _variables(model, images):
   zero; then every step size (and data-decided input sign) the LSQ way from ``images`` by
   ``lsq.init_alphas`` (eval mode), as ``model.init`` sets them.
 
-  ``model.init``'s random initializers and checks compile to a program a few times the
-  forward pass's (~10 s for the shortened MobileNetV2 on XLA:CPU; this way ~3.5 s)."""
+  ``model.init``'s random initializers and checks compile to a program about twice the
+  forward pass's (the shortened MobileNetV2: ~5 s at the tests' XLA level; this way ~2 s)."""
   shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                           images)
   rng = np.random.default_rng(0)

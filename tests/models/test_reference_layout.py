@@ -22,10 +22,9 @@ from brjax.quant import regularizer, sites
 
 
 def _init(model, x, train):
-  """``model.init(key, x, train=train)`` jitted once, with an ``rbg`` key: XLA:CPU compiles
-  threefry's random init (the default key's) several times slower, and eagerly each
-  parameter shape is a compile of its own."""
-  return jax.jit(functools.partial(model.init, train=train))(jax.random.key(1, impl="rbg"), x)
+  """``model.init(key(1), x, train=train)`` jitted: one compile, where eagerly each op and
+  parameter shape is one (the same values)."""
+  return jax.jit(functools.partial(model.init, train=train))(jax.random.key(1), x)
 
 
 def _shapes(model, batch=1):

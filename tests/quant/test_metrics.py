@@ -183,11 +183,11 @@ class Tiny(nn.Module):
 
 
 def tiny_model_and_variables(bits_w=2, bits_a=3):
-  """The model, its variables (init jitted, with an ``rbg`` key: threefry's random init
-  compiles several times slower on XLA:CPU) and a batch."""
+  """The model, its variables (init jitted: one compile, where eagerly each op and shape
+  is one) and a batch."""
   model = Tiny(bits_w, bits_a)
   x = jax.random.normal(jax.random.key(0), (5, 6, 6, 3))
-  return model, jax.jit(model.init)(jax.random.key(1, impl="rbg"), x), x
+  return model, jax.jit(model.init)(jax.random.key(1), x), x
 
 
 WEIGHT_LAYERS = {"block/QuantConv_0", "block/proj", "block/QuantDense_0"}
@@ -405,7 +405,7 @@ def test_reference_br_metrics_extremes_and_mask():
 def test_collectors_carry_the_reference_metrics_and_the_summary_averages_layers():
   """On the small Block model (three kernels, three activation records, one of them a
   second call): every layer's metrics carry the reference's, and the summary is the mean
-  over layers. (Was ResNet-20, run eagerly: ~40 s of compiles for the same code paths; the
+  over layers. (Was ResNet-20, run eagerly: ~25 s of compiles for the same code paths; the
   ResNet's layer names are test_resnet20_layer_names'.)"""
   model, variables, x = tiny_model_and_variables()
   got = jax.jit(functools.partial(metrics.quant_metrics, model))(variables, x)

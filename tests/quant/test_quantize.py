@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import re
+from unittest import mock
+import warnings
 
 from absl.testing import parameterized
 import chex
@@ -39,10 +41,9 @@ def _batch(n=4):
 
 
 def _init(model, *args, **kwargs):
-  """``model.init`` jitted once, with an ``rbg`` key: XLA:CPU compiles threefry's random init
-  (the default key's) several times slower, and eagerly each parameter shape is a compile
-  of its own."""
-  return jax.jit(functools.partial(model.init, **kwargs))(jax.random.key(1, impl="rbg"), *args)
+  """``model.init(key(1), ...)`` jitted: one compile, where eagerly each op and parameter
+  shape is one (the same values)."""
+  return jax.jit(functools.partial(model.init, **kwargs))(jax.random.key(1), *args)
 
 
 @functools.cache
@@ -320,6 +321,27 @@ class InitBatchTest(parameterized.TestCase):
     with pytest.warns(calibration.DegenerateInitWarning) as caught:
       variables = jax.block_until_ready(jax.jit(model.init)(jax.random.key(0),
                                                             jnp.zeros((4, 5))))
+    assert any(re.match(r"Dense_0: .*every value 0.*pass a real batch", str(w.message))
+               for w in caught), [str(w.message) for w in caught]
+    assert float(variables["params"]["Dense_0"]["input_alpha"]) == 0.0
+
+  def test_jit_init_warns_without_host_callbacks(self):
+    """calibration.jit_init: the same warning, judged after the run from the program's
+    outputs (a host callback would keep the program out of XLA's persistent cache)."""
+    model = quantize_model(_MLP(), W4A4)
+
+    def no_callback(*args, **kwargs):
+      raise AssertionError("jit_init traced a jax.debug.callback")
+
+    init = calibration.jit_init(model.init)
+    with mock.patch.object(jax.debug, "callback", no_callback):
+      with pytest.warns(calibration.DegenerateInitWarning) as caught:
+        variables = init(jax.random.key(0), jnp.zeros((4, 5)))
+      x = _signed_batch()
+      with warnings.catch_warnings():
+        warnings.simplefilter("error", calibration.DegenerateInitWarning)
+        chex.assert_trees_all_close(calibration.jit_init(model.init)(jax.random.key(0), x),
+                                    model.init(jax.random.key(0), x))
     assert any(re.match(r"Dense_0: .*every value 0.*pass a real batch", str(w.message))
                for w in caught), [str(w.message) for w in caught]
     assert float(variables["params"]["Dense_0"]["input_alpha"]) == 0.0

@@ -192,17 +192,16 @@ def test_a_streamed_run_stopped_by_ctrl_c_to_its_process_group_saves_and_resumes
   it, the run saves and exits 130 without a traceback or a "leaked shared_memory" warning
   (Grain's read-ahead batches are unlinked), and the resumed run finishes."""
   from brjax.data import synthetic_images  # pylint: disable=g-import-not-at-top
-  data = synthetic_images.write_image_folder(tmp_path / "data", classes=4, train_per_class=48,
+  # 20 steps, each saving a checkpoint: the signal, sent when the second is saved, lands
+  # while the run has 18 to go, however fast it compiles or reads its programs back.
+  data = synthetic_images.write_image_folder(tmp_path / "data", classes=4, train_per_class=160,
                                              eval_per_class=8)
   workdir = tmp_path / "run"
   argv = [sys.executable, str(SCRIPT), "--model=resnet8", "--bits=2", "--epochs=1",
           "--warmup_epochs=1", "--batch_size=32", f"--data_dir={data}", "--image_size=32",
           "--data_workers=2", "--checkpoint_every_steps=1", f"--workdir={workdir}"]
-  # XLA's default optimization level (not the tests' faster-compiling one): its slower
-  # compile of the evaluation keeps the run going long enough for the signal to land.
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True, env=env)  # its own process group
+                          start_new_session=True)  # its own process group
   deadline = time.time() + 300
   while (not (workdir / "checkpoints" / "steps" / "2").exists() and proc.poll() is None
          and time.time() < deadline):

@@ -79,10 +79,21 @@ STEPS = textwrap.dedent("""
 """)
 
 
+# The subprocesses below compile at XLA's optimization level 0 (LLVM's optimizations off),
+# after the level the tests run at (tests/conftest.py), which it overrides: compiling is
+# most of their time (the two-step subprocess: 13 s of CPU at level 0, 19 s at level 2,
+# 35 s at XLA's default 3), and running slower is nothing at these sizes. Every comparison
+# here, 1 device against 2, one process against two, is between programs compiled at the
+# same level: what they check (the partitioning, the collectives) is XLA's and brjax's,
+# not LLVM's. (The signal test's processes, started without these flags, keep XLA's
+# default level.)
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
 def _env(**extra) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      " --xla_force_host_platform_device_count=2").strip()
+                      f" --xla_force_host_platform_device_count=2 {FAST_COMPILE}").strip()
   env.update(extra)
   return env
 
@@ -244,7 +255,7 @@ QUANTIZED_MODELS = textwrap.dedent("""
     for name, make in [("mobilenet_v2", plain_models.MobileNetV2),
                        ("vit_scan", functools.partial(plain_models.ViT, scan=True))]:
       model = quantize_model(make(), rules)
-      variables = to64(model.init(jax.random.key(1), x))
+      variables = jax.jit(lambda key, x: to64(model.init(key, x)))(jax.random.key(1), x)
 
       def loss(params, x):
         logits, state = model.apply({**variables, "params": params}, x,
@@ -367,7 +378,7 @@ def test_partitioned_lm_fsdp_step_on_two_devices_equals_one(tmp_path):
 
 
 def _two_processes(argv: list[str], port: int) -> list[subprocess.Popen]:
-  env = {k: v for k, v in _env().items() if k != "XLA_FLAGS"}  # one device per process
+  env = dict(_env(), XLA_FLAGS=os.environ.get("XLA_FLAGS", ""))  # one device per process
   return [subprocess.Popen([sys.executable, "scripts/train.py", "--distributed", *argv],
                            cwd=REPO, env={**env, **_slurm_env(2, i, port)},
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -389,7 +400,10 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_and_resume_is_e
     cifar_dir, tmp_path):
   """A Ctrl-C to process 1 alone: both processes save one checkpoint at the same step and
   exit (no hang); resumed on two processes, the run gives the uninterrupted run's metrics."""
-  flags = ["--model=resnet8", "--train_examples=96", "--test_examples=32", "--batch_size=32",
+  # Ten steps, each saving a checkpoint: the signal, sent when the first is saved, lands
+  # while the run still has nine to go, however fast it compiles (or reads its programs
+  # from the compilation cache).
+  flags = ["--model=resnet8", "--train_examples=320", "--test_examples=32", "--batch_size=32",
            "--epochs=1", "--warmup_epochs=1", f"--data_dir={cifar_dir}"]
   whole, stopped = tmp_path / "whole", tmp_path / "stopped"
   procs = _two_processes([*flags, f"--workdir={whole}"], _free_port())

@@ -207,9 +207,10 @@ def test_describe_names_every_part():
 
 @pytest.mark.slow
 def test_reference_recipe_run_logs_the_lr_each_epoch_used(cifar_dir, tmp_path):
-  """End to end: the reference layout and recipe; metrics.jsonl holds the per-epoch LR
-  (constant through warmup, then cosine over the BR epochs) and the banner names it."""
-  config = Config(recipe="reference", model="resnet18_reference", width=4, epochs=3,
+  """End to end: the reference recipe; metrics.jsonl holds the per-epoch LR (constant
+  through warmup, then cosine over the BR epochs) and the banner names it. (On ResNet-8:
+  the reference layout's run is test_torch_import's test_pretrained_pth_starts_a_run.)"""
+  config = Config(recipe="reference", model="resnet8", epochs=3,
                   warmup_epochs=1, train_examples=128, test_examples=64, batch_size=64,
                   data_dir=cifar_dir)
   lines = []

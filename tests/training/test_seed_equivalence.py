@@ -108,6 +108,7 @@ def replay(path: pathlib.Path, epochs: int | None = None, **overrides) -> dict:
       apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"],
       tx=optim.create_optimizer(config, steps_per_epoch), rng=jax.random.key(0))
   step_fns, epochs = {}, []
+  evaluate = jax.jit(functools.partial(model.apply, train=False))
   for epoch in range(1, (epochs or config.epochs) + 1):
     phase = steps.phase_of(config, epoch)
     if phase == steps.BR and phase not in step_fns:  # the switch, as train_and_evaluate
@@ -131,7 +132,7 @@ def replay(path: pathlib.Path, epochs: int | None = None, **overrides) -> dict:
         "train_acc": 100.0 * sum(float(b["correct"]) for b in per_batch)
                      / sum(float(b["count"]) for b in per_batch),
         "alphas": {k: float(v.reshape(())) for k, v in sd.items() if k.endswith(".alpha")},
-        "eval_logits": np.asarray(model.apply(variables, eval_images, train=False)),
+        "eval_logits": np.asarray(evaluate(variables, eval_images)),
     })
   return {"trajectory": trajectory, "data": data, "epochs": epochs, "final": sd}
 
